@@ -1,0 +1,138 @@
+//! `cal-grpo`: GRPO and CAL-GRPO post-training with fine-grained credit assignment.
+
+mod config;
+mod eval;
+
+use anyhow::{Context, Result};
+use cal_core::data::{self, GenConfig};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cal-grpo",
+    version,
+    about = "GRPO and CAL-GRPO: RL post-training with first-error credit assignment"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a policy with GRPO (baseline) or CAL-GRPO (--use-cal).
+    Train(config::TrainArgs),
+    /// Grade responses on a GSM8K-format dataset (strict and flexible accuracy).
+    Eval(eval::EvalArgs),
+    /// Compare a baseline and a CAL run (accuracy, paired bootstrap CI, McNemar).
+    Compare {
+        /// Results files or run directories; default: the latest baseline and CAL runs.
+        runs: Vec<PathBuf>,
+    },
+    /// Baseline + CAL + comparison in one command.
+    Experiment {
+        num_samples: Option<i64>,
+        num_generations: Option<usize>,
+    },
+    /// Ask an oracle for the first error of one response.
+    Oracle,
+    /// Supervised fine-tuning on reference solutions (warm start).
+    Sft,
+    /// Generate a completion with a model.
+    Generate,
+    /// Write generated GSM8K-format problems as JSONL (the embedded default dataset).
+    GenData {
+        /// How many problems.
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Fewest arithmetic steps per problem.
+        #[arg(long, default_value_t = GenConfig::default().min_steps)]
+        min_steps: usize,
+        /// Most arithmetic steps per problem.
+        #[arg(long, default_value_t = GenConfig::default().max_steps)]
+        max_steps: usize,
+        /// Largest starting quantity / addend.
+        #[arg(long, default_value_t = GenConfig::default().max_operand)]
+        max_operand: u64,
+        /// Largest multiplier / divisor.
+        #[arg(long, default_value_t = GenConfig::default().max_factor)]
+        max_factor: u64,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// A subcommand whose implementation has not landed yet: say so and fail.
+fn not_built(name: &str, issue: u32) -> Result<ExitCode> {
+    eprintln!("cal-grpo {name}: not built yet (tracked in issue {issue}); nothing was run.");
+    Ok(ExitCode::from(2))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Train(args) => {
+            let cfg = config::resolve(&args)?;
+            eprintln!(
+                "resolved configuration:\n{}",
+                serde_json::to_string_pretty(&cfg)?
+            );
+            not_built("train", 5)
+        }
+        Command::Eval(args) => eval::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Compare { .. } => not_built("compare", 5),
+        Command::Experiment { .. } => not_built("experiment", 5),
+        Command::Oracle => not_built("oracle", 4),
+        Command::Sft => not_built("sft", 5),
+        Command::Generate => not_built("generate", 3),
+        Command::GenData {
+            n,
+            seed,
+            min_steps,
+            max_steps,
+            max_operand,
+            max_factor,
+            output,
+        } => {
+            anyhow::ensure!(
+                min_steps >= 1 && min_steps <= max_steps,
+                "need 1 <= --min-steps <= --max-steps"
+            );
+            let cfg = GenConfig {
+                min_steps,
+                max_steps,
+                max_operand,
+                max_factor,
+                mul_div: true,
+            };
+            let mut out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            for ex in data::generate(n, seed, &cfg) {
+                let row = serde_json::json!({"idx": ex.idx, "question": ex.question, "answer": ex.answer});
+                writeln!(out, "{row}")?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! GSM8K data: loading the published files and generating GSM8K-format problems.
+
+pub mod generator;
+pub mod gsm8k;
+
+pub use generator::{generate, GenConfig};
+pub use gsm8k::{load, select, DataError, Example};

@@ -1,0 +1,1 @@
+//! Oracles (issue 4).
