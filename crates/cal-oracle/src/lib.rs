@@ -1,1 +1,229 @@
-//! Oracles (issue 4).
+//! First-error oracles: given a question, the reference worked solution and an
+//! incorrect response, name the first erroneous segment of the response.
+//!
+//! One async trait, [`Oracle`], with four providers:
+//!
+//! - [`calculator::CalculatorOracle`] (offline, default): the first false arithmetic
+//!   claim of the response. Exact, free, instant.
+//! - [`reference::ReferenceOracle`] (offline): the first step whose result is not among
+//!   the reference solution's values.
+//! - [`remote::RemoteOracle`] with [`remote::Api::OpenAi`] (Chat Completions, any
+//!   compatible server) or [`remote::Api::Gemini`] (`generateContent`): concurrency
+//!   limit, timeout, retries with backoff that honour `Retry-After`, a cost budget and a
+//!   SQLite cache, so that a rerun never pays twice.
+//!
+//! Nothing here panics on bad replies: every failure is a typed [`OracleFailure`] that
+//! the trainer counts and falls back from. [`locate_error`] runs an oracle and the
+//! locate stage together and returns one [`SpanOutcome`].
+
+pub mod arith;
+pub mod cache;
+pub mod calculator;
+pub mod prompt;
+pub mod reference;
+pub mod remote;
+
+use cal_core::locate::{locate, LocateConfig, Located, Method, NotLocated};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+use std::time::Duration;
+
+/// What the oracle is asked about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OracleRequest {
+    pub question: String,
+    /// The full reference worked solution (GSM8K `answer`), not only the final number.
+    pub reference: String,
+    /// The incorrect response.
+    pub response: String,
+}
+
+/// The oracle's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Verdict {
+    /// The first erroneous segment, as text quoted from the response. Offline oracles
+    /// also give its exact byte range.
+    Segment { text: String, range: Option<Range<usize>> },
+    /// The oracle found no error.
+    NoError,
+}
+
+/// Cost and timing of one oracle answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub latency: Duration,
+    /// Estimated USD (0 for offline oracles and unknown models).
+    pub cost_usd: f64,
+    /// HTTP attempts made (0 for offline oracles and cache hits).
+    pub attempts: u32,
+    pub cached: bool,
+}
+
+/// A successful oracle answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OracleReply {
+    pub verdict: Verdict,
+    /// The oracle's raw reply text (model output; never contains credentials).
+    pub raw: String,
+    pub usage: Usage,
+}
+
+/// Why an oracle gave no usable answer. Training goes on; the rollout falls back to
+/// its outcome advantage and the failure is counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "failure", rename_all = "kebab-case")]
+pub enum OracleFailure {
+    #[error("timed out after {attempts} attempt(s)")]
+    Timeout { attempts: u32 },
+    #[error("HTTP {status} after {attempts} attempt(s): {message}")]
+    Http { status: u16, attempts: u32, message: String },
+    #[error("authentication rejected (HTTP {status}); check the API key")]
+    Auth { status: u16 },
+    #[error("connection failed after {attempts} attempt(s): {message}")]
+    Connection { attempts: u32, message: String },
+    #[error("reply body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("unusable reply: {reason}")]
+    BadReply { reason: String, raw: String },
+    #[error("cost budget of ${limit:.4} spent")]
+    Budget { limit: f64 },
+    #[error("missing API key: set {var} in the environment or .env")]
+    MissingKey { var: String },
+}
+
+impl OracleFailure {
+    /// Short stable name for counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Http { .. } => "http",
+            Self::Auth { .. } => "auth",
+            Self::Connection { .. } => "connection",
+            Self::TooLarge { .. } => "too-large",
+            Self::BadReply { .. } => "bad-reply",
+            Self::Budget { .. } => "budget",
+            Self::MissingKey { .. } => "missing-key",
+        }
+    }
+}
+
+pub type OracleOutcome = Result<OracleReply, OracleFailure>;
+
+/// A first-error oracle.
+#[async_trait::async_trait]
+pub trait Oracle: Send + Sync {
+    /// Provider name (`calculator`, `reference`, `openai`, `gemini`).
+    fn provider(&self) -> &str;
+    /// Model name (the provider name for offline oracles).
+    fn model(&self) -> &str;
+    /// Names the first erroneous segment of `req.response`.
+    async fn first_error(&self, req: &OracleRequest) -> OracleOutcome;
+}
+
+/// The result of oracle + locate for one incorrect rollout.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum SpanOutcome {
+    /// Byte range of the first error in the response.
+    Located { located: Located, segment: String, usage: Usage },
+    /// The oracle saw no error (e.g. the slip is not arithmetic).
+    NoError { usage: Usage },
+    /// The oracle quoted text that is not in the response.
+    NotLocated { reason: NotLocated, segment: String, usage: Usage },
+    /// The oracle failed.
+    Failed { failure: OracleFailure },
+}
+
+impl SpanOutcome {
+    pub fn range(&self) -> Option<Range<usize>> {
+        match self {
+            Self::Located { located, .. } => Some(located.start..located.end),
+            _ => None,
+        }
+    }
+
+    pub fn usage(&self) -> Option<&Usage> {
+        match self {
+            Self::Located { usage, .. } | Self::NoError { usage } | Self::NotLocated { usage, .. } => Some(usage),
+            Self::Failed { .. } => None,
+        }
+    }
+}
+
+/// Asks `oracle` and locates its segment in the response.
+pub async fn locate_error(oracle: &dyn Oracle, req: &OracleRequest, cfg: &LocateConfig) -> SpanOutcome {
+    match oracle.first_error(req).await {
+        Err(failure) => SpanOutcome::Failed { failure },
+        Ok(OracleReply {
+            verdict: Verdict::NoError,
+            usage,
+            ..
+        }) => SpanOutcome::NoError { usage },
+        Ok(OracleReply {
+            verdict: Verdict::Segment { text, range },
+            usage,
+            ..
+        }) => {
+            // An offline oracle's exact range is trusted when it really holds the text.
+            if let Some(r) = range.filter(|r| req.response.get(r.clone()) == Some(text.as_str())) {
+                let located = Located {
+                    start: r.start,
+                    end: r.end,
+                    method: Method::Exact,
+                    similarity: 1.0,
+                };
+                return SpanOutcome::Located {
+                    located,
+                    segment: text,
+                    usage,
+                };
+            }
+            match locate(&req.response, &text, cfg) {
+                Ok(located) => SpanOutcome::Located {
+                    located,
+                    segment: text,
+                    usage,
+                },
+                Err(reason) => SpanOutcome::NotLocated {
+                    reason,
+                    segment: text,
+                    usage,
+                },
+            }
+        }
+    }
+}
+
+/// Runs [`locate_error`] for many requests concurrently (remote oracles bound their
+/// own concurrency), keeping the input order.
+pub async fn locate_all(
+    oracle: std::sync::Arc<dyn Oracle>,
+    reqs: Vec<OracleRequest>,
+    cfg: LocateConfig,
+) -> Vec<SpanOutcome> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, req) in reqs.into_iter().enumerate() {
+        let oracle = oracle.clone();
+        set.spawn(async move { (i, locate_error(oracle.as_ref(), &req, &cfg).await) });
+    }
+    let mut out: Vec<Option<SpanOutcome>> = vec![None; set.len()];
+    while let Some(res) = set.join_next().await {
+        match res {
+            Ok((i, outcome)) => out[i] = Some(outcome),
+            Err(e) => tracing::error!("oracle task failed: {e}"),
+        }
+    }
+    out.into_iter()
+        .map(|o| {
+            o.unwrap_or(SpanOutcome::Failed {
+                failure: OracleFailure::BadReply {
+                    reason: "oracle task panicked".into(),
+                    raw: String::new(),
+                },
+            })
+        })
+        .collect()
+}
