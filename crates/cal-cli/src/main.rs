@@ -2,6 +2,7 @@
 
 mod config;
 mod eval;
+mod generate;
 
 use anyhow::{Context, Result};
 use cal_core::data::{self, GenConfig};
@@ -42,7 +43,7 @@ enum Command {
     /// Supervised fine-tuning on reference solutions (warm start).
     Sft,
     /// Generate a completion with a model.
-    Generate,
+    Generate(generate::GenerateArgs),
     /// Write generated GSM8K-format problems as JSONL (the embedded default dataset).
     GenData {
         /// How many problems.
@@ -89,7 +90,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Experiment { .. } => not_built("experiment", 5),
         Command::Oracle => not_built("oracle", 4),
         Command::Sft => not_built("sft", 5),
-        Command::Generate => not_built("generate", 3),
+        Command::Generate(args) => generate::run(&args).map(|_| ExitCode::SUCCESS),
         Command::GenData {
             n,
             seed,

@@ -1,1 +1,12 @@
-//! model
+//! The policy, the reference policy and the generator of cal-grpo: a trainable
+//! Llama-family decoder on candle with loading, generation, log-probs and LoRA.
+
+pub mod config;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+
+pub use config::ModelConfig;
+pub use model::{KvCache, LoraConfig, Params, Transformer};
+pub mod generate;
+pub mod load;

@@ -227,3 +227,45 @@ pub async fn locate_all(
         })
         .collect()
 }
+
+/// How to build an oracle from command-line settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OracleSpec {
+    /// `calculator`, `reference`, `openai` or `gemini`.
+    pub provider: String,
+    /// Model for remote providers (ignored by offline ones).
+    pub model: String,
+    pub base_url: Option<String>,
+    pub max_cost: Option<f64>,
+    pub concurrency: usize,
+    pub timeout_secs: f64,
+    /// SQLite cache file for remote replies (`None`: no cache).
+    pub cache: Option<std::path::PathBuf>,
+}
+
+impl OracleSpec {
+    /// Builds the oracle; remote providers read their key from the environment or `.env`.
+    pub fn build(&self) -> Result<std::sync::Arc<dyn Oracle>, String> {
+        use remote::{Api, RemoteConfig, RemoteOracle};
+        let api = match self.provider.as_str() {
+            "calculator" => return Ok(std::sync::Arc::new(calculator::CalculatorOracle)),
+            "reference" => return Ok(std::sync::Arc::new(reference::ReferenceOracle)),
+            "openai" => Api::OpenAi,
+            "gemini" => Api::Gemini,
+            other => return Err(format!("unknown oracle provider {other:?} (openai, gemini, calculator, reference)")),
+        };
+        let cache = match &self.cache {
+            Some(p) => Some(std::sync::Arc::new(cache::Cache::open(p).map_err(|e| e.to_string())?)),
+            None => None,
+        };
+        let cfg = RemoteConfig {
+            base_url: self.base_url.clone(),
+            max_cost: self.max_cost,
+            concurrency: self.concurrency.max(1),
+            timeout: Duration::from_secs_f64(self.timeout_secs.max(0.001)),
+            ..RemoteConfig::default()
+        };
+        let key = remote::key_from_env(api.key_var());
+        Ok(std::sync::Arc::new(RemoteOracle::new(api, &self.model, key, cfg, cache)))
+    }
+}

@@ -1,0 +1,262 @@
+//! Batched sampling with a KV cache over prompts of different lengths.
+//!
+//! Prompts are left-padded; each row's positions count only its real tokens, and the
+//! attention mask hides the padding, so a row decodes exactly as it would alone.
+//! Returns token ids, text, and the byte offsets of every generated token in that text
+//! (the span mapper needs them).
+
+use crate::model::{positions_from_mask, KvCache, Transformer};
+use crate::tokenizer::TokenizerBundle;
+use anyhow::Result;
+use candle_core::{Tensor, D};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    /// 0 or `greedy` = argmax.
+    pub temperature: f64,
+    pub greedy: bool,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f64,
+    /// Extra stop token ids (the tokenizer's EOS ids always stop).
+    pub stop_tokens: Vec<u32>,
+    /// Stop once the completion text contains one of these.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 1.0,
+            greedy: false,
+            top_k: 0,
+            top_p: 1.0,
+            stop_tokens: Vec::new(),
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Completion token ids, the stop token included when one was produced.
+    pub ids: Vec<u32>,
+    /// Decoded completion (special tokens skipped).
+    pub text: String,
+    /// Byte range of each completion token in `text`.
+    pub offsets: Vec<(usize, usize)>,
+    pub finish: FinishReason,
+}
+
+/// Picks the next token from one row of logits.
+pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .0 as u32
+    };
+    if cfg.greedy || cfg.temperature <= 0.0 {
+        return argmax();
+    }
+    let t = cfg.temperature as f32;
+    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v / t)).collect();
+    idx.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let max = idx[0].1;
+    let mut probs: Vec<f64> = idx.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                acc += p;
+                acc >= cfg.top_p
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut u: f64 = rng.random();
+    for (k, p) in probs.iter().enumerate() {
+        u -= p;
+        if u <= 0.0 {
+            return idx[k].0;
+        }
+    }
+    idx[probs.len() - 1].0
+}
+
+/// Incremental detokenisation with byte offsets. Tokens that end inside a multi-byte
+/// character get the range of the whole character once it is complete.
+pub fn decode_with_offsets(tok: &TokenizerBundle, ids: &[u32]) -> Result<(String, Vec<(usize, usize)>)> {
+    let mut offsets = Vec::with_capacity(ids.len());
+    let mut prev_len = 0;
+    let mut pending = 0usize;
+    let mut text = String::new();
+    for i in 0..ids.len() {
+        let cur = tok.decode(&ids[..=i])?;
+        if cur.ends_with('\u{FFFD}') && i + 1 < ids.len() {
+            pending += 1;
+            continue;
+        }
+        // The decoded prefix can differ from the previous one only at its tail.
+        let start = prev_len.min(cur.len());
+        let start = (0..=start).rev().find(|&s| cur.is_char_boundary(s)).unwrap_or(0);
+        for _ in 0..=pending {
+            offsets.push((start, cur.len()));
+        }
+        pending = 0;
+        prev_len = cur.len();
+        text = cur;
+    }
+    Ok((text, offsets))
+}
+
+/// Generates completions for `prompts` (token ids) in one batch.
+pub fn generate(
+    model: &Transformer,
+    tok: &TokenizerBundle,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    rng: &mut impl Rng,
+) -> Result<Vec<Generation>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    let lp = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(b * lp);
+    let mut mask = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = lp - p.len();
+        ids.extend(std::iter::repeat_n(tok.pad_id, pad).chain(p.iter().copied()));
+        mask.push(std::iter::repeat_n(0u8, pad).chain(std::iter::repeat_n(1u8, p.len())).collect::<Vec<_>>());
+    }
+    let dev = &model.device;
+    let input = Tensor::from_vec(ids, (b, lp), dev)?;
+    let positions = positions_from_mask(&mask, dev)?;
+    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    let mut hidden = model.forward_hidden(&input, &positions, &mask, Some(&mut cache))?;
+    let stops: Vec<u32> = tok.eos_ids.iter().chain(&cfg.stop_tokens).copied().collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut finish: Vec<Option<FinishReason>> = vec![None; b];
+    for step in 0..cfg.max_new_tokens {
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+        let logits = model.logits(&last)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(b);
+        for (r, row) in logits.iter().enumerate() {
+            if finish[r].is_some() {
+                next.push(tok.pad_id);
+                continue;
+            }
+            let t = sample_row(row, cfg, rng);
+            out[r].push(t);
+            if stops.contains(&t) {
+                finish[r] = Some(FinishReason::Stop);
+            } else if !cfg.stop_strings.is_empty() {
+                let text = tok.decode(&out[r])?;
+                if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                    finish[r] = Some(FinishReason::Stop);
+                }
+            }
+            next.push(t);
+        }
+        if finish.iter().all(Option::is_some) || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        let pos: Vec<u32> = cache.last_pos.iter().map(|p| (*p + 1) as u32).collect();
+        let input = Tensor::from_vec(next, (b, 1), dev)?;
+        let positions = Tensor::from_vec(pos, (b, 1), dev)?;
+        hidden = model.forward_hidden(&input, &positions, &vec![vec![1u8]; b], Some(&mut cache))?;
+    }
+    out.into_iter()
+        .zip(finish)
+        .map(|(ids, f)| {
+            let (text, offsets) = decode_with_offsets(tok, &ids)?;
+            Ok(Generation {
+                ids,
+                text,
+                offsets,
+                finish: f.unwrap_or(FinishReason::Length),
+            })
+        })
+        .collect()
+}
+
+/// A prompt + completion batch laid out for one forward pass: prompts left-padded to a
+/// common length `prompt_len`, completions right-padded to `completion_len`.
+#[derive(Debug, Clone)]
+pub struct SequenceBatch {
+    pub ids: Tensor,
+    pub mask: Vec<Vec<u8>>,
+    pub prompt_len: usize,
+    pub completion_len: usize,
+    /// `[B, Tc]` completion ids (padding = pad id).
+    pub completion_ids: Tensor,
+    /// `[B, Tc]` 1 for real completion tokens.
+    pub completion_mask: Vec<Vec<u8>>,
+}
+
+pub fn build_batch(prompts: &[Vec<u32>], completions: &[Vec<u32>], pad: u32, dev: &candle_core::Device) -> Result<SequenceBatch> {
+    let b = prompts.len();
+    let lp = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let tc = completions.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let (mut ids, mut cids) = (Vec::with_capacity(b * (lp + tc)), Vec::with_capacity(b * tc));
+    let (mut mask, mut cmask) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    for (p, c) in prompts.iter().zip(completions) {
+        let (pp, cp) = (lp - p.len(), tc - c.len());
+        let row_c: Vec<u32> = c.iter().copied().chain(std::iter::repeat_n(pad, cp)).collect();
+        ids.extend(std::iter::repeat_n(pad, pp).chain(p.iter().copied()).chain(row_c.iter().copied()));
+        cids.extend(row_c);
+        let cm: Vec<u8> = std::iter::repeat_n(1u8, c.len()).chain(std::iter::repeat_n(0, cp)).collect();
+        mask.push(
+            std::iter::repeat_n(0u8, pp)
+                .chain(std::iter::repeat_n(1u8, p.len()))
+                .chain(cm.iter().copied())
+                .collect(),
+        );
+        cmask.push(cm);
+    }
+    Ok(SequenceBatch {
+        ids: Tensor::from_vec(ids, (b, lp + tc), dev)?,
+        mask,
+        prompt_len: lp,
+        completion_len: tc,
+        completion_ids: Tensor::from_vec(cids, (b, tc), dev)?,
+        completion_mask: cmask,
+    })
+}
+
+/// Per-token log-probs `[B, Tc]` of the completion tokens (differentiable through the
+/// model's parameters) and, detached, the per-token entropy `[B, Tc]`.
+pub fn completion_logprobs(model: &Transformer, batch: &SequenceBatch) -> candle_core::Result<(Tensor, Tensor)> {
+    let positions = positions_from_mask(&batch.mask, &model.device)?;
+    let hidden = model.forward_hidden(&batch.ids, &positions, &batch.mask, None)?;
+    // Position prompt_len - 1 + t predicts completion token t.
+    let h = hidden.narrow(1, batch.prompt_len - 1, batch.completion_len)?;
+    let logits = model.logits(&h)?;
+    let logp_all = crate::ops::log_softmax_last_dim(&logits)?;
+    let logp = logp_all.gather(&batch.completion_ids.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let lp = logp_all.detach();
+    let entropy = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?;
+    Ok((logp, entropy))
+}

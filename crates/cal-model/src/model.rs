@@ -1,0 +1,364 @@
+//! The Llama-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, tied or
+//! untied `lm_head`, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3), optional
+//! LoRA adapters on any linear layer.
+//!
+//! Weights live in one name → tensor map with Hugging Face names
+//! (`model.layers.0.self_attn.q_proj.weight`, ...), so loading, saving, LoRA and the
+//! optimizer all speak the same language. Every op on the forward path is
+//! differentiable (see [`crate::ops`]).
+
+use crate::config::ModelConfig;
+use crate::ops;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rand::SeedableRng;
+use rand_distr_lite::normal_vec;
+use std::collections::BTreeMap;
+
+/// Name → tensor, with Hugging Face names.
+pub type Params = BTreeMap<String, Tensor>;
+
+/// LoRA settings. Adapter tensors are `<module>.lora_A` `[r, in]` and
+/// `<module>.lora_B` `[out, r]`; `B` starts at zero so a fresh adapter is a no-op.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module suffixes, e.g. `q_proj`, `v_proj`.
+    pub targets: Vec<String>,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Key mask `[B, len]` of everything cached so far (0 = padding).
+    pub mask: Vec<Vec<u8>>,
+    /// Last position index used per row.
+    pub last_pos: Vec<i64>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            mask: Vec::new(),
+            last_pos: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.mask.first().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    pub params: Params,
+    pub lora: Option<LoraConfig>,
+    /// Whether LoRA adapters are applied (off = the frozen base, used as reference).
+    pub lora_enabled: bool,
+    pub device: Device,
+    pub dtype: DType,
+    inv_freq: Tensor,
+}
+
+/// The parameter names and shapes an architecture needs.
+pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim);
+    let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if cfg.attention_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        if cfg.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
+        }
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+mod rand_distr_lite {
+    use rand::Rng;
+    /// Standard normal samples by Box–Muller (keeps the dependency list short).
+    pub fn normal_vec(rng: &mut impl Rng, n: usize, std: f64) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+            let u2: f64 = rng.random();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let t = 2.0 * std::f64::consts::PI * u2;
+            out.push((r * t.cos() * std) as f32);
+            if out.len() < n {
+                out.push((r * t.sin() * std) as f32);
+            }
+        }
+        out
+    }
+}
+
+impl Transformer {
+    /// Checks names, shapes and dtypes of `params` against `cfg` and builds the model.
+    pub fn new(cfg: ModelConfig, params: Params, device: &Device) -> Result<Self> {
+        let dtype = params
+            .get("model.embed_tokens.weight")
+            .map(|t| t.dtype())
+            .ok_or_else(|| anyhow::anyhow!("missing tensor model.embed_tokens.weight"))?;
+        for (name, shape) in expected_shapes(&cfg) {
+            match params.get(&name) {
+                None => bail!("missing tensor {name} (expected shape {shape:?})"),
+                Some(t) if t.dims() != shape.as_slice() => {
+                    bail!("tensor {name}: expected shape {shape:?}, found {:?}", t.dims())
+                }
+                Some(t) if t.dtype() != dtype => bail!("tensor {name}: dtype {:?}, expected {dtype:?}", t.dtype()),
+                _ => {}
+            }
+        }
+        let inv: Vec<f32> = cfg.rope_inv_freq().iter().map(|x| *x as f32).collect();
+        let n = inv.len();
+        let inv_freq = Tensor::from_vec(inv, (1, 1, n), device)?;
+        Ok(Self {
+            cfg,
+            params,
+            lora: None,
+            lora_enabled: false,
+            device: device.clone(),
+            dtype,
+            inv_freq,
+        })
+    }
+
+    /// Random initialisation (normal, std 0.02; norms at 1), seeded.
+    pub fn init_random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut params = Params::new();
+        for (name, shape) in expected_shapes(&cfg) {
+            let n: usize = shape.iter().product();
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape.as_slice(), DType::F32, device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), DType::F32, device)?
+            } else {
+                Tensor::from_vec(normal_vec(&mut rng, n, 0.02), shape.as_slice(), device)?
+            };
+            params.insert(name, t.to_dtype(dtype)?);
+        }
+        Self::new(cfg, params, device)
+    }
+
+    /// A frozen deep copy (new storage): the reference policy of full fine-tuning.
+    pub fn frozen_copy(&self) -> Result<Self> {
+        let params = self
+            .params
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.detach().copy()?)))
+            .collect::<Result<Params>>()?;
+        let mut m = Self::new(self.cfg.clone(), params, &self.device)?;
+        m.lora = self.lora.clone();
+        m.lora_enabled = self.lora_enabled;
+        Ok(m)
+    }
+
+    /// Adds zero-initialised (B = 0) LoRA adapters on every linear layer whose name ends
+    /// with one of `cfg.targets`; returns the new adapter names.
+    pub fn add_lora(&mut self, cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut added = Vec::new();
+        let targets: Vec<(String, Vec<usize>)> = self
+            .params
+            .iter()
+            .filter(|(k, t)| {
+                k.ends_with(".weight")
+                    && t.rank() == 2
+                    && cfg.targets.iter().any(|tg| k.trim_end_matches(".weight").ends_with(tg.as_str()))
+            })
+            .map(|(k, t)| (k.trim_end_matches(".weight").to_string(), t.dims().to_vec()))
+            .collect();
+        if targets.is_empty() {
+            bail!("LoRA targets {:?} match no linear layer", cfg.targets);
+        }
+        for (module, dims) in targets {
+            let (out, inp) = (dims[0], dims[1]);
+            // Kaiming-uniform-like scale for A, as PEFT does; B = 0.
+            let a = normal_vec(&mut rng, cfg.rank * inp, 1.0 / (inp as f64).sqrt());
+            let a = Tensor::from_vec(a, (cfg.rank, inp), &self.device)?.to_dtype(self.dtype)?;
+            let b = Tensor::zeros((out, cfg.rank), self.dtype, &self.device)?;
+            self.params.insert(format!("{module}.lora_A"), a);
+            self.params.insert(format!("{module}.lora_B"), b);
+            added.push(format!("{module}.lora_A"));
+            added.push(format!("{module}.lora_B"));
+        }
+        self.lora = Some(cfg);
+        self.lora_enabled = true;
+        Ok(added)
+    }
+
+    fn p(&self, name: &str) -> &Tensor {
+        &self.params[name]
+    }
+
+    /// `module.weight` (+ bias, + LoRA when enabled) applied to `x`.
+    fn lin(&self, module: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.p(&format!("{module}.weight"));
+        let y = ops::linear(x, w, self.params.get(&format!("{module}.bias")))?;
+        match (&self.lora, self.lora_enabled, self.params.get(&format!("{module}.lora_A"))) {
+            (Some(cfg), true, Some(a)) => {
+                let b = self.p(&format!("{module}.lora_B"));
+                let scale = cfg.alpha / cfg.rank as f64;
+                y + (ops::linear(&ops::linear(x, a, None)?, b, None)? * scale)?
+            }
+            _ => Ok(y),
+        }
+    }
+
+    fn rope_tables(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        // positions [B, T] → angles [B, T, D/2] → cos/sin [B, 1, T, D]
+        let mut pos = positions.to_dtype(DType::F32)?;
+        if let Some(f) = self.cfg.rope_linear_factor {
+            pos = (pos / f)?;
+        }
+        let freqs = pos.unsqueeze(D::Minus1)?.broadcast_mul(&self.inv_freq)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+    }
+
+    /// Runs the decoder on `ids: [B, T]` (u32) at `positions: [B, T]` (u32) and returns
+    /// the final-normed hidden states `[B, T, H]`. `key_mask` covers the new tokens;
+    /// with a cache it is appended to the cached mask.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &[Vec<u8>],
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let full_mask: Vec<Vec<u8>> = match cache.as_deref_mut() {
+            Some(c) => {
+                if c.mask.is_empty() {
+                    c.mask = vec![Vec::new(); b];
+                }
+                for (m, new) in c.mask.iter_mut().zip(key_mask) {
+                    m.extend_from_slice(new);
+                }
+                c.mask.clone()
+            }
+            None => key_mask.to_vec(),
+        };
+        let bias = ops::attention_bias(&full_mask, t, offset, self.dtype, &self.device)?;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mut x = self.p("model.embed_tokens.weight").embedding(&ids.flatten_all()?)?.reshape((b, t, ()))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let h = ops::rms_norm(&x, self.p(&format!("{p}.input_layernorm.weight")), cfg.rms_norm_eps)?;
+            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+            let mut q = heads(self.lin(&format!("{p}.self_attn.q_proj"), &h)?, nh)?;
+            let mut k = heads(self.lin(&format!("{p}.self_attn.k_proj"), &h)?, nkv)?;
+            let v = heads(self.lin(&format!("{p}.self_attn.v_proj"), &h)?, nkv)?;
+            if cfg.qk_norm {
+                q = ops::rms_norm(&q, self.p(&format!("{p}.self_attn.q_norm.weight")), cfg.rms_norm_eps)?;
+                k = ops::rms_norm(&k, self.p(&format!("{p}.self_attn.k_norm.weight")), cfg.rms_norm_eps)?;
+            }
+            let q = ops::rope(&q, &cos, &sin)?;
+            let k = ops::rope(&k, &cos, &sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => {
+                    let kv = match c.layers[l].take() {
+                        Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    c.layers[l] = Some(kv.clone());
+                    kv
+                }
+                None => (k, v),
+            };
+            let tk = k.dim(2)?;
+            let rep = nh / nkv;
+            let expand = |x: &Tensor| -> candle_core::Result<Tensor> {
+                if rep == 1 {
+                    Ok(x.clone())
+                } else {
+                    x.unsqueeze(2)?.broadcast_as((b, nkv, rep, tk, hd))?.reshape((b, nh, tk, hd))
+                }
+            };
+            let (k, v) = (expand(&k)?, expand(&v)?);
+            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let att = ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o)?)?;
+            let h = ops::rms_norm(&x, self.p(&format!("{p}.post_attention_layernorm.weight")), cfg.rms_norm_eps)?;
+            let g = self.lin(&format!("{p}.mlp.gate_proj"), &h)?.silu()?;
+            let u = self.lin(&format!("{p}.mlp.up_proj"), &h)?;
+            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &(g * u)?)?)?;
+        }
+        if let Some(c) = cache {
+            c.last_pos = positions
+                .narrow(1, t - 1, 1)?
+                .flatten_all()?
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(i64::from)
+                .collect();
+        }
+        ops::rms_norm(&x, self.p("model.norm.weight"), cfg.rms_norm_eps)
+    }
+
+    /// Vocabulary logits of hidden states `[..., H]`.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let w = if self.cfg.tie_word_embeddings {
+            self.p("model.embed_tokens.weight")
+        } else {
+            self.p("lm_head.weight")
+        };
+        ops::linear(hidden, w, None)
+    }
+
+    /// Full forward: logits `[B, T, V]` of a right- or left-padded batch.
+    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u8>]) -> candle_core::Result<Tensor> {
+        let positions = positions_from_mask(mask, &self.device)?;
+        let h = self.forward_hidden(ids, &positions, mask, None)?;
+        self.logits(&h)
+    }
+}
+
+/// Per-row positions from a key mask: the n-th real token of a row has position n;
+/// padding gets position 0 (it is masked anyway).
+pub fn positions_from_mask(mask: &[Vec<u8>], dev: &Device) -> candle_core::Result<Tensor> {
+    let (b, t) = (mask.len(), mask.first().map_or(0, |m| m.len()));
+    let mut out = Vec::with_capacity(b * t);
+    for m in mask {
+        let mut n = 0u32;
+        for &x in m {
+            out.push(if x == 0 { 0 } else { n });
+            n += u32::from(x != 0);
+        }
+    }
+    Tensor::from_vec(out, (b, t), dev)
+}
