@@ -102,6 +102,95 @@ pub struct TrainArgs {
     /// `.jsonl`/`.parquet` file. [default: generated]
     #[arg(long)]
     pub dataset: Option<String>,
+
+    /// Held-out data for evaluation after training (default: the generated held-out split,
+    /// or `test.jsonl` beside a `--dataset` file). [default: auto]
+    #[arg(long)]
+    pub eval_dataset: Option<String>,
+
+    /// Evaluate on at most this many held-out problems (-1 = all). [default: -1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub eval_samples: Option<i64>,
+
+    /// Optimizer steps [default: one pass over the training problems]
+    #[arg(long)]
+    pub steps: Option<usize>,
+
+    /// Prompts per step (each gets --num-generations completions). [default: 8]
+    #[arg(long)]
+    pub prompts_per_step: Option<usize>,
+
+    /// Peak learning rate. [default: 1e-4 for tiny, 1e-6 otherwise]
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+
+    /// KL coefficient β (k3 estimator against the frozen reference). [default: 0.04]
+    #[arg(long)]
+    pub beta: Option<f64>,
+
+    /// Clip range ε of the surrogate. [default: 0.2]
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+
+    /// Upper clip range (DAPO's clip-higher). [default: --epsilon]
+    #[arg(long)]
+    pub epsilon_high: Option<f64>,
+
+    /// token-mean, seq-mean-token-mean or seq-mean-token-sum-norm. [default: token-mean]
+    #[arg(long)]
+    pub loss_aggregation: Option<String>,
+
+    /// Importance ratio level: token (GRPO) or sequence (GSPO). [default: token]
+    #[arg(long)]
+    pub importance: Option<String>,
+
+    /// Policy updates per generated batch. [default: 1]
+    #[arg(long)]
+    pub num_iterations: Option<usize>,
+
+    /// Most new tokens per completion. [default: 96 for tiny, 256 otherwise]
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+
+    /// Sampling temperature for rollouts. [default: 1.0]
+    #[arg(long)]
+    pub temperature: Option<f64>,
+
+    /// Checkpoint every N steps (0 = only at the end). [default: 10]
+    #[arg(long)]
+    pub save_every: Option<usize>,
+
+    /// Continue from the latest checkpoint in --output-dir.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub resume: Option<bool>,
+
+    /// LoRA rank (0 = full fine-tuning). [default: 0]
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+
+    /// LoRA alpha. [default: 2 × rank]
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+
+    /// Comma-separated LoRA target modules. [default: q_proj,k_proj,v_proj,o_proj]
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+
+    /// Base URL of an OpenAI-compatible server for the `openai` oracle.
+    #[arg(long)]
+    pub oracle_base_url: Option<String>,
+
+    /// Stop calling a paid oracle after this many USD (estimated). [default: no cap]
+    #[arg(long)]
+    pub oracle_max_cost: Option<f64>,
+
+    /// Concurrent oracle requests. [default: 8]
+    #[arg(long)]
+    pub oracle_concurrency: Option<usize>,
+
+    /// Per-request oracle timeout in seconds. [default: 60]
+    #[arg(long)]
+    pub oracle_timeout: Option<f64>,
 }
 
 fn parse_credit(s: &str) -> Result<CreditMode, String> {
@@ -126,6 +215,28 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     pub model: String,
     pub dataset: String,
+    pub eval_dataset: Option<String>,
+    pub eval_samples: i64,
+    pub steps: Option<usize>,
+    pub prompts_per_step: usize,
+    pub learning_rate: f64,
+    pub beta: f64,
+    pub epsilon: f64,
+    pub epsilon_high: f64,
+    pub loss_aggregation: String,
+    pub importance: String,
+    pub num_iterations: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub save_every: usize,
+    pub resume: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+    pub oracle_base_url: Option<String>,
+    pub oracle_max_cost: Option<f64>,
+    pub oracle_concurrency: usize,
+    pub oracle_timeout: f64,
 }
 
 /// Reads a `--config` file into [`TrainArgs`]; unknown keys are errors naming the file.
@@ -174,6 +285,10 @@ pub fn resolve(flags: &TrainArgs) -> Result<TrainConfig> {
     } else {
         "baseline"
     };
+    let model = pick!(model).unwrap_or_else(|| "tiny".into());
+    let tiny = model == "tiny";
+    let epsilon = pick!(epsilon).unwrap_or(0.2);
+    let lora_rank = pick!(lora_rank).unwrap_or(0);
     Ok(TrainConfig {
         use_cal: credit_mode.uses_spans(),
         num_samples,
@@ -191,8 +306,35 @@ pub fn resolve(flags: &TrainArgs) -> Result<TrainConfig> {
         seed,
         output_dir: pick!(output_dir)
             .unwrap_or_else(|| PathBuf::from(format!("runs/{run_kind}-seed{seed}"))),
-        model: pick!(model).unwrap_or_else(|| "tiny".into()),
+        model: model.clone(),
         dataset: pick!(dataset).unwrap_or_else(|| "generated".into()),
+        eval_dataset: pick!(eval_dataset),
+        eval_samples: pick!(eval_samples).unwrap_or(-1),
+        steps: pick!(steps),
+        prompts_per_step: pick!(prompts_per_step).unwrap_or(8).max(1),
+        learning_rate: pick!(learning_rate).unwrap_or(if tiny { 1e-4 } else { 1e-6 }),
+        beta: pick!(beta).unwrap_or(0.04),
+        epsilon,
+        epsilon_high: pick!(epsilon_high).unwrap_or(epsilon),
+        loss_aggregation: pick!(loss_aggregation).unwrap_or_else(|| "token-mean".into()),
+        importance: pick!(importance).unwrap_or_else(|| "token".into()),
+        num_iterations: pick!(num_iterations).unwrap_or(1).max(1),
+        max_new_tokens: pick!(max_new_tokens).unwrap_or(if tiny { 96 } else { 256 }),
+        temperature: pick!(temperature).unwrap_or(1.0),
+        save_every: pick!(save_every).unwrap_or(10),
+        resume: pick!(resume).unwrap_or(false),
+        lora_rank,
+        lora_alpha: pick!(lora_alpha).unwrap_or(2.0 * lora_rank as f64),
+        lora_targets: pick!(lora_targets)
+            .unwrap_or_else(|| "q_proj,k_proj,v_proj,o_proj".into())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        oracle_base_url: pick!(oracle_base_url),
+        oracle_max_cost: pick!(oracle_max_cost),
+        oracle_concurrency: pick!(oracle_concurrency).unwrap_or(8),
+        oracle_timeout: pick!(oracle_timeout).unwrap_or(60.0),
     })
 }
 

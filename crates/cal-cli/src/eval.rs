@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use cal_core::data;
-use cal_core::evaluate::{accuracy, grade_predictions, load_predictions, Accuracy};
+use cal_core::evaluate::{accuracy, grade_predictions, load_predictions};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,17 +19,38 @@ pub struct EvalArgs {
     /// [default: next to the predictions file, as `<stem>.eval/`].
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
-    /// Model to generate with (coming with the model issue).
+    /// Model to generate with instead of --predictions: `tiny`, a Hugging Face folder or
+    /// a `.gguf` file.
     #[arg(long)]
     pub model: Option<String>,
+    /// Samples per question (1 = greedy; k > 1 samples at T = 0.7 and reports pass@k).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Evaluate the first N problems (-1 = all).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub num_samples: i64,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
 }
 
-pub fn run(args: &EvalArgs) -> Result<Accuracy> {
+pub fn run(args: &EvalArgs) -> Result<()> {
     let Some(pred_path) = &args.predictions else {
-        if args.model.is_some() {
-            bail!("eval --model: model-based evaluation is not built yet (tracked in issue 5); use --predictions");
+        if let Some(model) = &args.model {
+            let out = args
+                .output_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs/eval"));
+            crate::run::eval_model(
+                model,
+                &args.dataset,
+                args.samples,
+                args.num_samples,
+                args.max_new_tokens,
+                &out,
+            )?;
+            return Ok(());
         }
-        bail!("eval needs --predictions FILE.jsonl");
+        bail!("eval needs --predictions FILE.jsonl or --model PATH");
     };
     let dataset = data::load(&args.dataset)?;
     let preds = load_predictions(pred_path)?;
@@ -81,7 +102,7 @@ pub fn run(args: &EvalArgs) -> Result<Accuracy> {
         examples_path.display(),
         results_path.display()
     );
-    Ok(acc)
+    Ok(())
 }
 
 fn default_out_dir(pred_path: &Path) -> PathBuf {

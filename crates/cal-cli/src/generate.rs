@@ -41,10 +41,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let loaded = load::load(&args.model, DType::F32, &dev)?;
     let tok = &loaded.tokenizer;
     let text = if args.chat {
-        let tpl = tok
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| anyhow!("{}: the model has no chat template; drop --chat", args.model.display()))?;
+        let tpl = tok.chat_template.as_ref().ok_or_else(|| {
+            anyhow!(
+                "{}: the model has no chat template; drop --chat",
+                args.model.display()
+            )
+        })?;
         tpl.render(&[("user", args.prompt.as_str())], true)?
     } else {
         args.prompt.clone()
@@ -74,7 +76,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     } else {
         println!("{}", out.text);
-        eprintln!("[{} tokens in {:.2}s, {:.1} tok/s]", out.ids.len(), secs, out.ids.len() as f64 / secs);
+        eprintln!(
+            "[{} tokens in {:.2}s, {:.1} tok/s]",
+            out.ids.len(),
+            secs,
+            out.ids.len() as f64 / secs
+        );
     }
     Ok(())
 }

@@ -3,6 +3,12 @@
 mod config;
 mod eval;
 mod generate;
+mod run;
+
+#[global_allocator]
+// mimalloc keeps freed pages: candle allocates fresh buffers per op, and glibc's
+// mmap/munmap of each one doubled step time in measurements.
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result};
 use cal_core::data::{self, GenConfig};
@@ -30,18 +36,19 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Compare a baseline and a CAL run (accuracy, paired bootstrap CI, McNemar).
     Compare {
-        /// Results files or run directories; default: the latest baseline and CAL runs.
+        /// Two results files or run folders, baseline first
+        /// [default: runs/baseline-seed42 runs/cal-seed42].
         runs: Vec<PathBuf>,
+        /// Where to draw the training curves (PNG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
-    /// Baseline + CAL + comparison in one command.
-    Experiment {
-        num_samples: Option<i64>,
-        num_generations: Option<usize>,
-    },
+    /// Baseline + CAL + comparison in one command (the original's run_experiments.sh).
+    Experiment(run::ExperimentArgs),
     /// Ask an oracle for the first error of one response.
     Oracle,
     /// Supervised fine-tuning on reference solutions (warm start).
-    Sft,
+    Sft(run::SftArgs),
     /// Generate a completion with a model.
     Generate(generate::GenerateArgs),
     /// Write generated GSM8K-format problems as JSONL (the embedded default dataset).
@@ -77,19 +84,14 @@ fn not_built(name: &str, issue: u32) -> Result<ExitCode> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Train(args) => {
-            let cfg = config::resolve(&args)?;
-            eprintln!(
-                "resolved configuration:\n{}",
-                serde_json::to_string_pretty(&cfg)?
-            );
-            not_built("train", 5)
-        }
+        Command::Train(args) => run::train(&args).map(|_| ExitCode::SUCCESS),
         Command::Eval(args) => eval::run(&args).map(|_| ExitCode::SUCCESS),
-        Command::Compare { .. } => not_built("compare", 5),
-        Command::Experiment { .. } => not_built("experiment", 5),
+        Command::Compare { runs, plot } => {
+            run::compare(&runs, plot.as_deref()).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Experiment(args) => run::experiment(&args).map(|_| ExitCode::SUCCESS),
         Command::Oracle => not_built("oracle", 4),
-        Command::Sft => not_built("sft", 5),
+        Command::Sft(args) => run::sft(&args).map(|_| ExitCode::SUCCESS),
         Command::Generate(args) => generate::run(&args).map(|_| ExitCode::SUCCESS),
         Command::GenData {
             n,

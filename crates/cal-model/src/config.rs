@@ -63,8 +63,8 @@ impl ModelConfig {
 
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
-        let v: serde_json::Value =
-            serde_json::from_str(text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(text)
+            .with_context(|| format!("{}: invalid JSON", path.display()))?;
         let arch = v["model_type"].as_str().unwrap_or("").to_string();
         let architecture = match arch.as_str() {
             "llama" | "mistral" => "llama",
@@ -76,16 +76,24 @@ impl ModelConfig {
             ),
         };
         let req = |k: &str| -> Result<usize> {
-            v[k].as_u64()
-                .map(|x| x as usize)
-                .with_context(|| format!("{}: field `{k}` is missing or not an integer", path.display()))
+            v[k].as_u64().map(|x| x as usize).with_context(|| {
+                format!(
+                    "{}: field `{k}` is missing or not an integer",
+                    path.display()
+                )
+            })
         };
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
-        let head_dim = v["head_dim"].as_u64().map_or(hidden_size / num_attention_heads, |x| x as usize);
+        let head_dim = v["head_dim"]
+            .as_u64()
+            .map_or(hidden_size / num_attention_heads, |x| x as usize);
         let (mut rope_scaling, mut rope_linear_factor) = (None, None);
         if let Some(rs) = v.get("rope_scaling").filter(|r| !r.is_null()) {
-            let kind = rs["rope_type"].as_str().or(rs["type"].as_str()).unwrap_or("");
+            let kind = rs["rope_type"]
+                .as_str()
+                .or(rs["type"].as_str())
+                .unwrap_or("");
             match kind {
                 "llama3" => {
                     rope_scaling = Some(Llama3RopeScaling {
@@ -94,12 +102,16 @@ impl ModelConfig {
                         high_freq_factor: rs["high_freq_factor"].as_f64().unwrap_or(4.0),
                         original_max_position_embeddings: rs["original_max_position_embeddings"]
                             .as_u64()
-                            .unwrap_or(8192) as usize,
+                            .unwrap_or(8192)
+                            as usize,
                     })
                 }
                 "linear" => rope_linear_factor = rs["factor"].as_f64(),
                 "default" | "" => {}
-                other => bail!("{}: unsupported rope_scaling type {other:?}", path.display()),
+                other => bail!(
+                    "{}: unsupported rope_scaling type {other:?}",
+                    path.display()
+                ),
             }
         }
         Ok(Self {
@@ -119,7 +131,9 @@ impl ModelConfig {
             rope_linear_factor,
             max_position_embeddings: v["max_position_embeddings"].as_u64().unwrap_or(4096) as usize,
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
-            attention_bias: v["attention_bias"].as_bool().unwrap_or(architecture == "qwen2"),
+            attention_bias: v["attention_bias"]
+                .as_bool()
+                .unwrap_or(architecture == "qwen2"),
             qk_norm: architecture == "qwen3",
         })
     }
@@ -175,7 +189,8 @@ impl ModelConfig {
                 } else if wavelen > low_wavelen {
                     *f / s.factor
                 } else {
-                    let smooth = (s.original_max_position_embeddings as f64 / wavelen - s.low_freq_factor)
+                    let smooth = (s.original_max_position_embeddings as f64 / wavelen
+                        - s.low_freq_factor)
                         / (s.high_freq_factor - s.low_freq_factor);
                     (1.0 - smooth) * *f / s.factor + smooth * *f
                 };
@@ -197,6 +212,9 @@ impl ModelConfig {
             attn += 2 * self.head_dim;
         }
         let layer = attn + 3 * h * i + 2 * h;
-        v * h + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { v * h }
+        v * h
+            + self.num_hidden_layers * layer
+            + h
+            + if self.tie_word_embeddings { 0 } else { v * h }
     }
 }

@@ -66,14 +66,24 @@ pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u
         logits
             .iter()
             .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     if cfg.greedy || cfg.temperature <= 0.0 {
         return argmax();
     }
     let t = cfg.temperature as f32;
-    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v / t)).collect();
+    let mut idx: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v / t))
+        .collect();
     idx.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
     if cfg.top_k > 0 {
         idx.truncate(cfg.top_k);
@@ -107,7 +117,10 @@ pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u
 
 /// Incremental detokenisation with byte offsets. Tokens that end inside a multi-byte
 /// character get the range of the whole character once it is complete.
-pub fn decode_with_offsets(tok: &TokenizerBundle, ids: &[u32]) -> Result<(String, Vec<(usize, usize)>)> {
+pub fn decode_with_offsets(
+    tok: &TokenizerBundle,
+    ids: &[u32],
+) -> Result<(String, Vec<(usize, usize)>)> {
     let mut offsets = Vec::with_capacity(ids.len());
     let mut prev_len = 0;
     let mut pending = 0usize;
@@ -120,7 +133,10 @@ pub fn decode_with_offsets(tok: &TokenizerBundle, ids: &[u32]) -> Result<(String
         }
         // The decoded prefix can differ from the previous one only at its tail.
         let start = prev_len.min(cur.len());
-        let start = (0..=start).rev().find(|&s| cur.is_char_boundary(s)).unwrap_or(0);
+        let start = (0..=start)
+            .rev()
+            .find(|&s| cur.is_char_boundary(s))
+            .unwrap_or(0);
         for _ in 0..=pending {
             offsets.push((start, cur.len()));
         }
@@ -149,19 +165,31 @@ pub fn generate(
     for p in prompts {
         let pad = lp - p.len();
         ids.extend(std::iter::repeat_n(tok.pad_id, pad).chain(p.iter().copied()));
-        mask.push(std::iter::repeat_n(0u8, pad).chain(std::iter::repeat_n(1u8, p.len())).collect::<Vec<_>>());
+        mask.push(
+            std::iter::repeat_n(0u8, pad)
+                .chain(std::iter::repeat_n(1u8, p.len()))
+                .collect::<Vec<_>>(),
+        );
     }
     let dev = &model.device;
     let input = Tensor::from_vec(ids, (b, lp), dev)?;
     let positions = positions_from_mask(&mask, dev)?;
     let mut cache = KvCache::new(model.cfg.num_hidden_layers);
     let mut hidden = model.forward_hidden(&input, &positions, &mask, Some(&mut cache))?;
-    let stops: Vec<u32> = tok.eos_ids.iter().chain(&cfg.stop_tokens).copied().collect();
+    let stops: Vec<u32> = tok
+        .eos_ids
+        .iter()
+        .chain(&cfg.stop_tokens)
+        .copied()
+        .collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut finish: Vec<Option<FinishReason>> = vec![None; b];
     for step in 0..cfg.max_new_tokens {
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        let logits = model.logits(&last)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let logits = model
+            .logits(&last)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(b);
         for (r, row) in logits.iter().enumerate() {
             if finish[r].is_some() {
@@ -216,18 +244,36 @@ pub struct SequenceBatch {
     pub completion_mask: Vec<Vec<u8>>,
 }
 
-pub fn build_batch(prompts: &[Vec<u32>], completions: &[Vec<u32>], pad: u32, dev: &candle_core::Device) -> Result<SequenceBatch> {
+pub fn build_batch(
+    prompts: &[Vec<u32>],
+    completions: &[Vec<u32>],
+    pad: u32,
+    dev: &candle_core::Device,
+) -> Result<SequenceBatch> {
     let b = prompts.len();
     let lp = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
     let tc = completions.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let (mut ids, mut cids) = (Vec::with_capacity(b * (lp + tc)), Vec::with_capacity(b * tc));
+    let (mut ids, mut cids) = (
+        Vec::with_capacity(b * (lp + tc)),
+        Vec::with_capacity(b * tc),
+    );
     let (mut mask, mut cmask) = (Vec::with_capacity(b), Vec::with_capacity(b));
     for (p, c) in prompts.iter().zip(completions) {
         let (pp, cp) = (lp - p.len(), tc - c.len());
-        let row_c: Vec<u32> = c.iter().copied().chain(std::iter::repeat_n(pad, cp)).collect();
-        ids.extend(std::iter::repeat_n(pad, pp).chain(p.iter().copied()).chain(row_c.iter().copied()));
+        let row_c: Vec<u32> = c
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(pad, cp))
+            .collect();
+        ids.extend(
+            std::iter::repeat_n(pad, pp)
+                .chain(p.iter().copied())
+                .chain(row_c.iter().copied()),
+        );
         cids.extend(row_c);
-        let cm: Vec<u8> = std::iter::repeat_n(1u8, c.len()).chain(std::iter::repeat_n(0, cp)).collect();
+        let cm: Vec<u8> = std::iter::repeat_n(1u8, c.len())
+            .chain(std::iter::repeat_n(0, cp))
+            .collect();
         mask.push(
             std::iter::repeat_n(0u8, pp)
                 .chain(std::iter::repeat_n(1u8, p.len()))
@@ -248,14 +294,19 @@ pub fn build_batch(prompts: &[Vec<u32>], completions: &[Vec<u32>], pad: u32, dev
 
 /// Per-token log-probs `[B, Tc]` of the completion tokens (differentiable through the
 /// model's parameters) and, detached, the per-token entropy `[B, Tc]`.
-pub fn completion_logprobs(model: &Transformer, batch: &SequenceBatch) -> candle_core::Result<(Tensor, Tensor)> {
+pub fn completion_logprobs(
+    model: &Transformer,
+    batch: &SequenceBatch,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let positions = positions_from_mask(&batch.mask, &model.device)?;
     let hidden = model.forward_hidden(&batch.ids, &positions, &batch.mask, None)?;
     // Position prompt_len - 1 + t predicts completion token t.
     let h = hidden.narrow(1, batch.prompt_len - 1, batch.completion_len)?;
     let logits = model.logits(&h)?;
     let logp_all = crate::ops::log_softmax_last_dim(&logits)?;
-    let logp = logp_all.gather(&batch.completion_ids.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let logp = logp_all
+        .gather(&batch.completion_ids.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?;
     let lp = logp_all.detach();
     let entropy = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?;
     Ok((logp, entropy))

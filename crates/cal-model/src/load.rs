@@ -26,13 +26,17 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
             return load_gguf(path, dtype, device);
         }
-        bail!("{}: not a .gguf file or a Hugging Face model folder", path.display());
+        bail!(
+            "{}: not a .gguf file or a Hugging Face model folder",
+            path.display()
+        );
     }
     load_hf(path, dtype, device)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
@@ -40,7 +44,8 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// `tokenizer.json`, `tokenizer_config.json`, `generation_config.json`.
 pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg_text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
     let cfg = ModelConfig::from_hf_json(&cfg_text, &cfg_path)?;
     let files: Vec<PathBuf> = if dir.join("model.safetensors").exists() {
         vec![dir.join("model.safetensors")]
@@ -56,11 +61,15 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         shards.dedup();
         shards.into_iter().map(|s| dir.join(s)).collect()
     } else {
-        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+        bail!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        );
     };
     let mut params = Params::new();
     for f in &files {
-        let tensors = candle_core::safetensors::load(f, device).with_context(|| format!("reading {}", f.display()))?;
+        let tensors = candle_core::safetensors::load(f, device)
+            .with_context(|| format!("reading {}", f.display()))?;
         for (k, t) in tensors {
             params.insert(k, t.to_dtype(dtype)?);
         }
@@ -69,7 +78,8 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         params.remove("lm_head.weight");
     }
     params.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
-    let model = Transformer::new(cfg, params, device).with_context(|| format!("loading {}", dir.display()))?;
+    let model = Transformer::new(cfg, params, device)
+        .with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer = hf_tokenizer(dir)?;
     Ok(Loaded { model, tokenizer })
 }
@@ -78,7 +88,8 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
 /// and stop ids from `generation_config.json`.
 pub fn hf_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("{}: {e}", tok_path.display()))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?;
     let tc = if dir.join("tokenizer_config.json").exists() {
         read_json(&dir.join("tokenizer_config.json"))?
     } else {
@@ -91,12 +102,17 @@ pub fn hf_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
     };
     let eos_tok = token_str(&tc["eos_token"]);
     let bos_tok = token_str(&tc["bos_token"]);
-    let mut eos_ids: Vec<u32> = eos_tok.iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+    let mut eos_ids: Vec<u32> = eos_tok
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect();
     if dir.join("generation_config.json").exists() {
         let gc = read_json(&dir.join("generation_config.json"))?;
         match &gc["eos_token_id"] {
             serde_json::Value::Number(n) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
-            serde_json::Value::Array(a) => eos_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+            serde_json::Value::Array(a) => {
+                eos_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+            }
             _ => {}
         }
     }
@@ -106,7 +122,10 @@ pub fn hf_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
     eos_ids.sort_unstable();
     eos_ids.dedup();
     if eos_ids.is_empty() {
-        bail!("{}: no eos token found in tokenizer_config.json or generation_config.json", dir.display());
+        bail!(
+            "{}: no eos token found in tokenizer_config.json or generation_config.json",
+            dir.display()
+        );
     }
     let pad_id = token_str(&tc["pad_token"])
         .and_then(|t| tokenizer.token_to_id(&t))
@@ -134,13 +153,18 @@ pub fn hf_tokenizer(dir: &Path) -> Result<TokenizerBundle> {
 fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let d = out / heads;
-    Ok(w.reshape((heads, d / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+    Ok(w.reshape((heads, d / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
 }
 
 /// GGUF: weights dequantized to `dtype`, tokenizer and chat template from metadata.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{}: not a GGUF file: {e}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| anyhow!("{}: not a GGUF file: {e}", path.display()))?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -150,7 +174,10 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         "llama" => ("llama", true),
         "qwen2" => ("qwen2", false),
         "qwen3" => ("qwen3", false),
-        other => bail!("{}: unsupported GGUF architecture {other:?} (llama, qwen2, qwen3)", path.display()),
+        other => bail!(
+            "{}: unsupported GGUF architecture {other:?} (llama, qwen2, qwen3)",
+            path.display()
+        ),
     };
     let u = |k: &str| -> Result<usize> {
         md.get(&format!("{arch}.{k}"))
@@ -165,7 +192,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
             .and_then(|v| v.to_f32().ok())
             .map_or(default, f64::from)
     };
-    let tokenizer = tokenizer::from_gguf(md).with_context(|| format!("{}: tokenizer", path.display()))?;
+    let tokenizer =
+        tokenizer::from_gguf(md).with_context(|| format!("{}: tokenizer", path.display()))?;
     let hidden_size = u("embedding_length")?;
     let num_attention_heads = u("attention.head_count")?;
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
@@ -196,7 +224,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
             .tensor(&mut file, name, device)
             .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
         let t = q.dequantize(device)?.to_dtype(dtype)?;
-        let hf = gguf_to_hf_name(name).ok_or_else(|| anyhow!("{}: unexpected tensor {name}", path.display()))?;
+        let hf = gguf_to_hf_name(name)
+            .ok_or_else(|| anyhow!("{}: unexpected tensor {name}", path.display()))?;
         let t = match (permuted, hf.as_str()) {
             (true, n) if n.ends_with("q_proj.weight") => unpermute_qk(&t, cfg.num_attention_heads)?,
             (true, n) if n.ends_with("k_proj.weight") => unpermute_qk(&t, cfg.num_key_value_heads)?,
@@ -204,7 +233,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         };
         params.insert(hf, t);
     }
-    let model = Transformer::new(cfg, params, device).with_context(|| format!("loading {}", path.display()))?;
+    let model = Transformer::new(cfg, params, device)
+        .with_context(|| format!("loading {}", path.display()))?;
     Ok(Loaded { model, tokenizer })
 }
 
@@ -246,14 +276,16 @@ pub fn save_safetensors(params: &Params, path: &Path, filter: impl Fn(&str) -> b
         .map(|(k, t)| (k.clone(), t.clone()))
         .collect();
     let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    candle_core::safetensors::save(&map, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 
 /// Loads safetensors into a name → tensor map.
 pub fn load_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<Params> {
-    let map = candle_core::safetensors::load(path, device).with_context(|| format!("reading {}", path.display()))?;
+    let map = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("reading {}", path.display()))?;
     map.into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
         .collect()
@@ -280,11 +312,18 @@ pub fn export_hf(model: &Transformer, tok: &TokenizerBundle, dir: &Path) -> Resu
         merged.insert(k.clone(), t.to_dtype(DType::F32)?);
     }
     save_safetensors(&merged, &dir.join("model.safetensors"), |_| true)?;
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&model.cfg.to_hf_json())?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&model.cfg.to_hf_json())?,
+    )?;
     tok.tokenizer
         .save(dir.join("tokenizer.json"), false)
         .map_err(|e| anyhow!("saving tokenizer: {e}"))?;
-    let eos = tok.eos_ids.first().map(|i| tok.token_text(*i)).unwrap_or_default();
+    let eos = tok
+        .eos_ids
+        .first()
+        .map(|i| tok.token_text(*i))
+        .unwrap_or_default();
     let mut tc = serde_json::json!({
         "eos_token": eos,
         "pad_token": tok.token_text(tok.pad_id),
@@ -293,7 +332,10 @@ pub fn export_hf(model: &Transformer, tok: &TokenizerBundle, dir: &Path) -> Resu
     if let Some(ct) = &tok.chat_template {
         tc["chat_template"] = serde_json::json!(ct.source);
     }
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc)?,
+    )?;
     std::fs::write(
         dir.join("generation_config.json"),
         serde_json::to_string_pretty(&serde_json::json!({"eos_token_id": tok.eos_ids}))?,

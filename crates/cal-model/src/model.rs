@@ -70,7 +70,12 @@ pub struct Transformer {
 
 /// The parameter names and shapes an architecture needs.
 pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, v, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim);
+    let (h, i, v, d) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.head_dim,
+    );
     let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..cfg.num_hidden_layers {
@@ -131,9 +136,14 @@ impl Transformer {
             match params.get(&name) {
                 None => bail!("missing tensor {name} (expected shape {shape:?})"),
                 Some(t) if t.dims() != shape.as_slice() => {
-                    bail!("tensor {name}: expected shape {shape:?}, found {:?}", t.dims())
+                    bail!(
+                        "tensor {name}: expected shape {shape:?}, found {:?}",
+                        t.dims()
+                    )
                 }
-                Some(t) if t.dtype() != dtype => bail!("tensor {name}: dtype {:?}, expected {dtype:?}", t.dtype()),
+                Some(t) if t.dtype() != dtype => {
+                    bail!("tensor {name}: dtype {:?}, expected {dtype:?}", t.dtype())
+                }
                 _ => {}
             }
         }
@@ -193,7 +203,10 @@ impl Transformer {
             .filter(|(k, t)| {
                 k.ends_with(".weight")
                     && t.rank() == 2
-                    && cfg.targets.iter().any(|tg| k.trim_end_matches(".weight").ends_with(tg.as_str()))
+                    && cfg
+                        .targets
+                        .iter()
+                        .any(|tg| k.trim_end_matches(".weight").ends_with(tg.as_str()))
             })
             .map(|(k, t)| (k.trim_end_matches(".weight").to_string(), t.dims().to_vec()))
             .collect();
@@ -216,6 +229,23 @@ impl Transformer {
         Ok(added)
     }
 
+    /// Turns the parameters selected by `filter` into candle `Var`s (fresh storage the
+    /// optimizer updates in place) and returns them, sorted by name.
+    pub fn make_trainable(
+        &mut self,
+        filter: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, candle_core::Var)>> {
+        let mut out = Vec::new();
+        for (name, t) in self.params.iter_mut() {
+            if filter(name) {
+                let var = candle_core::Var::from_tensor(&t.detach())?;
+                *t = var.as_tensor().clone();
+                out.push((name.clone(), var));
+            }
+        }
+        Ok(out)
+    }
+
     fn p(&self, name: &str) -> &Tensor {
         &self.params[name]
     }
@@ -224,7 +254,11 @@ impl Transformer {
     fn lin(&self, module: &str, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.p(&format!("{module}.weight"));
         let y = ops::linear(x, w, self.params.get(&format!("{module}.bias")))?;
-        match (&self.lora, self.lora_enabled, self.params.get(&format!("{module}.lora_A"))) {
+        match (
+            &self.lora,
+            self.lora_enabled,
+            self.params.get(&format!("{module}.lora_A")),
+        ) {
             (Some(cfg), true, Some(a)) => {
                 let b = self.p(&format!("{module}.lora_B"));
                 let scale = cfg.alpha / cfg.rank as f64;
@@ -242,7 +276,10 @@ impl Transformer {
         }
         let freqs = pos.unsqueeze(D::Minus1)?.broadcast_mul(&self.inv_freq)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+        Ok((
+            emb.cos()?.to_dtype(self.dtype)?,
+            emb.sin()?.to_dtype(self.dtype)?,
+        ))
     }
 
     /// Runs the decoder on `ids: [B, T]` (u32) at `positions: [B, T]` (u32) and returns
@@ -257,7 +294,11 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let full_mask: Vec<Vec<u8>> = match cache.as_deref_mut() {
             Some(c) => {
@@ -273,25 +314,43 @@ impl Transformer {
         };
         let bias = ops::attention_bias(&full_mask, t, offset, self.dtype, &self.device)?;
         let (cos, sin) = self.rope_tables(positions)?;
-        let mut x = self.p("model.embed_tokens.weight").embedding(&ids.flatten_all()?)?.reshape((b, t, ()))?;
+        let mut x = self
+            .p("model.embed_tokens.weight")
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, ()))?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let h = ops::rms_norm(&x, self.p(&format!("{p}.input_layernorm.weight")), cfg.rms_norm_eps)?;
-            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+            let h = ops::rms_norm(
+                &x,
+                self.p(&format!("{p}.input_layernorm.weight")),
+                cfg.rms_norm_eps,
+            )?;
+            let heads =
+                |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
             let mut q = heads(self.lin(&format!("{p}.self_attn.q_proj"), &h)?, nh)?;
             let mut k = heads(self.lin(&format!("{p}.self_attn.k_proj"), &h)?, nkv)?;
             let v = heads(self.lin(&format!("{p}.self_attn.v_proj"), &h)?, nkv)?;
             if cfg.qk_norm {
-                q = ops::rms_norm(&q, self.p(&format!("{p}.self_attn.q_norm.weight")), cfg.rms_norm_eps)?;
-                k = ops::rms_norm(&k, self.p(&format!("{p}.self_attn.k_norm.weight")), cfg.rms_norm_eps)?;
+                q = ops::rms_norm(
+                    &q,
+                    self.p(&format!("{p}.self_attn.q_norm.weight")),
+                    cfg.rms_norm_eps,
+                )?;
+                k = ops::rms_norm(
+                    &k,
+                    self.p(&format!("{p}.self_attn.k_norm.weight")),
+                    cfg.rms_norm_eps,
+                )?;
             }
             let q = ops::rope(&q, &cos, &sin)?;
             let k = ops::rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
                     let kv = match c.layers[l].take() {
-                        Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+                        Some((ck, cv)) => {
+                            (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?)
+                        }
                         None => (k, v),
                     };
                     c.layers[l] = Some(kv.clone());
@@ -305,7 +364,9 @@ impl Transformer {
                 if rep == 1 {
                     Ok(x.clone())
                 } else {
-                    x.unsqueeze(2)?.broadcast_as((b, nkv, rep, tk, hd))?.reshape((b, nh, tk, hd))
+                    x.unsqueeze(2)?
+                        .broadcast_as((b, nkv, rep, tk, hd))?
+                        .reshape((b, nh, tk, hd))
                 }
             };
             let (k, v) = (expand(&k)?, expand(&v)?);
@@ -313,7 +374,11 @@ impl Transformer {
             let att = ops::softmax_last_dim(&att)?;
             let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o)?)?;
-            let h = ops::rms_norm(&x, self.p(&format!("{p}.post_attention_layernorm.weight")), cfg.rms_norm_eps)?;
+            let h = ops::rms_norm(
+                &x,
+                self.p(&format!("{p}.post_attention_layernorm.weight")),
+                cfg.rms_norm_eps,
+            )?;
             let g = self.lin(&format!("{p}.mlp.gate_proj"), &h)?.silu()?;
             let u = self.lin(&format!("{p}.mlp.up_proj"), &h)?;
             x = (x + self.lin(&format!("{p}.mlp.down_proj"), &(g * u)?)?)?;

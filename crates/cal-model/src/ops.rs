@@ -47,7 +47,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `x: [N, in]` or `[B, T, in]` times `weight: [out, in]` transposed, plus `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = match x.dims() {
-        [b, t, i] => x.reshape((b * t, *i))?.matmul(&weight.t()?)?.reshape((*b, *t, ()))?,
+        [b, t, i] => x
+            .reshape((b * t, *i))?
+            .matmul(&weight.t()?)?
+            .reshape((*b, *t, ()))?,
         _ => x.matmul(&weight.t()?)?,
     };
     match bias {
@@ -60,7 +63,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// `offset + i`) may see key `j` (`j <= offset + i` and `key_mask[b, j] = 1`), a large
 /// negative number elsewhere. Finite rather than −∞ so that fully masked (padding)
 /// rows give a uniform softmax instead of NaN.
-pub fn attention_bias(key_mask: &[Vec<u8>], tq: usize, offset: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+pub fn attention_bias(
+    key_mask: &[Vec<u8>],
+    tq: usize,
+    offset: usize,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let b = key_mask.len();
     let tk = key_mask.first().map_or(0, |m| m.len());
     let mut data = vec![0f32; b * tq * tk];

@@ -42,7 +42,9 @@ impl TokenizerBundle {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("tokenizer: {e}"))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
     pub fn token_text(&self, id: u32) -> String {
@@ -50,7 +52,11 @@ impl TokenizerBundle {
     }
 }
 
-fn byte_level_pipeline(pre: PreTokenizerWrapper) -> Result<tokenizers::TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, ByteLevel, ByteLevel>> {
+fn byte_level_pipeline(
+    pre: PreTokenizerWrapper,
+) -> Result<
+    tokenizers::TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, ByteLevel, ByteLevel>,
+> {
     let bl = ByteLevel::new(false, false, true);
     TokenizerBuilder::new()
         .with_model(BPE::default())
@@ -63,7 +69,10 @@ fn byte_level_pipeline(pre: PreTokenizerWrapper) -> Result<tokenizers::Tokenizer
 }
 
 /// Trains the `tiny` byte-level BPE on `corpus`.
-pub fn train_tiny<I: Iterator<Item = String> + Send>(corpus: I, vocab_size: usize) -> Result<TokenizerBundle> {
+pub fn train_tiny<I: Iterator<Item = String> + Send>(
+    corpus: I,
+    vocab_size: usize,
+) -> Result<TokenizerBundle> {
     let pre = PreTokenizerWrapper::Sequence(Sequence::new(vec![
         PreTokenizerWrapper::Digits(Digits::new(true)),
         PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
@@ -74,9 +83,13 @@ pub fn train_tiny<I: Iterator<Item = String> + Send>(corpus: I, vocab_size: usiz
         .vocab_size(vocab_size)
         .min_frequency(2)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .special_tokens(vec![AddedToken::from(TINY_EOS, true), AddedToken::from(TINY_PAD, true)])
+        .special_tokens(vec![
+            AddedToken::from(TINY_EOS, true),
+            AddedToken::from(TINY_PAD, true),
+        ])
         .build();
-    tok.train(&mut trainer, corpus).map_err(|e| anyhow!("training tokenizer: {e}"))?;
+    tok.train(&mut trainer, corpus)
+        .map_err(|e| anyhow!("training tokenizer: {e}"))?;
     let tokenizer: Tokenizer = tok.into();
     let eos = tokenizer.token_to_id(TINY_EOS).context("eos token")?;
     let pad = tokenizer.token_to_id(TINY_PAD).context("pad token")?;
@@ -90,13 +103,19 @@ pub fn train_tiny<I: Iterator<Item = String> + Send>(corpus: I, vocab_size: usiz
 }
 
 /// GPT-2's pre-tokenizer regex and Qwen2's / Llama 3's variant.
-const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Rebuilds a byte-level BPE tokenizer from GGUF metadata.
-pub fn from_gguf(md: &HashMap<String, candle_core::quantized::gguf_file::Value>) -> Result<TokenizerBundle> {
-    let get = |k: &str| md.get(k).ok_or_else(|| anyhow!("GGUF metadata has no `{k}`"));
+pub fn from_gguf(
+    md: &HashMap<String, candle_core::quantized::gguf_file::Value>,
+) -> Result<TokenizerBundle> {
+    let get = |k: &str| {
+        md.get(k)
+            .ok_or_else(|| anyhow!("GGUF metadata has no `{k}`"))
+    };
     let model = get("tokenizer.ggml.model")?.to_string()?.clone();
     if model != "gpt2" {
         bail!("GGUF tokenizer model {model:?} is not supported (only byte-level BPE, `gpt2`)");
@@ -111,15 +130,25 @@ pub fn from_gguf(md: &HashMap<String, candle_core::quantized::gguf_file::Value>)
         .iter()
         .map(|v| {
             let s = v.to_string()?;
-            let (a, b) = s.split_once(' ').ok_or_else(|| candle_core::Error::Msg(format!("bad merge {s:?}")))?;
+            let (a, b) = s
+                .split_once(' ')
+                .ok_or_else(|| candle_core::Error::Msg(format!("bad merge {s:?}")))?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<candle_core::Result<_>>()?;
     let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-        Some(v) => v.to_vec()?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
         None => vec![1; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -130,8 +159,12 @@ pub fn from_gguf(md: &HashMap<String, candle_core::quantized::gguf_file::Value>)
         .unwrap_or_default();
     let split = |pat: &str| -> Result<PreTokenizerWrapper> {
         Ok(PreTokenizerWrapper::Split(
-            Split::new(SplitPattern::Regex(pat.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| anyhow!("pre-tokenizer regex: {e}"))?,
+            Split::new(
+                SplitPattern::Regex(pat.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| anyhow!("pre-tokenizer regex: {e}"))?,
         ))
     };
     let bl_noregex = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false));
@@ -141,8 +174,12 @@ pub fn from_gguf(md: &HashMap<String, candle_core::quantized::gguf_file::Value>)
             PreTokenizerWrapper::Digits(Digits::new(true)),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
         ])),
-        "qwen2" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_PATTERN)?, bl_noregex])),
-        "llama3" | "llama-bpe" => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_PATTERN)?, bl_noregex])),
+        "qwen2" => {
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(QWEN2_PATTERN)?, bl_noregex]))
+        }
+        "llama3" | "llama-bpe" => {
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![split(LLAMA3_PATTERN)?, bl_noregex]))
+        }
         _ => PreTokenizerWrapper::Sequence(Sequence::new(vec![split(GPT2_PATTERN)?, bl_noregex])),
     };
     let bl = ByteLevel::new(false, false, true);
@@ -176,7 +213,13 @@ pub fn from_gguf(md: &HashMap<String, candle_core::quantized::gguf_file::Value>)
     let chat_template = md
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok())
-        .map(|s| ChatTemplate::new(s.clone(), tokens.get(eos as usize).cloned().unwrap_or_default(), None));
+        .map(|s| {
+            ChatTemplate::new(
+                s.clone(),
+                tokens.get(eos as usize).cloned().unwrap_or_default(),
+                None,
+            )
+        });
     let bos_id = id("tokenizer.ggml.bos_token_id");
     Ok(TokenizerBundle {
         tokenizer,
@@ -209,10 +252,17 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.source).context("parsing chat template")?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.source)
+            .context("parsing chat template")?;
         let msgs: Vec<serde_json::Value> = messages
             .iter()
             .map(|(r, c)| serde_json::json!({"role": r, "content": c}))

@@ -55,7 +55,8 @@ fn read_number(b: &[u8], mut i: usize) -> Option<(f64, u32, usize)> {
     while !digits.is_empty()
         && i + 3 < b.len() + 1
         && b.get(i) == Some(&b',')
-        && b.get(i + 1..i + 4).is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+        && b.get(i + 1..i + 4)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
         && !b.get(i + 4).is_some_and(u8::is_ascii_digit)
     {
         digits.push_str(std::str::from_utf8(&b[i + 1..i + 4]).ok()?);
@@ -95,11 +96,25 @@ fn tokenize(text: &str) -> Vec<Token> {
             continue;
         }
         let push = |out: &mut Vec<Token>, tok, end| out.push(Token { tok, start: i, end });
-        if b[i].is_ascii_digit() || (b[i] == b'.' || b[i] == b'$') && b.get(i + 1).is_some_and(|n| n.is_ascii_digit() || *n == b'.') {
+        if b[i].is_ascii_digit()
+            || (b[i] == b'.' || b[i] == b'$')
+                && b.get(i + 1)
+                    .is_some_and(|n| n.is_ascii_digit() || *n == b'.')
+        {
             // a number glued to letters ("3rd", "2x4") is not arithmetic unless it is "x"
             if let Some((v, d, end)) = read_number(b, i) {
-                let glued_before = out.last().is_some_and(|t| t.end == i && t.tok == Tok::Other);
-                push(&mut out, if glued_before { Tok::Other } else { Tok::Num(v, d) }, end);
+                let glued_before = out
+                    .last()
+                    .is_some_and(|t| t.end == i && t.tok == Tok::Other);
+                push(
+                    &mut out,
+                    if glued_before {
+                        Tok::Other
+                    } else {
+                        Tok::Num(v, d)
+                    },
+                    end,
+                );
                 i = end;
                 continue;
             }
@@ -124,10 +139,19 @@ fn tokenize(text: &str) -> Vec<Token> {
             '=' => Tok::Eq,
             'x' | 'X' => {
                 // "3 x 4": a lone x between a number and a number
-                let prev_num = matches!(out.last(), Some(Token { tok: Tok::Num(..) | Tok::RParen, .. }));
+                let prev_num = matches!(
+                    out.last(),
+                    Some(Token {
+                        tok: Tok::Num(..) | Tok::RParen,
+                        ..
+                    })
+                );
                 let next = text[i + 1..].trim_start().as_bytes().first().copied();
                 let lone = !text[i + 1..].starts_with(|ch: char| ch.is_alphanumeric());
-                if prev_num && lone && next.is_some_and(|n| n.is_ascii_digit() || n == b'$' || n == b'(') {
+                if prev_num
+                    && lone
+                    && next.is_some_and(|n| n.is_ascii_digit() || n == b'$' || n == b'(')
+                {
                     Tok::Op('*')
                 } else {
                     Tok::Other
@@ -137,7 +161,9 @@ fn tokenize(text: &str) -> Vec<Token> {
         };
         // Merge runs of "other" characters into one token (cheaper, same meaning).
         match (tok, out.last_mut()) {
-            (Tok::Other, Some(last)) if last.tok == Tok::Other && last.end == i => last.end = i + clen,
+            (Tok::Other, Some(last)) if last.tok == Tok::Other && last.end == i => {
+                last.end = i + clen
+            }
             _ => push(&mut out, tok, i + clen),
         }
         i += clen;
@@ -225,7 +251,9 @@ fn expr_starting_at(toks: &[Token], start: usize) -> Option<usize> {
     while run_end < toks.len() && is_arith(&toks[run_end]) {
         run_end += 1;
     }
-    (start + 1..=run_end).rev().find(|&e| eval(&toks[start..e]).is_some())
+    (start + 1..=run_end)
+        .rev()
+        .find(|&e| eval(&toks[start..e]).is_some())
 }
 
 /// Whether `lhs = rhs` holds, allowing the rounding the writer showed (`10/3 = 3.33`).
@@ -244,8 +272,16 @@ fn close(lhs: f64, rhs: f64, rhs_decimals: u32) -> bool {
 
 fn decimals_of(toks: &[Token]) -> u32 {
     match toks {
-        [Token { tok: Tok::Num(_, d), .. }] => *d,
-        [Token { tok: Tok::Op('-'), .. }, Token { tok: Tok::Num(_, d), .. }] => *d,
+        [Token {
+            tok: Tok::Num(_, d),
+            ..
+        }] => *d,
+        [Token {
+            tok: Tok::Op('-'), ..
+        }, Token {
+            tok: Tok::Num(_, d),
+            ..
+        }] => *d,
         _ => 0,
     }
 }
@@ -258,7 +294,9 @@ pub fn claims(text: &str) -> Vec<Claim> {
         if t.tok != Tok::Eq {
             continue;
         }
-        let Some(ls) = expr_ending_at(&toks, k) else { continue };
+        let Some(ls) = expr_ending_at(&toks, k) else {
+            continue;
+        };
         // `expr = <<note>> result`: the visible right side is the number after `>>`.
         let mut rs = k + 1;
         if toks.get(rs).map(|t| t.tok) == Some(Tok::NoteOpen) {
@@ -267,12 +305,16 @@ pub fn claims(text: &str) -> Vec<Claim> {
                 None => continue,
             }
         }
-        let Some(re) = expr_starting_at(&toks, rs) else { continue };
+        let Some(re) = expr_starting_at(&toks, rs) else {
+            continue;
+        };
         let (lhs_t, rhs_t) = (&toks[ls..k], &toks[rs..re]);
         if !has_op(lhs_t) && !has_op(rhs_t) {
             continue; // "x = 5", "2 = 2": nothing computed
         }
-        let (Some(lhs), Some(rhs)) = (eval(lhs_t), eval(rhs_t)) else { continue };
+        let (Some(lhs), Some(rhs)) = (eval(lhs_t), eval(rhs_t)) else {
+            continue;
+        };
         let mut holds = close(lhs, rhs, decimals_of(rhs_t));
         // Running totals "3 * 4 = 12 + 5 = 17": the middle side starts with the result.
         if !holds && toks.get(re).map(|t| t.tok) == Some(Tok::Eq) {
@@ -292,10 +334,24 @@ pub fn claims(text: &str) -> Vec<Claim> {
         if t.tok != Tok::NoteClose {
             continue;
         }
-        let Some(open) = toks[..k].iter().rposition(|t| t.tok == Tok::NoteOpen) else { continue };
-        let Some(eq) = toks[open..k].iter().rposition(|t| t.tok == Tok::Eq).map(|e| e + open) else { continue };
-        let (Some(note_value), Some(Token { tok: Tok::Num(shown, _), end, .. })) =
-            (eval(&toks[eq + 1..k]), toks.get(k + 1))
+        let Some(open) = toks[..k].iter().rposition(|t| t.tok == Tok::NoteOpen) else {
+            continue;
+        };
+        let Some(eq) = toks[open..k]
+            .iter()
+            .rposition(|t| t.tok == Tok::Eq)
+            .map(|e| e + open)
+        else {
+            continue;
+        };
+        let (
+            Some(note_value),
+            Some(Token {
+                tok: Tok::Num(shown, _),
+                end,
+                ..
+            }),
+        ) = (eval(&toks[eq + 1..k]), toks.get(k + 1))
         else {
             continue;
         };
@@ -333,13 +389,22 @@ mod tests {
     use super::*;
 
     fn texts(t: &str) -> Vec<(String, bool)> {
-        claims(t).into_iter().map(|c| (t[c.range].to_string(), c.holds)).collect()
+        claims(t)
+            .into_iter()
+            .map(|c| (t[c.range].to_string(), c.holds))
+            .collect()
     }
 
     #[test]
     fn plain_and_chain() {
-        assert_eq!(texts("So 16 - 3 - 4 = 9 eggs."), vec![("16 - 3 - 4 = 9".into(), true)]);
-        assert_eq!(texts("She pays $1,200 + $300 = $1,600."), vec![("$1,200 + $300 = $1,600".into(), false)]);
+        assert_eq!(
+            texts("So 16 - 3 - 4 = 9 eggs."),
+            vec![("16 - 3 - 4 = 9".into(), true)]
+        );
+        assert_eq!(
+            texts("She pays $1,200 + $300 = $1,600."),
+            vec![("$1,200 + $300 = $1,600".into(), false)]
+        );
         assert_eq!(texts("1. 5 + 3 = 8"), vec![("5 + 3 = 8".into(), true)]);
         assert_eq!(texts("**2 x 4 = 8**"), vec![("2 x 4 = 8".into(), true)]);
         assert_eq!(texts("10 / 3 = 3.33"), vec![("10 / 3 = 3.33".into(), true)]);
@@ -349,7 +414,13 @@ mod tests {
 
     #[test]
     fn notes() {
-        assert_eq!(texts("48/2 = <<48/2=24>>24 clips"), vec![("48/2 = <<48/2=24>>24".into(), true), ("48/2=24".into(), true)]);
+        assert_eq!(
+            texts("48/2 = <<48/2=24>>24 clips"),
+            vec![
+                ("48/2 = <<48/2=24>>24".into(), true),
+                ("48/2=24".into(), true)
+            ]
+        );
         let t = texts("48/2 = <<48/2=24>>23 clips");
         assert_eq!(t[0], ("48/2 = <<48/2=24>>23".into(), false));
         assert!(t.iter().any(|(s, h)| s == "<<48/2=24>>23" && !h));

@@ -22,9 +22,23 @@ pub struct CacheError {
 }
 
 /// The cache key of one request.
-pub fn key(provider: &str, model: &str, endpoint: &str, prompt_version: &str, req: &OracleRequest) -> String {
+pub fn key(
+    provider: &str,
+    model: &str,
+    endpoint: &str,
+    prompt_version: &str,
+    req: &OracleRequest,
+) -> String {
     let mut h = Sha256::new();
-    for part in [provider, model, endpoint, prompt_version, &req.question, &req.reference, &req.response] {
+    for part in [
+        provider,
+        model,
+        endpoint,
+        prompt_version,
+        &req.question,
+        &req.reference,
+        &req.response,
+    ] {
         // length-prefixed so that field boundaries cannot collide
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
@@ -55,13 +69,19 @@ impl Cache {
              );",
         )
         .map_err(err)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<OracleReply> {
         let conn = self.conn.lock().ok()?;
         let row: Option<String> = conn
-            .query_row("SELECT reply FROM oracle_cache WHERE key = ?1", params![key], |r| r.get(0))
+            .query_row(
+                "SELECT reply FROM oracle_cache WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
             .optional()
             .unwrap_or_else(|e| {
                 tracing::warn!("oracle cache read failed: {e}");
@@ -70,9 +90,18 @@ impl Cache {
         row.and_then(|s| serde_json::from_str(&s).ok())
     }
 
-    pub fn put(&self, key: &str, provider: &str, model: &str, prompt_version: &str, reply: &OracleReply) {
+    pub fn put(
+        &self,
+        key: &str,
+        provider: &str,
+        model: &str,
+        prompt_version: &str,
+        reply: &OracleReply,
+    ) {
         let Ok(conn) = self.conn.lock() else { return };
-        let Ok(json) = serde_json::to_string(reply) else { return };
+        let Ok(json) = serde_json::to_string(reply) else {
+            return;
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -90,7 +119,12 @@ impl Cache {
         self.conn
             .lock()
             .ok()
-            .and_then(|c| c.query_row("SELECT COUNT(*) FROM oracle_cache", [], |r| r.get::<_, i64>(0)).ok())
+            .and_then(|c| {
+                c.query_row("SELECT COUNT(*) FROM oracle_cache", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .ok()
+            })
             .unwrap_or(0) as usize
     }
 

@@ -44,7 +44,10 @@ pub struct OracleRequest {
 pub enum Verdict {
     /// The first erroneous segment, as text quoted from the response. Offline oracles
     /// also give its exact byte range.
-    Segment { text: String, range: Option<Range<usize>> },
+    Segment {
+        text: String,
+        range: Option<Range<usize>>,
+    },
     /// The oracle found no error.
     NoError,
 }
@@ -79,7 +82,11 @@ pub enum OracleFailure {
     #[error("timed out after {attempts} attempt(s)")]
     Timeout { attempts: u32 },
     #[error("HTTP {status} after {attempts} attempt(s): {message}")]
-    Http { status: u16, attempts: u32, message: String },
+    Http {
+        status: u16,
+        attempts: u32,
+        message: String,
+    },
     #[error("authentication rejected (HTTP {status}); check the API key")]
     Auth { status: u16 },
     #[error("connection failed after {attempts} attempt(s): {message}")]
@@ -128,11 +135,19 @@ pub trait Oracle: Send + Sync {
 #[serde(tag = "outcome", rename_all = "kebab-case")]
 pub enum SpanOutcome {
     /// Byte range of the first error in the response.
-    Located { located: Located, segment: String, usage: Usage },
+    Located {
+        located: Located,
+        segment: String,
+        usage: Usage,
+    },
     /// The oracle saw no error (e.g. the slip is not arithmetic).
     NoError { usage: Usage },
     /// The oracle quoted text that is not in the response.
-    NotLocated { reason: NotLocated, segment: String, usage: Usage },
+    NotLocated {
+        reason: NotLocated,
+        segment: String,
+        usage: Usage,
+    },
     /// The oracle failed.
     Failed { failure: OracleFailure },
 }
@@ -147,14 +162,20 @@ impl SpanOutcome {
 
     pub fn usage(&self) -> Option<&Usage> {
         match self {
-            Self::Located { usage, .. } | Self::NoError { usage } | Self::NotLocated { usage, .. } => Some(usage),
+            Self::Located { usage, .. }
+            | Self::NoError { usage }
+            | Self::NotLocated { usage, .. } => Some(usage),
             Self::Failed { .. } => None,
         }
     }
 }
 
 /// Asks `oracle` and locates its segment in the response.
-pub async fn locate_error(oracle: &dyn Oracle, req: &OracleRequest, cfg: &LocateConfig) -> SpanOutcome {
+pub async fn locate_error(
+    oracle: &dyn Oracle,
+    req: &OracleRequest,
+    cfg: &LocateConfig,
+) -> SpanOutcome {
     match oracle.first_error(req).await {
         Err(failure) => SpanOutcome::Failed { failure },
         Ok(OracleReply {
@@ -252,10 +273,16 @@ impl OracleSpec {
             "reference" => return Ok(std::sync::Arc::new(reference::ReferenceOracle)),
             "openai" => Api::OpenAi,
             "gemini" => Api::Gemini,
-            other => return Err(format!("unknown oracle provider {other:?} (openai, gemini, calculator, reference)")),
+            other => {
+                return Err(format!(
+                    "unknown oracle provider {other:?} (openai, gemini, calculator, reference)"
+                ))
+            }
         };
         let cache = match &self.cache {
-            Some(p) => Some(std::sync::Arc::new(cache::Cache::open(p).map_err(|e| e.to_string())?)),
+            Some(p) => Some(std::sync::Arc::new(
+                cache::Cache::open(p).map_err(|e| e.to_string())?,
+            )),
             None => None,
         };
         let cfg = RemoteConfig {
@@ -266,6 +293,12 @@ impl OracleSpec {
             ..RemoteConfig::default()
         };
         let key = remote::key_from_env(api.key_var());
-        Ok(std::sync::Arc::new(RemoteOracle::new(api, &self.model, key, cfg, cache)))
+        Ok(std::sync::Arc::new(RemoteOracle::new(
+            api,
+            &self.model,
+            key,
+            cfg,
+            cache,
+        )))
     }
 }

@@ -53,13 +53,22 @@ pub fn messages(req: &OracleRequest) -> Vec<(&'static str, String)> {
     let mut out = vec![("system", SYSTEM_PROMPT.to_string())];
     for (q, r, resp, err) in EXAMPLES {
         out.push(("user", render(q, r, resp)));
-        out.push(("assistant", serde_json::json!({ "first_error": err }).to_string()));
+        out.push((
+            "assistant",
+            serde_json::json!({ "first_error": err }).to_string(),
+        ));
     }
     out.push(("user", render(&req.question, &req.reference, &req.response)));
     out
 }
 
-const KEYS: [&str; 5] = ["first_error", "error_segment", "segment", "first_error_segment", "error"];
+const KEYS: [&str; 5] = [
+    "first_error",
+    "error_segment",
+    "segment",
+    "first_error_segment",
+    "error",
+];
 
 fn verdict_from_value(v: &Value) -> Option<Verdict> {
     let field = match v {
@@ -78,8 +87,15 @@ fn verdict_from_value(v: &Value) -> Option<Verdict> {
 }
 
 fn is_none_text(s: &str) -> bool {
-    let t = s.trim().trim_matches(|c: char| c == '.' || c == '"').to_ascii_lowercase();
-    t.is_empty() || matches!(t.as_str(), "none" | "null" | "no error" | "n/a" | "no errors")
+    let t = s
+        .trim()
+        .trim_matches(|c: char| c == '.' || c == '"')
+        .to_ascii_lowercase();
+    t.is_empty()
+        || matches!(
+            t.as_str(),
+            "none" | "null" | "no error" | "n/a" | "no errors"
+        )
 }
 
 /// Parses an oracle reply: JSON (possibly inside a code fence or prose), a bare JSON
@@ -102,13 +118,22 @@ pub fn parse_reply(raw: &str) -> Result<Verdict, String> {
     }
     // Whole reply as JSON, then the outermost {...} inside prose or a code fence.
     if let Ok(v) = serde_json::from_str::<Value>(text) {
-        return verdict_from_value(&v).ok_or_else(|| format!("JSON reply without a usable `first_error`: {}", excerpt(text)));
+        return verdict_from_value(&v).ok_or_else(|| {
+            format!(
+                "JSON reply without a usable `first_error`: {}",
+                excerpt(text)
+            )
+        });
     }
     if let Some(a) = text.find('{') {
         if let Some(b) = text.rfind('}').filter(|b| *b > a) {
             if let Ok(v) = serde_json::from_str::<Value>(&text[a..=b]) {
-                return verdict_from_value(&v)
-                    .ok_or_else(|| format!("JSON reply without a usable `first_error`: {}", excerpt(text)));
+                return verdict_from_value(&v).ok_or_else(|| {
+                    format!(
+                        "JSON reply without a usable `first_error`: {}",
+                        excerpt(text)
+                    )
+                });
             }
         }
         // Broken JSON (e.g. truncated by the token limit after the value): keep the

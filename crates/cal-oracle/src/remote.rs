@@ -130,12 +130,21 @@ pub struct RemoteOracle {
 
 enum Attempt {
     Done(OracleOutcome),
-    Retry { failure: OracleFailure, wait: Option<Duration> },
+    Retry {
+        failure: OracleFailure,
+        wait: Option<Duration>,
+    },
 }
 
 impl RemoteOracle {
     /// `key` may be `None` for a local OpenAI-compatible server that needs none.
-    pub fn new(api: Api, model: &str, key: Option<String>, cfg: RemoteConfig, cache: Option<Arc<Cache>>) -> Self {
+    pub fn new(
+        api: Api,
+        model: &str,
+        key: Option<String>,
+        cfg: RemoteConfig,
+        cache: Option<Arc<Cache>>,
+    ) -> Self {
         let base_url = cfg
             .base_url
             .clone()
@@ -176,7 +185,10 @@ impl RemoteOracle {
         let msgs = prompt::messages(req);
         match self.api {
             Api::OpenAi => {
-                let messages: Vec<Value> = msgs.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
+                let messages: Vec<Value> = msgs
+                    .iter()
+                    .map(|(r, c)| json!({"role": r, "content": c}))
+                    .collect();
                 let mut body = json!({
                     "model": self.model,
                     "messages": messages,
@@ -186,7 +198,10 @@ impl RemoteOracle {
                 if json_mode {
                     body["response_format"] = json!({"type": "json_object"});
                 }
-                let mut rb = self.client.post(format!("{}/chat/completions", self.base_url)).json(&body);
+                let mut rb = self
+                    .client
+                    .post(format!("{}/chat/completions", self.base_url))
+                    .json(&body);
                 if let Some(k) = &self.key {
                     rb = rb.bearer_auth(k);
                 }
@@ -197,7 +212,8 @@ impl RemoteOracle {
                     .iter()
                     .map(|(r, c)| json!({"role": if *r == "assistant" { "model" } else { "user" }, "parts": [{"text": c}]}))
                     .collect();
-                let mut gen = json!({"temperature": 0, "maxOutputTokens": self.cfg.max_output_tokens});
+                let mut gen =
+                    json!({"temperature": 0, "maxOutputTokens": self.cfg.max_output_tokens});
                 if json_mode {
                     gen["responseMimeType"] = json!("application/json");
                     gen["responseSchema"] = json!({
@@ -213,7 +229,10 @@ impl RemoteOracle {
                 });
                 let mut rb = self
                     .client
-                    .post(format!("{}/models/{}:generateContent", self.base_url, self.model))
+                    .post(format!(
+                        "{}/models/{}:generateContent",
+                        self.base_url, self.model
+                    ))
                     .json(&body);
                 if let Some(k) = &self.key {
                     rb = rb.header("x-goog-api-key", k);
@@ -231,7 +250,11 @@ impl RemoteOracle {
                 let text = body["choices"][0]["message"]["content"]
                     .as_str()
                     .ok_or("no choices[0].message.content in the reply")?;
-                Ok((text.to_string(), u(&body["usage"]["prompt_tokens"]), u(&body["usage"]["completion_tokens"])))
+                Ok((
+                    text.to_string(),
+                    u(&body["usage"]["prompt_tokens"]),
+                    u(&body["usage"]["completion_tokens"]),
+                ))
             }
             Api::Gemini => {
                 let parts = body["candidates"][0]["content"]["parts"]
@@ -242,13 +265,20 @@ impl RemoteOracle {
                     })?;
                 let text: String = parts.iter().filter_map(|p| p["text"].as_str()).collect();
                 let meta = &body["usageMetadata"];
-                Ok((text, u(&meta["promptTokenCount"]), u(&meta["candidatesTokenCount"])))
+                Ok((
+                    text,
+                    u(&meta["promptTokenCount"]),
+                    u(&meta["candidatesTokenCount"]),
+                ))
             }
         }
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.cfg.base_backoff.saturating_mul(1u32 << (attempt - 1).min(16));
+        let exp = self
+            .cfg
+            .base_backoff
+            .saturating_mul(1u32 << (attempt - 1).min(16));
         let cap = exp.min(self.cfg.max_backoff);
         // full jitter: uniform in [0, cap]
         cap.mul_f64(rand::rng().random_range(0.0..=1.0))
@@ -280,7 +310,13 @@ impl RemoteOracle {
         }
     }
 
-    async fn attempt(&self, req: &OracleRequest, json_mode: bool, t0: Instant, attempt: u32) -> Attempt {
+    async fn attempt(
+        &self,
+        req: &OracleRequest,
+        json_mode: bool,
+        t0: Instant,
+        attempt: u32,
+    ) -> Attempt {
         let resp = match self.request(req, json_mode).send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
@@ -404,7 +440,13 @@ impl Oracle for RemoteOracle {
 
     async fn first_error(&self, req: &OracleRequest) -> OracleOutcome {
         let t0 = Instant::now();
-        let key = cache::key(self.api.name(), &self.model, &self.base_url, PROMPT_VERSION, req);
+        let key = cache::key(
+            self.api.name(),
+            &self.model,
+            &self.base_url,
+            PROMPT_VERSION,
+            req,
+        );
         if let Some(mut hit) = self.cache.as_ref().and_then(|c| c.get(&key)) {
             hit.usage = Usage {
                 latency: t0.elapsed(),
@@ -420,7 +462,11 @@ impl Oracle for RemoteOracle {
                 var: self.api.key_var().into(),
             });
         }
-        let _permit = self.permits.acquire().await.expect("semaphore never closed");
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
         let mut json_mode = self.cfg.json_mode;
         let mut last = OracleFailure::Timeout { attempts: 0 };
         for attempt in 1..=self.cfg.max_attempts.max(1) {
@@ -438,8 +484,13 @@ impl Oracle for RemoteOracle {
                     return Ok(reply);
                 }
                 // Some compatible servers reject `response_format`: ask again in plain mode.
-                Attempt::Done(Err(OracleFailure::Http { status: 400, message, .. }))
-                    if json_mode && (message.contains("response_format") || message.contains("responseMimeType")) =>
+                Attempt::Done(Err(OracleFailure::Http {
+                    status: 400,
+                    message,
+                    ..
+                })) if json_mode
+                    && (message.contains("response_format")
+                        || message.contains("responseMimeType")) =>
                 {
                     json_mode = false;
                     last = OracleFailure::Http {

@@ -74,11 +74,20 @@ fn reference_oracle() {
     let cases: &[(&str, Option<String>)] = &[
         ("16 - 3 - 4 = 9 eggs. 9 * 2 = 18 dollars.\n#### 18", None),
         // right arithmetic on a wrong quantity: the calculator misses it, the reference catches it
-        ("16 - 3 = 13 eggs. 13 * 2 = 26 dollars.\n#### 26", seg("16 - 3 = 13")),
+        (
+            "16 - 3 = 13 eggs. 13 * 2 = 26 dollars.\n#### 26",
+            seg("16 - 3 = 13"),
+        ),
         // wrong arithmetic is also a wrong value
-        ("16 - 3 - 4 = 9 eggs. 9 * 2 = 20 dollars.\n#### 20", seg("9 * 2 = 20")),
+        (
+            "16 - 3 - 4 = 9 eggs. 9 * 2 = 20 dollars.\n#### 20",
+            seg("9 * 2 = 20"),
+        ),
         // no arithmetic written: the sentence with the first unknown number
-        ("She has 9 eggs left. She makes 20 dollars.\n#### 20", seg("She makes 20 dollars.")),
+        (
+            "She has 9 eggs left. She makes 20 dollars.\n#### 20",
+            seg("She makes 20 dollars."),
+        ),
     ];
     for (resp, want) in cases {
         let got = match reference::check(q, r, resp) {

@@ -69,7 +69,13 @@ fn config(server: &MockServer, api: Api) -> RemoteConfig {
     }
 }
 
-async fn mount(server: &MockServer, api: Api, template: ResponseTemplate, times: Option<u64>, priority: u8) {
+async fn mount(
+    server: &MockServer,
+    api: Api,
+    template: ResponseTemplate,
+    times: Option<u64>,
+    priority: u8,
+) {
     let mut m = Mock::given(method("POST")).and(path(endpoint(api)));
     m = match api {
         Api::OpenAi => m.and(header("authorization", format!("Bearer {KEY}").as_str())),
@@ -82,7 +88,12 @@ async fn mount(server: &MockServer, api: Api, template: ResponseTemplate, times:
     mock.mount(server).await;
 }
 
-async fn run(server: &MockServer, api: Api, cfg: RemoteConfig, cache: Option<Arc<Cache>>) -> SpanOutcome {
+async fn run(
+    server: &MockServer,
+    api: Api,
+    cfg: RemoteConfig,
+    cache: Option<Arc<Cache>>,
+) -> SpanOutcome {
     let oracle = RemoteOracle::new(api, model(api), Some(KEY.into()), cfg, cache);
     let _ = server;
     locate_error(&oracle, &req(), &LocateConfig::default()).await
@@ -105,14 +116,32 @@ async fn normal_answer_and_wire_format() {
         let server = MockServer::start().await;
         mount(&server, api, good(api), None, 1).await;
         let out = run(&server, api, config(&server, api), None).await;
-        let SpanOutcome::Located { located, segment, usage } = &out else { panic!("{out:?}") };
+        let SpanOutcome::Located {
+            located,
+            segment,
+            usage,
+        } = &out
+        else {
+            panic!("{out:?}")
+        };
         assert_eq!(segment, "3 * 6 = 16");
         assert_eq!(&req().response[located.start..located.end], "3 * 6 = 16");
-        assert_eq!((usage.attempts, usage.input_tokens, usage.output_tokens, usage.cached), (1, 1000, 20, false));
+        assert_eq!(
+            (
+                usage.attempts,
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cached
+            ),
+            (1, 1000, 20, false)
+        );
         assert!(usage.cost_usd > 0.0);
         let reqs = requests(&server).await;
         assert_eq!(reqs.len(), 1);
-        assert!(!reqs[0].url.as_str().contains(KEY), "key must not be in the URL");
+        assert!(
+            !reqs[0].url.as_str().contains(KEY),
+            "key must not be in the URL"
+        );
         let body: Value = serde_json::from_slice(&reqs[0].body).unwrap();
         match api {
             Api::OpenAi => {
@@ -121,12 +150,24 @@ async fn normal_answer_and_wire_format() {
                 assert_eq!(body["response_format"]["type"], "json_object");
                 let msgs = body["messages"].as_array().unwrap();
                 assert_eq!(msgs[0]["role"], "system");
-                assert!(msgs.last().unwrap()["content"].as_str().unwrap().contains("3 * 6 = 16 muffins"));
-                assert!(msgs.iter().any(|m| m["role"] == "assistant"), "few-shot examples are sent");
+                assert!(msgs.last().unwrap()["content"]
+                    .as_str()
+                    .unwrap()
+                    .contains("3 * 6 = 16 muffins"));
+                assert!(
+                    msgs.iter().any(|m| m["role"] == "assistant"),
+                    "few-shot examples are sent"
+                );
             }
             Api::Gemini => {
-                assert!(body["systemInstruction"]["parts"][0]["text"].as_str().unwrap().contains("FIRST"));
-                assert_eq!(body["generationConfig"]["responseMimeType"], "application/json");
+                assert!(body["systemInstruction"]["parts"][0]["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains("FIRST"));
+                assert_eq!(
+                    body["generationConfig"]["responseMimeType"],
+                    "application/json"
+                );
                 assert_eq!(body["generationConfig"]["temperature"], 0);
                 let contents = body["contents"].as_array().unwrap();
                 assert_eq!(contents.last().unwrap()["role"], "user");
@@ -141,13 +182,26 @@ async fn normal_answer_and_wire_format() {
 async fn retry_after_is_honoured() {
     for api in APIS {
         let server = MockServer::start().await;
-        mount(&server, api, ResponseTemplate::new(429).insert_header("retry-after", "1"), Some(1), 1).await;
+        mount(
+            &server,
+            api,
+            ResponseTemplate::new(429).insert_header("retry-after", "1"),
+            Some(1),
+            1,
+        )
+        .await;
         mount(&server, api, good(api), None, 2).await;
         let t0 = Instant::now();
         let out = run(&server, api, config(&server, api), None).await;
         let waited = t0.elapsed();
-        assert!(matches!(&out, SpanOutcome::Located { usage, .. } if usage.attempts == 2), "{out:?}");
-        assert!(waited >= Duration::from_millis(950), "Retry-After: 1 not honoured ({waited:?})");
+        assert!(
+            matches!(&out, SpanOutcome::Located { usage, .. } if usage.attempts == 2),
+            "{out:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(950),
+            "Retry-After: 1 not honoured ({waited:?})"
+        );
         assert_eq!(requests(&server).await.len(), 2);
     }
 }
@@ -156,10 +210,20 @@ async fn retry_after_is_honoured() {
 async fn server_error_then_success() {
     for api in APIS {
         let server = MockServer::start().await;
-        mount(&server, api, ResponseTemplate::new(500).set_body_string("overloaded"), Some(1), 1).await;
+        mount(
+            &server,
+            api,
+            ResponseTemplate::new(500).set_body_string("overloaded"),
+            Some(1),
+            1,
+        )
+        .await;
         mount(&server, api, good(api), None, 2).await;
         let out = run(&server, api, config(&server, api), None).await;
-        assert!(matches!(&out, SpanOutcome::Located { usage, .. } if usage.attempts == 2), "{out:?}");
+        assert!(
+            matches!(&out, SpanOutcome::Located { usage, .. } if usage.attempts == 2),
+            "{out:?}"
+        );
         assert_eq!(requests(&server).await.len(), 2);
     }
 }
@@ -171,7 +235,16 @@ async fn persistent_5xx_gives_up_after_max_attempts() {
     mount(&server, api, ResponseTemplate::new(503), None, 1).await;
     let out = run(&server, api, config(&server, api), None).await;
     assert!(
-        matches!(&out, SpanOutcome::Failed { failure: OracleFailure::Http { status: 503, attempts: 3, .. } }),
+        matches!(
+            &out,
+            SpanOutcome::Failed {
+                failure: OracleFailure::Http {
+                    status: 503,
+                    attempts: 3,
+                    ..
+                }
+            }
+        ),
         "{out:?}"
     );
     assert_eq!(requests(&server).await.len(), 3);
@@ -181,10 +254,22 @@ async fn persistent_5xx_gives_up_after_max_attempts() {
 async fn timeout_retries_then_fails() {
     for api in APIS {
         let server = MockServer::start().await;
-        mount(&server, api, good(api).set_delay(Duration::from_secs(3)), None, 1).await;
+        mount(
+            &server,
+            api,
+            good(api).set_delay(Duration::from_secs(3)),
+            None,
+            1,
+        )
+        .await;
         let out = run(&server, api, config(&server, api), None).await;
         assert!(
-            matches!(&out, SpanOutcome::Failed { failure: OracleFailure::Timeout { attempts: 3 } }),
+            matches!(
+                &out,
+                SpanOutcome::Failed {
+                    failure: OracleFailure::Timeout { attempts: 3 }
+                }
+            ),
             "{out:?}"
         );
         assert_eq!(requests(&server).await.len(), 3);
@@ -195,9 +280,24 @@ async fn timeout_retries_then_fails() {
 async fn malformed_json_is_a_bad_reply_without_retry() {
     for api in APIS {
         let server = MockServer::start().await;
-        mount(&server, api, ResponseTemplate::new(200).set_body_string("{\"choices\": [oops"), None, 1).await;
+        mount(
+            &server,
+            api,
+            ResponseTemplate::new(200).set_body_string("{\"choices\": [oops"),
+            None,
+            1,
+        )
+        .await;
         let out = run(&server, api, config(&server, api), None).await;
-        assert!(matches!(&out, SpanOutcome::Failed { failure: OracleFailure::BadReply { .. } }), "{out:?}");
+        assert!(
+            matches!(
+                &out,
+                SpanOutcome::Failed {
+                    failure: OracleFailure::BadReply { .. }
+                }
+            ),
+            "{out:?}"
+        );
         assert_eq!(requests(&server).await.len(), 1);
 
         // valid envelope, model output that is broken JSON
@@ -205,7 +305,15 @@ async fn malformed_json_is_a_bad_reply_without_retry() {
         let t = ResponseTemplate::new(200).set_body_json(ok_body(api, "{\"first_error\": \"3 * 6"));
         mount(&server, api, t, None, 1).await;
         let out = run(&server, api, config(&server, api), None).await;
-        assert!(matches!(&out, SpanOutcome::Failed { failure: OracleFailure::BadReply { .. } }), "{out:?}");
+        assert!(
+            matches!(
+                &out,
+                SpanOutcome::Failed {
+                    failure: OracleFailure::BadReply { .. }
+                }
+            ),
+            "{out:?}"
+        );
     }
 }
 
@@ -213,11 +321,16 @@ async fn malformed_json_is_a_bad_reply_without_retry() {
 async fn segment_absent_from_response() {
     for api in APIS {
         let server = MockServer::start().await;
-        let t = ResponseTemplate::new(200)
-            .set_body_json(ok_body(api, "```json\n{\"first_error\": \"The train leaves at noon from Paris\"}\n```"));
+        let t = ResponseTemplate::new(200).set_body_json(ok_body(
+            api,
+            "```json\n{\"first_error\": \"The train leaves at noon from Paris\"}\n```",
+        ));
         mount(&server, api, t, None, 1).await;
         let out = run(&server, api, config(&server, api), None).await;
-        assert!(matches!(&out, SpanOutcome::NotLocated { segment, .. } if segment.contains("Paris")), "{out:?}");
+        assert!(
+            matches!(&out, SpanOutcome::NotLocated { segment, .. } if segment.contains("Paris")),
+            "{out:?}"
+        );
         assert_eq!(requests(&server).await.len(), 1);
     }
 }
@@ -227,11 +340,26 @@ async fn ten_megabyte_body_is_refused() {
     for api in APIS {
         let server = MockServer::start().await;
         let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(10 << 20));
-        mount(&server, api, ResponseTemplate::new(200).set_body_string(huge), None, 1).await;
+        mount(
+            &server,
+            api,
+            ResponseTemplate::new(200).set_body_string(huge),
+            None,
+            1,
+        )
+        .await;
         let mut cfg = config(&server, api);
         cfg.timeout = Duration::from_secs(10);
         let out = run(&server, api, cfg, None).await;
-        assert!(matches!(&out, SpanOutcome::Failed { failure: OracleFailure::TooLarge { .. } }), "{out:?}");
+        assert!(
+            matches!(
+                &out,
+                SpanOutcome::Failed {
+                    failure: OracleFailure::TooLarge { .. }
+                }
+            ),
+            "{out:?}"
+        );
         assert_eq!(requests(&server).await.len(), 1);
     }
 }
@@ -241,9 +369,24 @@ async fn unauthorized_is_not_retried_and_key_not_leaked() {
     for api in APIS {
         let server = MockServer::start().await;
         let body = json!({"error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}});
-        mount(&server, api, ResponseTemplate::new(401).set_body_json(body), None, 1).await;
+        mount(
+            &server,
+            api,
+            ResponseTemplate::new(401).set_body_json(body),
+            None,
+            1,
+        )
+        .await;
         let out = run(&server, api, config(&server, api), None).await;
-        assert!(matches!(&out, SpanOutcome::Failed { failure: OracleFailure::Auth { status: 401 } }), "{out:?}");
+        assert!(
+            matches!(
+                &out,
+                SpanOutcome::Failed {
+                    failure: OracleFailure::Auth { status: 401 }
+                }
+            ),
+            "{out:?}"
+        );
         assert_eq!(requests(&server).await.len(), 1);
         if let SpanOutcome::Failed { failure } = &out {
             assert!(!failure.to_string().contains(KEY));
@@ -252,9 +395,25 @@ async fn unauthorized_is_not_retried_and_key_not_leaked() {
 
         // a 400 that echoes the key is redacted too, and not retried
         let server = MockServer::start().await;
-        mount(&server, api, ResponseTemplate::new(400).set_body_string(format!("bad request from {KEY}")), None, 1).await;
+        mount(
+            &server,
+            api,
+            ResponseTemplate::new(400).set_body_string(format!("bad request from {KEY}")),
+            None,
+            1,
+        )
+        .await;
         let out = run(&server, api, config(&server, api), None).await;
-        assert!(matches!(&out, SpanOutcome::Failed { failure: OracleFailure::Http { status: 400, attempts: 1, .. } }));
+        assert!(matches!(
+            &out,
+            SpanOutcome::Failed {
+                failure: OracleFailure::Http {
+                    status: 400,
+                    attempts: 1,
+                    ..
+                }
+            }
+        ));
         assert_no_key(&out);
     }
 }
@@ -266,18 +425,39 @@ async fn cache_makes_second_run_free() {
         let db = dir.path().join("oracle.sqlite");
         let server = MockServer::start().await;
         mount(&server, api, good(api), None, 1).await;
-        let first = run(&server, api, config(&server, api), Some(Arc::new(Cache::open(&db).unwrap()))).await;
+        let first = run(
+            &server,
+            api,
+            config(&server, api),
+            Some(Arc::new(Cache::open(&db).unwrap())),
+        )
+        .await;
         assert!(matches!(&first, SpanOutcome::Located { usage, .. } if !usage.cached));
         // a new process: reopen the cache file
-        let second = run(&server, api, config(&server, api), Some(Arc::new(Cache::open(&db).unwrap()))).await;
-        let SpanOutcome::Located { usage, segment, .. } = &second else { panic!("{second:?}") };
+        let second = run(
+            &server,
+            api,
+            config(&server, api),
+            Some(Arc::new(Cache::open(&db).unwrap())),
+        )
+        .await;
+        let SpanOutcome::Located { usage, segment, .. } = &second else {
+            panic!("{second:?}")
+        };
         assert!(usage.cached && usage.attempts == 0 && usage.cost_usd == 0.0);
         assert_eq!(segment, "3 * 6 = 16");
-        assert_eq!(requests(&server).await.len(), 1, "second run must send zero requests");
+        assert_eq!(
+            requests(&server).await.len(),
+            1,
+            "second run must send zero requests"
+        );
         let bytes = std::fs::read(&db).unwrap();
         let wal = std::fs::read(dir.path().join("oracle.sqlite-wal")).unwrap_or_default();
         for b in [bytes, wal] {
-            assert!(!String::from_utf8_lossy(&b).contains("SECRET"), "key stored in cache");
+            assert!(
+                !String::from_utf8_lossy(&b).contains("SECRET"),
+                "key stored in cache"
+            );
         }
     }
 }
@@ -295,7 +475,15 @@ async fn budget_cap_stops_calls() {
     let mut r2 = req();
     r2.response.push_str(" (again)");
     let second = locate_error(&oracle, &r2, &LocateConfig::default()).await;
-    assert!(matches!(second, SpanOutcome::Failed { failure: OracleFailure::Budget { .. } }), "{second:?}");
+    assert!(
+        matches!(
+            second,
+            SpanOutcome::Failed {
+                failure: OracleFailure::Budget { .. }
+            }
+        ),
+        "{second:?}"
+    );
     assert_eq!(requests(&server).await.len(), 1);
     assert!(oracle.spent() > 1e-6);
 }
@@ -304,7 +492,8 @@ async fn budget_cap_stops_calls() {
 async fn json_mode_falls_back_when_server_rejects_response_format() {
     let api = Api::OpenAi;
     let server = MockServer::start().await;
-    let reject = ResponseTemplate::new(400).set_body_string("{\"error\": \"response_format is not supported\"}");
+    let reject = ResponseTemplate::new(400)
+        .set_body_string("{\"error\": \"response_format is not supported\"}");
     mount(&server, api, reject, Some(1), 1).await;
     mount(&server, api, good(api), None, 2).await;
     let out = run(&server, api, config(&server, api), None).await;
@@ -317,18 +506,41 @@ async fn json_mode_falls_back_when_server_rejects_response_format() {
 
 #[tokio::test]
 async fn missing_key_for_the_real_endpoint_fails_cleanly() {
-    let oracle = RemoteOracle::new(Api::OpenAi, "gpt-4o-mini", None, RemoteConfig::default(), None);
+    let oracle = RemoteOracle::new(
+        Api::OpenAi,
+        "gpt-4o-mini",
+        None,
+        RemoteConfig::default(),
+        None,
+    );
     let out = locate_error(&oracle, &req(), &LocateConfig::default()).await;
-    assert!(matches!(out, SpanOutcome::Failed { failure: OracleFailure::MissingKey { .. } }));
+    assert!(matches!(
+        out,
+        SpanOutcome::Failed {
+            failure: OracleFailure::MissingKey { .. }
+        }
+    ));
 }
 
 #[tokio::test]
 async fn concurrent_requests_keep_order() {
     let api = Api::OpenAi;
     let server = MockServer::start().await;
-    mount(&server, api, good(api).set_delay(Duration::from_millis(50)), None, 1).await;
-    let oracle: Arc<dyn cal_oracle::Oracle> =
-        Arc::new(RemoteOracle::new(api, model(api), Some(KEY.into()), config(&server, api), None));
+    mount(
+        &server,
+        api,
+        good(api).set_delay(Duration::from_millis(50)),
+        None,
+        1,
+    )
+    .await;
+    let oracle: Arc<dyn cal_oracle::Oracle> = Arc::new(RemoteOracle::new(
+        api,
+        model(api),
+        Some(KEY.into()),
+        config(&server, api),
+        None,
+    ));
     let reqs: Vec<OracleRequest> = (0..12)
         .map(|i| {
             let mut r = req();

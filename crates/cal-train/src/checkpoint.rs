@@ -1,0 +1,78 @@
+//! Checkpoints: trainable weights, optimizer moments, RNG state, step, data cursor and
+//! config, written atomically (temp folder + rename) so a killed run always finds a
+//! complete one.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: usize,
+    pub cursor: usize,
+    /// ChaCha8 state of the sampling RNG: seed, stream, word position.
+    pub rng_seed: [u8; 32],
+    pub rng_stream: u64,
+    pub rng_word_pos: u128,
+    pub config: serde_json::Value,
+    /// Scalars accumulated so far (e.g. skipped steps).
+    pub counters: serde_json::Value,
+}
+
+pub fn rng_state(rng: &rand_chacha::ChaCha8Rng) -> ([u8; 32], u64, u128) {
+    (rng.get_seed(), rng.get_stream(), rng.get_word_pos())
+}
+
+pub fn restore_rng(seed: [u8; 32], stream: u64, word_pos: u128) -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::from_seed(seed);
+    rng.set_stream(stream);
+    rng.set_word_pos(word_pos);
+    rng
+}
+
+pub fn checkpoints_dir(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// Writes `checkpoints/step-N` through a temp folder, then points `latest` at it.
+pub fn save(
+    out: &Path,
+    state: &TrainState,
+    weights: &cal_model::Params,
+    optimizer: &std::collections::BTreeMap<String, candle_core::Tensor>,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(out);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let name = format!("step-{:06}", state.step);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    cal_model::load::save_safetensors(weights, &tmp.join("weights.safetensors"), |_| true)?;
+    let opt: cal_model::Params = optimizer.clone();
+    cal_model::load::save_safetensors(&opt, &tmp.join("optimizer.safetensors"), |_| true)?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    let dest = root.join(&name);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tmp, &dest).with_context(|| format!("publishing {}", dest.display()))?;
+    let latest_tmp = root.join(".latest.tmp");
+    std::fs::write(&latest_tmp, &name)?;
+    std::fs::rename(&latest_tmp, root.join("latest"))?;
+    Ok(dest)
+}
+
+/// The latest complete checkpoint folder, if any.
+pub fn latest(out: &Path) -> Option<PathBuf> {
+    let root = checkpoints_dir(out);
+    let name = std::fs::read_to_string(root.join("latest")).ok()?;
+    let dir = root.join(name.trim());
+    dir.join("state.json").exists().then_some(dir)
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid checkpoint state", p.display()))
+}

@@ -1,0 +1,210 @@
+//! Baseline GRPO vs CAL-GRPO at equal compute: same seed, data, steps, generations and
+//! test items, then the paired comparison. `seeds > 1` repeats and aggregates.
+
+use crate::compare::{compare, plot_curves, Comparison};
+use crate::evaluate::{evaluate, EvalConfig, EvalResult};
+use crate::grpo::{GrpoConfig, RunEnd, Trainer};
+use crate::policy::Policy;
+use anyhow::{bail, Result};
+use cal_core::credit::CreditMode;
+use cal_core::data::Example;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Where the policy of every run starts from.
+pub trait PolicySource {
+    /// A fresh copy of the starting policy.
+    fn fresh(&self) -> Result<Policy>;
+    fn describe(&self) -> String;
+}
+
+pub struct ExperimentConfig {
+    pub out_dir: PathBuf,
+    pub seeds: Vec<u64>,
+    /// Template for both runs; `credit.mode` and `seed` are set per run.
+    pub grpo: GrpoConfig,
+    /// The CAL run's credit mode (span unless asked otherwise).
+    pub cal_mode: CreditMode,
+    pub eval: EvalConfig,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedResult {
+    pub seed: u64,
+    pub before: f64,
+    pub baseline: f64,
+    pub cal: f64,
+    pub comparison: Comparison,
+    pub baseline_all_wrong_frac: f64,
+    pub cal_all_wrong_frac: f64,
+    pub cal_spans_located_frac: f64,
+}
+
+fn mean_metric(dir: &Path, metric: &str) -> f64 {
+    let c = crate::compare::read_curve(dir, metric);
+    c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64
+}
+
+fn save_eval(dir: &Path, name: &str, r: &EvalResult) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let v = serde_json::json!({"name": name, "accuracy": r.accuracy, "pass_at_k": r.pass_at_k, "examples": r.examples});
+    std::fs::write(
+        dir.join("eval_results.json"),
+        serde_json::to_string_pretty(&v)?,
+    )?;
+    Ok(())
+}
+
+/// Runs (or, with `resume`, continues) one training run and evaluates it.
+pub fn train_and_eval(
+    source: &dyn PolicySource,
+    cfg: GrpoConfig,
+    train: &[Example],
+    test: &[Example],
+    eval: &EvalConfig,
+    dir: &Path,
+    name: &str,
+) -> Result<EvalResult> {
+    let resume = crate::checkpoint::latest(dir).is_some();
+    if dir.join("eval_results.json").exists() && resume {
+        // finished earlier: reuse (a rerun never redoes finished work)
+        let (_, examples) = crate::compare::read_eval(dir)?;
+        let acc = cal_core::evaluate::accuracy(&examples, test.len());
+        return Ok(EvalResult {
+            pass_at_k: acc.accuracy,
+            accuracy: acc,
+            samples: 1,
+            examples,
+        });
+    }
+    let mut trainer = Trainer::new(
+        cfg,
+        source.fresh()?,
+        train.to_vec(),
+        dir.to_path_buf(),
+        resume,
+    )?;
+    if trainer.run()? == RunEnd::Interrupted {
+        bail!("interrupted; rerun the same command to continue");
+    }
+    let r = evaluate(&trainer.policy, test, eval, &format!("eval {name}"))?;
+    save_eval(dir, name, &r)?;
+    Ok(r)
+}
+
+pub fn run(
+    source: &dyn PolicySource,
+    cfg: &ExperimentConfig,
+    train: &[Example],
+    test: &[Example],
+) -> Result<Vec<SeedResult>> {
+    std::fs::create_dir_all(&cfg.out_dir)?;
+    eprintln!("policy: {}", source.describe());
+    let before_dir = cfg.out_dir.join("before");
+    let before = if before_dir.join("eval_results.json").exists() {
+        let (_, ex) = crate::compare::read_eval(&before_dir)?;
+        cal_core::evaluate::accuracy(&ex, test.len()).accuracy
+    } else {
+        let r = evaluate(&source.fresh()?, test, &cfg.eval, "eval before RL")?;
+        save_eval(&before_dir, "before RL", &r)?;
+        r.accuracy.accuracy
+    };
+    eprintln!(
+        "held-out accuracy before RL: {:.1}% ({} items)",
+        100.0 * before,
+        test.len()
+    );
+    let mut results = Vec::new();
+    for &seed in &cfg.seeds {
+        let sdir = cfg.out_dir.join(format!("seed-{seed}"));
+        let mut base_cfg = cfg.grpo.clone();
+        base_cfg.seed = seed;
+        base_cfg.credit.mode = CreditMode::Outcome;
+        let mut cal_cfg = base_cfg.clone();
+        cal_cfg.credit.mode = cfg.cal_mode;
+        let rb = train_and_eval(
+            source,
+            base_cfg,
+            train,
+            test,
+            &cfg.eval,
+            &sdir.join("baseline"),
+            "baseline",
+        )?;
+        let rc = train_and_eval(
+            source,
+            cal_cfg,
+            train,
+            test,
+            &cfg.eval,
+            &sdir.join("cal"),
+            "cal",
+        )?;
+        let comparison = compare("baseline", &rb.examples, "cal", &rc.examples)?;
+        let _ = plot_curves(
+            &[
+                ("baseline".into(), sdir.join("baseline")),
+                ("cal".into(), sdir.join("cal")),
+            ],
+            "reward/accuracy",
+            &sdir.join("training_curves.png"),
+        )
+        .map_err(|e| eprintln!("plot skipped: {e:#}"));
+        std::fs::write(sdir.join("comparison.md"), comparison.table())?;
+        let calls = mean_metric(&sdir.join("cal"), "oracle/calls");
+        let located = mean_metric(&sdir.join("cal"), "spans/located");
+        results.push(SeedResult {
+            seed,
+            before,
+            baseline: rb.accuracy.accuracy,
+            cal: rc.accuracy.accuracy,
+            baseline_all_wrong_frac: mean_metric(&sdir.join("baseline"), "groups/all_wrong_frac"),
+            cal_all_wrong_frac: mean_metric(&sdir.join("cal"), "groups/all_wrong_frac"),
+            cal_spans_located_frac: if calls > 0.0 { located / calls } else { 0.0 },
+            comparison,
+        });
+    }
+    std::fs::write(
+        cfg.out_dir.join("summary.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    Ok(results)
+}
+
+/// The summary table across seeds, as Markdown.
+pub fn summary_table(results: &[SeedResult]) -> String {
+    let mut s = String::from(
+        "| seed | before RL | baseline GRPO | CAL-GRPO | CAL − baseline (95% CI) | McNemar p | all-wrong groups (base / CAL) | CAL spans located |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        let c = &r.comparison;
+        s.push_str(&format!(
+            "| {} | {:.1}% | {:.1}% | {:.1}% | {:+.1} [{:+.1}, {:+.1}] | {:.3} | {:.2} / {:.2} | {:.0}% |\n",
+            r.seed,
+            100.0 * r.before,
+            100.0 * r.baseline,
+            100.0 * r.cal,
+            c.diff_points,
+            c.ci95_points.0,
+            c.ci95_points.1,
+            c.mcnemar_p,
+            r.baseline_all_wrong_frac,
+            r.cal_all_wrong_frac,
+            100.0 * r.cal_spans_located_frac,
+        ));
+    }
+    if results.len() > 1 {
+        let d: Vec<f64> = results.iter().map(|r| r.comparison.diff_points).collect();
+        let mean = d.iter().sum::<f64>() / d.len() as f64;
+        let sd = (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (d.len() - 1) as f64).sqrt();
+        s.push_str(&format!(
+            "\nMean CAL − baseline over {} seeds: {mean:+.1} points (sd {sd:.1}).\n",
+            d.len()
+        ));
+    }
+    for r in results {
+        s.push_str(&format!("\nseed {}: {}", r.seed, r.comparison.verdict));
+    }
+    s.push('\n');
+    s
+}

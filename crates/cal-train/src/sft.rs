@@ -1,0 +1,102 @@
+//! Supervised fine-tuning on reference solutions: the warm start that makes RL start
+//! from a policy that is sometimes right and sometimes slips in one step.
+
+use crate::log::Progress;
+use crate::policy::Policy;
+use crate::update::{lr_at, AdamW, OptimConfig};
+use anyhow::{bail, Result};
+use cal_core::data::Example;
+use cal_model::generate::{build_batch, completion_logprobs};
+use candle_core::{DType, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SftConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub optim: OptimConfig,
+    pub seed: u64,
+}
+
+/// Mean loss of the first and last tenth of the run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SftReport {
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub steps: usize,
+    pub seconds: f64,
+}
+
+/// Cross-entropy on the solution tokens (prompt tokens are not trained on).
+pub fn sft(
+    policy: &mut Policy,
+    examples: &[Example],
+    cfg: &SftConfig,
+    trainable: impl Fn(&str) -> bool,
+) -> Result<SftReport> {
+    if examples.is_empty() {
+        bail!("SFT needs at least one example");
+    }
+    let vars = policy.model.make_trainable(trainable)?;
+    let mut opt = AdamW::new(vars, cfg.optim)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = examples
+        .iter()
+        .map(|e| {
+            Ok((
+                policy.prompt_ids(&e.question)?,
+                policy.target_ids(&e.answer)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    let mut cursor = order.len();
+    let mut losses = Vec::with_capacity(cfg.steps);
+    let progress = Progress::new("sft", cfg.steps as u64, 0);
+    let t0 = std::time::Instant::now();
+    for step in 0..cfg.steps {
+        let mut idx = Vec::with_capacity(cfg.batch_size);
+        while idx.len() < cfg.batch_size {
+            if cursor == order.len() {
+                order.shuffle(&mut rng);
+                cursor = 0;
+            }
+            idx.push(order[cursor]);
+            cursor += 1;
+        }
+        let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].0.clone()).collect();
+        let targets: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].1.clone()).collect();
+        let batch = build_batch(&prompts, &targets, policy.tok.pad_id, &policy.model.device)?;
+        let (logp, _) = completion_logprobs(&policy.model, &batch)?;
+        let mask: Vec<f32> = batch
+            .completion_mask
+            .iter()
+            .flatten()
+            .map(|&m| f32::from(m))
+            .collect();
+        let mask = Tensor::from_vec(mask, logp.shape(), logp.device())?.to_dtype(logp.dtype())?;
+        let n = mask
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            .max(1.0);
+        let loss = ((logp * mask)?.sum_all()? / -n)?;
+        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grads = loss.backward()?;
+        opt.step(&grads, lr_at(&cfg.optim, step, cfg.steps))?;
+        losses.push(lv);
+        if step % 10 == 0 || step + 1 == cfg.steps {
+            progress.update(step as u64 + 1, &format!("loss {lv:.3}"));
+        }
+    }
+    progress.finish();
+    let tenth = (losses.len() / 10).max(1);
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    Ok(SftReport {
+        first_loss: mean(&losses[..tenth]),
+        last_loss: mean(&losses[losses.len() - tenth..]),
+        steps: cfg.steps,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

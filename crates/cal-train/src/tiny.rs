@@ -1,0 +1,176 @@
+//! The embedded default: a `tiny` policy trained from scratch in-process on generated
+//! GSM8K-format problems (tokenizer + SFT), cached on disk so that later runs start in
+//! seconds. Nothing is downloaded.
+
+use crate::policy::Policy;
+use crate::sft::{sft, SftConfig, SftReport};
+use crate::update::OptimConfig;
+use anyhow::{Context, Result};
+use cal_core::data::{generate, Example, GenConfig};
+use cal_model::{load, tokenizer, ModelConfig, Transformer};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Bumped when the recipe changes in a way the spec does not capture.
+const RECIPE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TinySpec {
+    pub generator: GenConfig,
+    pub train_problems: usize,
+    pub test_problems: usize,
+    pub data_seed: u64,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub sft: SftConfig,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            generator: GenConfig {
+                min_steps: 2,
+                max_steps: 3,
+                max_operand: 30,
+                max_factor: 5,
+                mul_div: true,
+            },
+            train_problems: 4000,
+            test_problems: 200,
+            data_seed: 1234,
+            vocab_size: 400,
+            hidden_size: 128,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            sft: SftConfig {
+                steps: 300,
+                batch_size: 32,
+                optim: OptimConfig {
+                    lr: 3e-3,
+                    weight_decay: 0.01,
+                    warmup_steps: 20,
+                    min_lr_ratio: 0.05,
+                    ..OptimConfig::default()
+                },
+                seed: 7,
+            },
+        }
+    }
+}
+
+impl TinySpec {
+    pub fn model_config(&self, vocab: usize) -> ModelConfig {
+        let head_dim = self.hidden_size / self.heads;
+        ModelConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.hidden_size * 8 / 3 / 16 * 16,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            num_key_value_heads: self.kv_heads,
+            head_dim,
+            ..ModelConfig::tiny(vocab)
+        }
+    }
+
+    pub fn key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(self).unwrap());
+        h.update(RECIPE_VERSION.to_le_bytes());
+        format!("{:x}", h.finalize())[..16].to_string()
+    }
+
+    /// Train and held-out problems; held-out questions never appear in train.
+    pub fn splits(&self) -> (Vec<Example>, Vec<Example>) {
+        let train = generate(self.train_problems, self.data_seed, &self.generator);
+        let seen: HashSet<&str> = train.iter().map(|e| e.question.as_str()).collect();
+        let test: Vec<Example> = generate(
+            self.test_problems * 2,
+            self.data_seed ^ 0x5eed_0f_7e57,
+            &self.generator,
+        )
+        .into_iter()
+        .filter(|e| !seen.contains(e.question.as_str()))
+        .take(self.test_problems)
+        .collect();
+        (train, test)
+    }
+}
+
+/// Where cached artefacts live: `$CAL_GRPO_CACHE`, else `~/.cache/cal-grpo`.
+pub fn cache_root() -> PathBuf {
+    if let Ok(p) = std::env::var("CAL_GRPO_CACHE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    Path::new(&home).join(".cache/cal-grpo")
+}
+
+pub struct TinyPolicy {
+    pub policy: Policy,
+    pub dir: PathBuf,
+    /// `None` when loaded from the cache.
+    pub sft: Option<SftReport>,
+}
+
+/// Loads the SFT-warmed tiny policy from the cache, or trains and caches it.
+pub fn tiny_policy(spec: &TinySpec, root: &Path) -> Result<TinyPolicy> {
+    let dir = root.join(format!("tiny-{}", spec.key()));
+    let dev = Device::Cpu;
+    if dir.join("model.safetensors").exists() {
+        let loaded = load::load_hf(&dir, DType::F32, &dev)?;
+        let mut policy = Policy::new(loaded.model, loaded.tokenizer);
+        policy.style = crate::policy::PromptStyle::Plain;
+        return Ok(TinyPolicy {
+            policy,
+            dir,
+            sft: None,
+        });
+    }
+    let (train, _) = spec.splits();
+    let corpus: Vec<String> = train
+        .iter()
+        .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer))
+        .collect();
+    let tok = tokenizer::train_tiny(corpus.into_iter(), spec.vocab_size)?;
+    let vocab = tok.tokenizer.get_vocab_size(true);
+    let model =
+        Transformer::init_random(spec.model_config(vocab), spec.sft.seed, DType::F32, &dev)?;
+    let mut policy = Policy::new(model, tok);
+    eprintln!(
+        "training the tiny policy from scratch ({} parameters, vocab {vocab}) on {} generated problems; cached in {}",
+        policy.model.cfg.num_params(),
+        train.len(),
+        dir.display()
+    );
+    let report = sft(&mut policy, &train, &spec.sft, |_| true)?;
+    let tmp = root.join(format!(".tiny-{}.tmp{}", spec.key(), std::process::id()));
+    load::export_hf(&policy.model, &policy.tok, &tmp)?;
+    std::fs::write(
+        tmp.join("tiny_spec.json"),
+        serde_json::to_string_pretty(spec)?,
+    )?;
+    std::fs::write(
+        tmp.join("sft_report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    // Atomic publish: a concurrent or killed run never sees a half-written cache.
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => {}
+        Err(_) if dir.join("model.safetensors").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => return Err(e).with_context(|| format!("publishing {}", dir.display())),
+    }
+    Ok(TinyPolicy {
+        policy,
+        dir,
+        sft: Some(report),
+    })
+}

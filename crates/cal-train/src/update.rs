@@ -1,0 +1,164 @@
+//! The update stage: AdamW with decoupled weight decay, global grad-norm clipping and a
+//! warmup + cosine learning-rate schedule.
+//!
+//! Our own AdamW (rather than candle-nn's) because its moments must be saved in
+//! checkpoints for a bit-exact resume.
+
+use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient L2 norm to this (0 = off).
+    pub max_grad_norm: f64,
+    pub warmup_steps: usize,
+    /// Cosine decays to `lr * min_lr_ratio` at `total_steps`.
+    pub min_lr_ratio: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-6,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            warmup_steps: 0,
+            min_lr_ratio: 0.1,
+        }
+    }
+}
+
+/// Learning rate at `step` (0-based) of `total` steps: linear warmup, then cosine.
+pub fn lr_at(cfg: &OptimConfig, step: usize, total: usize) -> f64 {
+    if step < cfg.warmup_steps {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
+    }
+    let span = total.saturating_sub(cfg.warmup_steps).max(1) as f64;
+    let progress = ((step - cfg.warmup_steps) as f64 / span).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+}
+
+pub struct AdamW {
+    pub cfg: OptimConfig,
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub step: usize,
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<(String, Var)>, cfg: OptimConfig) -> Result<Self> {
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg,
+            vars,
+            m,
+            v,
+            step: 0,
+        })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Global L2 norm of the gradients of our variables.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut total = 0.0;
+        for (_, var) in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                total += g
+                    .to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update at learning rate `lr`; gradients are clipped to `max_grad_norm` first.
+    /// Returns the pre-clip gradient norm.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
+        let norm = self.grad_norm(grads)?;
+        let clip = if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
+            self.cfg.max_grad_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let c = &self.cfg;
+        let (bc1, bc2) = (
+            1.0 - c.beta1.powi(self.step as i32),
+            1.0 - c.beta2.powi(self.step as i32),
+        );
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = (g * clip)?;
+            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+            let theta = var.as_tensor();
+            let decayed = (theta * (1.0 - lr * c.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(norm)
+    }
+
+    /// Moments as named tensors (`m.<name>`, `v.<name>`) for a checkpoint.
+    pub fn state(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("m.{name}"), self.m[i].clone());
+            out.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        out
+    }
+
+    pub fn load_state(&mut self, path: &Path, step: usize) -> Result<()> {
+        let dev = self
+            .vars
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let map = candle_core::safetensors::load(path, &dev)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            self.m[i] = map
+                .get(&format!("m.{name}"))
+                .with_context(|| format!("{}: no moment m.{name}", path.display()))?
+                .clone();
+            self.v[i] = map
+                .get(&format!("v.{name}"))
+                .with_context(|| format!("{}: no moment v.{name}", path.display()))?
+                .clone();
+        }
+        self.step = step;
+        Ok(())
+    }
+}
