@@ -272,11 +272,11 @@ impl Trainer {
             .collect()
     }
 
-    /// One GRPO step.
+    /// One GRPO step: sample, then [`Trainer::learn`] from the samples.
     pub fn train_step(&mut self) -> Result<Metrics> {
         let t0 = Instant::now();
-        let (b, g) = (self.cfg.prompts_per_step, self.cfg.num_generations);
-        let examples = self.next_examples(b);
+        let g = self.cfg.num_generations;
+        let examples = self.next_examples(self.cfg.prompts_per_step);
         let prompts: Vec<Vec<u32>> = examples
             .iter()
             .flat_map(|e| std::iter::repeat_n(e, g))
@@ -297,7 +297,38 @@ impl Trainer {
             &mut self.rng,
         )?;
         let t_gen = t0.elapsed().as_secs_f64();
+        let mut m = self.learn(&examples, &prompts, &gens)?;
+        let n_tokens: usize = gens.iter().map(|x| x.ids.len()).sum();
+        m.insert("perf/step_seconds".into(), t0.elapsed().as_secs_f64());
+        m.insert("perf/generate_seconds".into(), t_gen);
+        m.insert(
+            "perf/tokens_per_second".into(),
+            n_tokens as f64 / t_gen.max(1e-9),
+        );
+        self.tb.scalars(self.step as i64, &m)?;
+        let mut row = serde_json::to_value(&m)?;
+        row["step"] = serde_json::json!(self.step);
+        self.jsonl.write(&row)?;
+        Ok(m)
+    }
 
+    /// Everything after sampling: grade → locate → map → credit → loss → update.
+    /// `gens[i]` answers `examples[i / G]` with prompt `prompts[i]`. Public so that a
+    /// test can feed hand-written completions.
+    pub fn learn(
+        &mut self,
+        examples: &[Example],
+        prompts: &[Vec<u32>],
+        gens: &[Generation],
+    ) -> Result<Metrics> {
+        let g = self.cfg.num_generations;
+        if gens.len() != examples.len() * g || prompts.len() != gens.len() {
+            bail!(
+                "learn: {} completions for {} examples × {g} generations",
+                gens.len(),
+                examples.len()
+            );
+        }
         // grade
         let correct: Vec<bool> = gens
             .iter()
@@ -417,7 +448,6 @@ impl Trainer {
         self.step += 1;
 
         // log
-        let secs = t0.elapsed().as_secs_f64();
         let n_tokens: usize = gens.iter().map(|x| x.ids.len()).sum();
         let groups: Vec<&[bool]> = correct.chunks(g).collect();
         let frac = |f: &dyn Fn(&&[bool]) -> bool| {
@@ -454,16 +484,6 @@ impl Trainer {
         m.insert("credit/fallbacks".into(), adv.fallbacks as f64);
         m.insert("credit/span_credited".into(), adv.span_credited as f64);
         om.write(&mut m);
-        m.insert("perf/step_seconds".into(), secs);
-        m.insert("perf/generate_seconds".into(), t_gen);
-        m.insert(
-            "perf/tokens_per_second".into(),
-            n_tokens as f64 / t_gen.max(1e-9),
-        );
-        self.tb.scalars(self.step as i64, &m)?;
-        let mut row = serde_json::to_value(&m)?;
-        row["step"] = serde_json::json!(self.step);
-        self.jsonl.write(&row)?;
         Ok(m)
     }
 

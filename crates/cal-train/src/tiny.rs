@@ -28,6 +28,9 @@ pub struct TinySpec {
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// Train on solutions without `<<a*b=c>>` notes: 40% fewer tokens, and the
+    /// calculator oracle checks the visible `a * b = c` statements just as well.
+    pub strip_notes: bool,
     pub sft: SftConfig,
 }
 
@@ -49,11 +52,12 @@ impl Default for TinySpec {
             layers: 4,
             heads: 4,
             kv_heads: 2,
+            strip_notes: false,
             sft: SftConfig {
-                steps: 300,
+                steps: 350,
                 batch_size: 32,
                 optim: OptimConfig {
-                    lr: 3e-3,
+                    lr: 4e-3,
                     weight_decay: 0.01,
                     warmup_steps: 20,
                     min_lr_ratio: 0.05,
@@ -133,7 +137,12 @@ pub fn tiny_policy(spec: &TinySpec, root: &Path) -> Result<TinyPolicy> {
             sft: None,
         });
     }
-    let (train, _) = spec.splits();
+    let (mut train, _) = spec.splits();
+    if spec.strip_notes {
+        for e in train.iter_mut() {
+            e.answer = cal_core::data::gsm8k::strip_notes(&e.answer);
+        }
+    }
     let corpus: Vec<String> = train
         .iter()
         .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer))

@@ -41,6 +41,27 @@ impl Example {
     }
 }
 
+/// Removes GSM8K's `<<a*b=c>>` calculator notes (the visible `a*b = c` text stays).
+///
+/// ```
+/// assert_eq!(cal_core::data::gsm8k::strip_notes("48/2 = <<48/2=24>>24 clips"), "48/2 = 24 clips");
+/// ```
+pub fn strip_notes(answer: &str) -> String {
+    let mut out = String::with_capacity(answer.len());
+    let mut rest = answer;
+    while let Some(start) = rest.find("<<") {
+        match rest[start..].find(">>") {
+            Some(end) => {
+                out.push_str(&rest[..start]);
+                rest = &rest[start + end + 2..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The reference final answer: the text after the last `####`, commas stripped.
 pub fn final_answer(answer: &str) -> Option<String> {
     let (_, tail) = answer.rsplit_once("####")?;

@@ -1,0 +1,302 @@
+//! The training loop on a small untrained `tiny`-style policy: where gradients land in
+//! each credit mode, all-wrong groups, and bit-exact kill-and-resume.
+
+use cal_core::credit::{CreditConfig, CreditMode};
+use cal_core::data::{generate, Example, GenConfig};
+use cal_core::locate::LocateConfig;
+use cal_model::generate::{decode_with_offsets, FinishReason, Generation};
+use cal_model::{tokenizer, ModelConfig, Transformer};
+use cal_oracle::OracleSpec;
+use cal_train::grpo::{default_optim, GrpoConfig, Trainer};
+use cal_train::loss::{policy_loss, Aggregation, Importance, LossConfig};
+use cal_train::policy::Policy;
+use candle_core::{DType, Device, Tensor, Var};
+
+fn examples(n: usize) -> Vec<Example> {
+    generate(n, 11, &GenConfig::default())
+}
+
+fn policy(seed: u64) -> Policy {
+    let corpus: Vec<String> = examples(200)
+        .iter()
+        .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer))
+        .collect();
+    let tok = tokenizer::train_tiny(corpus.into_iter(), 300).unwrap();
+    let vocab = tok.tokenizer.get_vocab_size(true);
+    let cfg = ModelConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 16,
+        ..ModelConfig::tiny(vocab)
+    };
+    Policy::new(
+        Transformer::init_random(cfg, seed, DType::F32, &Device::Cpu).unwrap(),
+        tok,
+    )
+}
+
+fn config(mode: CreditMode, beta: f64) -> GrpoConfig {
+    GrpoConfig {
+        steps: 4,
+        prompts_per_step: 2,
+        num_generations: 2,
+        max_new_tokens: 12,
+        temperature: 1.0,
+        top_p: 1.0,
+        credit: CreditConfig {
+            mode,
+            ..CreditConfig::default()
+        },
+        max_error_span: 64,
+        loss: LossConfig {
+            beta,
+            ..LossConfig::default()
+        },
+        optim: default_optim(1e-3),
+        num_iterations: 1,
+        seed: 5,
+        save_every: 2,
+        lora: None,
+        oracle: OracleSpec {
+            provider: "calculator".into(),
+            model: "calculator".into(),
+            base_url: None,
+            max_cost: None,
+            concurrency: 2,
+            timeout_secs: 5.0,
+            cache: None,
+        },
+        locate: LocateConfig::default(),
+        generation_batch: 16,
+    }
+}
+
+/// A hand-written completion, tokenised with offsets like the generator's output.
+fn completion(p: &Policy, text: &str) -> Generation {
+    let mut ids = p.tok.encode(text).unwrap();
+    ids.push(p.tok.eos_ids[0]);
+    let (text, offsets) = decode_with_offsets(&p.tok, &ids).unwrap();
+    Generation {
+        ids,
+        text,
+        offsets,
+        finish: FinishReason::Stop,
+    }
+}
+
+#[test]
+fn loss_gradient_follows_the_advantages() {
+    // d loss / d logp = -A * mask / N at ratio 1 with β = 0: zero exactly where A is.
+    let dev = Device::Cpu;
+    let adv = Tensor::new(&[[0.0f64, -1.0, -1.0, 0.0], [0.5, 0.5, 0.5, 0.0]], &dev).unwrap();
+    let mask = Tensor::new(&[[1.0f64, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]], &dev).unwrap();
+    for agg in [
+        Aggregation::TokenMean,
+        Aggregation::SeqMeanTokenMean,
+        Aggregation::SeqMeanTokenSumNorm,
+    ] {
+        let logp = Var::new(
+            &[[-1.0f64, -2.0, -0.5, -0.1], [-0.3, -0.7, -1.1, -2.0]],
+            &dev,
+        )
+        .unwrap();
+        let cfg = LossConfig {
+            beta: 0.0,
+            aggregation: agg,
+            importance: Importance::Token,
+            max_completion_len: 4,
+            ..LossConfig::default()
+        };
+        let out = policy_loss(
+            logp.as_tensor(),
+            &logp.as_tensor().detach(),
+            None,
+            &adv,
+            &mask,
+            &cfg,
+        )
+        .unwrap();
+        let g = out
+            .loss
+            .backward()
+            .unwrap()
+            .get(logp.as_tensor())
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        let a = adv.to_vec2::<f64>().unwrap();
+        let m = mask.to_vec2::<f64>().unwrap();
+        for b in 0..2 {
+            for t in 0..4 {
+                assert_eq!(
+                    g[b][t] != 0.0,
+                    a[b][t] != 0.0 && m[b][t] != 0.0,
+                    "{agg:?} [{b},{t}] = {}",
+                    g[b][t]
+                );
+                // sign: positive advantage → the loss falls as logp rises
+                if a[b][t] != 0.0 && m[b][t] != 0.0 {
+                    assert_eq!(g[b][t] < 0.0, a[b][t] > 0.0);
+                }
+            }
+        }
+        // finite-difference check of one entry
+        let h = 1e-6;
+        let eval = |delta: f64| {
+            let mut v = logp.as_tensor().to_vec2::<f64>().unwrap();
+            v[0][1] += delta;
+            let lp = Tensor::new(v, &dev).unwrap();
+            policy_loss(&lp, &logp.as_tensor().detach(), None, &adv, &mask, &cfg)
+                .unwrap()
+                .loss
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let fd = (eval(h) - eval(-h)) / (2.0 * h);
+        assert!(
+            (fd - g[0][1]).abs() < 1e-6,
+            "{agg:?}: fd {fd} vs {}",
+            g[0][1]
+        );
+    }
+}
+
+fn params_snapshot(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    t.trainable()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// Feeds an all-wrong group whose answers contain arithmetic slips, plus a mixed
+/// group, and reports whether the policy's parameters moved.
+fn all_wrong_group_moves_params(mode: CreditMode) -> (bool, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(1);
+    let ex = vec![Example::new(
+        0,
+        "Mia has 3 apples. She buys 4 more apples. How many apples does Mia have now?".into(),
+        "Mia has 3 + 4 = <<3+4=7>>7 apples.\n#### 7".into(),
+    )
+    .unwrap()];
+    let prompts = vec![p.prompt_ids(&ex[0].question).unwrap(); 2];
+    let gens = vec![
+        completion(&p, " Mia has 3 + 4 = 8 apples.\n#### 8"),
+        completion(&p, " Mia has 3 + 4 = 9 apples.\n#### 9"),
+    ];
+    let mut cfg = config(mode, 0.0);
+    cfg.prompts_per_step = 1;
+    let mut t = Trainer::new(cfg, p, ex.clone(), dir.path().to_path_buf(), false).unwrap();
+    let before = params_snapshot(&t);
+    let m = t.learn(&ex, &prompts, &gens).unwrap();
+    let after = params_snapshot(&t);
+    (before != after, m["spans/located"])
+}
+
+#[test]
+fn all_wrong_groups_learn_only_with_spans() {
+    let (moved, located) = all_wrong_group_moves_params(CreditMode::Outcome);
+    assert!(!moved, "outcome GRPO has no gradient on an all-wrong group");
+    assert_eq!(located, 0.0, "outcome mode does not call the oracle");
+    for mode in [CreditMode::Span, CreditMode::SpanScaled, CreditMode::Prefix] {
+        let (moved, located) = all_wrong_group_moves_params(mode);
+        assert!(moved, "{mode:?}: the located slips must move the policy");
+        assert_eq!(located, 2.0, "{mode:?}");
+    }
+}
+
+#[test]
+fn every_credit_mode_trains_end_to_end() {
+    for mode in CreditMode::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Trainer::new(
+            config(mode, 0.04),
+            policy(2),
+            examples(8),
+            dir.path().to_path_buf(),
+            false,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let m = t.train_step().unwrap();
+            for (k, v) in &m {
+                assert!(v.is_finite(), "{mode:?}: {k} = {v}");
+            }
+            assert_eq!(m["optim/skipped_now"], 0.0);
+        }
+        // TensorBoard and JSONL logs exist and hold both steps
+        let jsonl = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(jsonl.lines().count(), 2);
+        let tb = std::fs::read_dir(dir.path().join("tb")).unwrap().count();
+        assert_eq!(tb, 1);
+    }
+}
+
+#[test]
+fn kill_and_resume_is_bit_exact() {
+    let data = examples(16);
+    // uninterrupted
+    let a = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(
+        config(CreditMode::Span, 0.04),
+        policy(3),
+        data.clone(),
+        a.path().to_path_buf(),
+        false,
+    )
+    .unwrap();
+    t.run().unwrap();
+    let want = params_snapshot(&t);
+    // "killed" after step 2's checkpoint: the process state is dropped without a save
+    let b = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(
+        config(CreditMode::Span, 0.04),
+        policy(3),
+        data.clone(),
+        b.path().to_path_buf(),
+        false,
+    )
+    .unwrap();
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    t.save().unwrap();
+    t.train_step().unwrap(); // lost work: happened after the last checkpoint
+    drop(t);
+    let mut t = Trainer::new(
+        config(CreditMode::Span, 0.04),
+        policy(3),
+        data,
+        b.path().to_path_buf(),
+        true,
+    )
+    .unwrap();
+    assert_eq!(t.step, 2);
+    t.run().unwrap();
+    let got = params_snapshot(&t);
+    assert_eq!(want.len(), got.len());
+    for ((ka, va), (kb, vb)) in want.iter().zip(&got) {
+        assert_eq!(ka, kb);
+        assert!(
+            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{ka} differs after resume"
+        );
+    }
+}
+
+#[test]
+fn resume_without_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Trainer::new(
+        config(CreditMode::Outcome, 0.0),
+        policy(4),
+        examples(4),
+        dir.path().to_path_buf(),
+        true,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{err:#}").contains("no checkpoint"), "{err:#}");
+}
