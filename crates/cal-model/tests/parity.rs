@@ -1,0 +1,170 @@
+//! Parity with the reference implementation (`transformers`), through fixtures written by
+//! `scripts/make_parity_fixtures.py`: identical tokenization, last-position logits within
+//! 1e-4 (f32), identical greedy continuations.
+
+use cal_model::generate::{generate, SamplingConfig};
+use cal_model::load;
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn last_logits(model: &cal_model::Transformer, ids: &[u32]) -> Vec<f32> {
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&input, &[vec![1u8; ids.len()]]).unwrap();
+    logits
+        .squeeze(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn greedy(l: &load::Loaded, ids: &[u32], n: usize) -> Vec<u32> {
+    let cfg = SamplingConfig {
+        max_new_tokens: n,
+        greedy: true,
+        ..SamplingConfig::default()
+    };
+    let mut rng = rand::rng();
+    let mut out = generate(&l.model, &l.tokenizer, &[ids.to_vec()], &cfg, &mut rng)
+        .unwrap()
+        .remove(0)
+        .ids;
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn qwen2_tiny_matches_transformers() {
+    let l = load::load(&fixtures().join("qwen2-tiny"), DType::F32, &Device::Cpu).unwrap();
+    assert!(l.model.cfg.attention_bias, "Qwen2 has q/k/v bias");
+    for row in json("qwen2-tiny.json")["rows"].as_array().unwrap() {
+        let want_ids = ids(&row["ids"]);
+        assert_eq!(
+            l.tokenizer.encode(row["text"].as_str().unwrap()).unwrap(),
+            want_ids
+        );
+        let got = last_logits(&l.model, &want_ids);
+        let want: Vec<f32> = row["last_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-4, "max abs logit diff {diff}");
+        let want_greedy = ids(&row["greedy"]);
+        assert_eq!(greedy(&l, &want_ids, want_greedy.len()), want_greedy);
+    }
+}
+
+#[test]
+fn batched_left_padded_generation_equals_one_by_one() {
+    let l = load::load(&fixtures().join("qwen2-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let rows = json("qwen2-tiny.json");
+    let prompts: Vec<Vec<u32>> = rows["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ids(&r["ids"]))
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 12,
+        greedy: true,
+        ..SamplingConfig::default()
+    };
+    let mut rng = rand::rng();
+    let batched = generate(&l.model, &l.tokenizer, &prompts, &cfg, &mut rng).unwrap();
+    for (p, b) in prompts.iter().zip(&batched) {
+        let single = generate(&l.model, &l.tokenizer, &[p.clone()], &cfg, &mut rng)
+            .unwrap()
+            .remove(0);
+        assert_eq!(b.ids, single.ids);
+    }
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        assert_ne!(
+            std::env::var("CAL_REQUIRE_ASSETS").as_deref(),
+            Ok("1"),
+            "{} missing",
+            path.display()
+        );
+        eprintln!(
+            "skipping: {} not fetched (scripts/fetch-assets.sh --with-model)",
+            path.display()
+        );
+        return;
+    }
+    let l = load::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let fx = json("smollm2.json");
+    // the chat template renders exactly as transformers renders it
+    let chat = l
+        .tokenizer
+        .chat_template
+        .as_ref()
+        .unwrap()
+        .render(&[("user", "What is 12 + 7?")], true)
+        .unwrap();
+    assert_eq!(chat, fx["chat_prompt"].as_str().unwrap());
+    for row in fx["rows"].as_array().unwrap() {
+        let text = row["text"].as_str().unwrap();
+        let want_ids = ids(&row["ids"]);
+        assert_eq!(
+            l.tokenizer.encode(text).unwrap(),
+            want_ids,
+            "tokenization of {text:?}"
+        );
+        let got = last_logits(&l.model, &want_ids);
+        let top: Vec<usize> = row["top_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let mut diff = 0f32;
+        for (i, v) in top.iter().zip(row["top_logits"].as_array().unwrap()) {
+            diff = diff.max((got[*i] - v.as_f64().unwrap() as f32).abs());
+        }
+        let sum: f64 = got.iter().map(|x| *x as f64).sum();
+        let want_sum = row["logits_sum"].as_f64().unwrap();
+        assert!(diff <= 1e-4, "{text:?}: top-64 logit diff {diff}");
+        assert!(
+            (sum - want_sum).abs() / want_sum.abs().max(1.0) < 1e-4,
+            "{text:?}: logit sum {sum} vs {want_sum}"
+        );
+        let want_greedy = ids(&row["greedy"]);
+        assert_eq!(
+            greedy(&l, &want_ids, want_greedy.len()),
+            want_greedy,
+            "greedy continuation of {text:?}"
+        );
+    }
+}
