@@ -3,6 +3,7 @@
 mod config;
 mod eval;
 mod generate;
+mod oracle;
 mod run;
 
 #[global_allocator]
@@ -46,7 +47,9 @@ enum Command {
     /// Baseline + CAL + comparison in one command (the original's run_experiments.sh).
     Experiment(run::ExperimentArgs),
     /// Ask an oracle for the first error of one response.
-    Oracle,
+    Oracle(oracle::OracleArgs),
+    /// Walk one example through oracle → locate → map → token rewards.
+    Demo(oracle::DemoArgs),
     /// Supervised fine-tuning on reference solutions (warm start).
     Sft(run::SftArgs),
     /// Generate a completion with a model.
@@ -76,12 +79,6 @@ enum Command {
     },
 }
 
-/// A subcommand whose implementation has not landed yet: say so and fail.
-fn not_built(name: &str, issue: u32) -> Result<ExitCode> {
-    eprintln!("cal-grpo {name}: not built yet (tracked in issue {issue}); nothing was run.");
-    Ok(ExitCode::from(2))
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Train(args) => run::train(&args).map(|_| ExitCode::SUCCESS),
@@ -90,7 +87,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run::compare(&runs, plot.as_deref()).map(|_| ExitCode::SUCCESS)
         }
         Command::Experiment(args) => run::experiment(&args).map(|_| ExitCode::SUCCESS),
-        Command::Oracle => not_built("oracle", 4),
+        Command::Oracle(args) => oracle::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Demo(args) => oracle::demo(&args).map(|_| ExitCode::SUCCESS),
         Command::Sft(args) => run::sft(&args).map(|_| ExitCode::SUCCESS),
         Command::Generate(args) => generate::run(&args).map(|_| ExitCode::SUCCESS),
         Command::GenData {

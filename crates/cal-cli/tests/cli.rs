@@ -136,20 +136,63 @@ fn eval_grades_wrong_answers_and_names_bad_rows() {
 }
 
 #[test]
-fn unbuilt_subcommands_fail_loudly() {
-    for cmd in ["compare", "experiment", "sft"] {
-        let out = bin().arg(cmd).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{cmd}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("not built yet"),
-            "{cmd}"
-        );
-    }
+fn bad_invocations_fail_with_clear_messages() {
+    let out = bin()
+        .args(["compare", "/nonexistent/a", "/nonexistent/b"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/a"));
     let out = bin()
         .args(["train", "--use-cal", "--credit", "outcome"])
         .output()
         .unwrap();
     assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("span-using credit mode"));
+    let out = bin()
+        .args(["generate", "--model", "/nonexistent.gguf", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+}
+
+#[test]
+fn demo_marks_the_first_error() {
+    let out = bin().arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("first error \"3 * 6 = 16\""), "{stdout}");
+    assert!(stdout.contains("[["), "{stdout}");
+}
+
+#[test]
+fn oracle_command_reports_char_and_token_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let resp = dir.path().join("r.txt");
+    std::fs::write(
+        &resp,
+        "She sells 3 * 6 = 16 muffins.
+#### 8",
+    )
+    .unwrap();
+    let out = bin()
+        .args([
+            "oracle",
+            "--question",
+            "q",
+            "--reference",
+            "3 * 6 = <<3*6=18>>18
+#### 6",
+            "--json",
+            "--response",
+        ])
+        .arg(&resp)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"]["outcome"], "located");
+    assert_eq!(v["outcome"]["segment"], "3 * 6 = 16");
+    assert_eq!(v["outcome"]["located"]["start"], 10);
 }
 
 #[test]

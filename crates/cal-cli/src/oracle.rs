@@ -1,0 +1,303 @@
+//! `cal-grpo oracle` (one request) and `cal-grpo demo` (one example through oracle →
+//! locate → map → token rewards, with the penalised tokens marked).
+
+use crate::config::Provider;
+use anyhow::{anyhow, Context, Result};
+use cal_core::credit::{token_advantages, CreditConfig, CreditMode, RolloutCredit};
+use cal_core::locate::LocateConfig;
+use cal_core::map::map_span;
+use cal_model::tokenizer::TokenizerBundle;
+use cal_oracle::{locate_error, OracleRequest, OracleSpec, SpanOutcome};
+use clap::Args;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct OracleArgs {
+    #[arg(long, value_enum, default_value = "calculator")]
+    pub api_provider: Provider,
+    /// Oracle model (provider default: gpt-4o-mini, gemini-2.0-flash).
+    #[arg(long)]
+    pub cal_model: Option<String>,
+    #[arg(long)]
+    pub question: String,
+    /// The reference worked solution (GSM8K `answer`).
+    #[arg(long)]
+    pub reference: String,
+    /// File holding the incorrect response, or `-` for stdin.
+    #[arg(long)]
+    pub response: String,
+    /// `tokenizer.json` to report the token range with.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A model (Hugging Face folder or `.gguf`) whose tokenizer reports the token range.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_error_span: usize,
+    #[arg(long)]
+    pub oracle_base_url: Option<String>,
+    #[arg(long, default_value_t = 60.0)]
+    pub oracle_timeout: f64,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn spec(
+    provider: Provider,
+    model: Option<&str>,
+    base_url: Option<String>,
+    timeout: f64,
+) -> OracleSpec {
+    OracleSpec {
+        provider: format!("{provider:?}").to_lowercase(),
+        model: model.unwrap_or(provider.default_model()).to_string(),
+        base_url,
+        max_cost: None,
+        concurrency: 1,
+        timeout_secs: timeout,
+        cache: Some(cal_train::tiny::cache_root().join("oracle-cache.sqlite")),
+    }
+}
+
+fn load_tokenizer(
+    tokenizer: Option<&PathBuf>,
+    model: Option<&PathBuf>,
+) -> Result<Option<tokenizers::Tokenizer>> {
+    if let Some(p) = tokenizer {
+        return tokenizers::Tokenizer::from_file(p)
+            .map(Some)
+            .map_err(|e| anyhow!("{}: {e}", p.display()));
+    }
+    if let Some(m) = model {
+        let l = cal_model::load::load(m, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        return Ok(Some(l.tokenizer.tokenizer));
+    }
+    Ok(None)
+}
+
+pub fn run(args: &OracleArgs) -> Result<()> {
+    let response = if args.response == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s
+    } else {
+        std::fs::read_to_string(&args.response)
+            .with_context(|| format!("reading {}", args.response))?
+    };
+    let oracle = spec(
+        args.api_provider,
+        args.cal_model.as_deref(),
+        args.oracle_base_url.clone(),
+        args.oracle_timeout,
+    )
+    .build()
+    .map_err(anyhow::Error::msg)?;
+    let req = OracleRequest {
+        question: args.question.clone(),
+        reference: args.reference.clone(),
+        response: response.clone(),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let outcome = rt.block_on(locate_error(
+        oracle.as_ref(),
+        &req,
+        &LocateConfig::default(),
+    ));
+    let tok = load_tokenizer(args.tokenizer.as_ref(), args.model.as_ref())?;
+    let token_span = match (&tok, outcome.range()) {
+        (Some(t), Some(r)) => {
+            let enc = t
+                .encode(response.as_str(), false)
+                .map_err(|e| anyhow!("tokenizer: {e}"))?;
+            map_span(enc.get_offsets(), r, args.max_error_span)
+        }
+        _ => None,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"provider": oracle.provider(), "model": oracle.model(), "outcome": outcome, "token_span": token_span})
+        );
+        return Ok(());
+    }
+    match &outcome {
+        SpanOutcome::Located {
+            located,
+            segment,
+            usage,
+        } => {
+            println!("first error: {segment:?}");
+            println!(
+                "characters:  {}..{} ({:?}, similarity {:.2})",
+                located.start, located.end, located.method, located.similarity
+            );
+            if let Some(ts) = token_span {
+                println!(
+                    "tokens:      {}..{}{}",
+                    ts.start,
+                    ts.end,
+                    if ts.capped {
+                        format!(" (capped from {})", ts.uncapped_len)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            println!(
+                "usage:       {} in / {} out tokens, {:.0} ms, ${:.6}{}",
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.latency.as_secs_f64() * 1e3,
+                usage.cost_usd,
+                if usage.cached { " (cached)" } else { "" }
+            );
+        }
+        SpanOutcome::NoError { .. } => println!("no error found"),
+        SpanOutcome::NotLocated {
+            reason, segment, ..
+        } => {
+            println!("the oracle quoted {segment:?}, which is not in the response: {reason}")
+        }
+        SpanOutcome::Failed { failure } => {
+            println!("oracle failed: {failure}");
+            std::process::exit(3);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[arg(long, value_enum, default_value = "calculator")]
+    pub api_provider: Provider,
+    #[arg(long)]
+    pub cal_model: Option<String>,
+    /// `tokenizer.json` to tokenise with (default: a byte-level BPE trained on the spot).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    pub oracle_base_url: Option<String>,
+}
+
+const QUESTION: &str =
+    "A bakery makes 24 muffins. It sells 3 boxes of 6 muffins and gives away 2 muffins. \
+How many muffins are left?";
+const REFERENCE: &str = "The bakery sells 3 * 6 = <<3*6=18>>18 muffins.\nIt has 24 - 18 - 2 = <<24-18-2=4>>4 muffins left.\n#### 4";
+const CORRECT: &str =
+    "The bakery sells 3 * 6 = 18 muffins. Then 24 - 18 - 2 = 4 muffins are left.\n#### 4";
+const WRONG: &str =
+    "The bakery sells 3 * 6 = 16 muffins. Then 24 - 16 - 2 = 6 muffins are left.\n#### 6";
+
+pub fn demo(args: &DemoArgs) -> Result<()> {
+    let tok = match &args.tokenizer {
+        Some(p) => {
+            tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow!("{}: {e}", p.display()))?
+        }
+        None => {
+            let corpus = cal_core::data::generate(300, 1, &Default::default())
+                .into_iter()
+                .map(|e| format!("{} {}", e.question, e.answer))
+                .chain([QUESTION, REFERENCE, CORRECT, WRONG].map(String::from));
+            let b: TokenizerBundle = cal_model::tokenizer::train_tiny(corpus, 500)?;
+            b.tokenizer
+        }
+    };
+    println!(
+        "question:  {QUESTION}\nreference: {}\n",
+        REFERENCE.replace('\n', " | ")
+    );
+    println!(
+        "a group of G = 2 rollouts: one correct, one wrong\n  correct: {}\n  wrong:   {}\n",
+        CORRECT.replace('\n', " | "),
+        WRONG.replace('\n', " | ")
+    );
+    let oracle = spec(
+        args.api_provider,
+        args.cal_model.as_deref(),
+        args.oracle_base_url.clone(),
+        60.0,
+    )
+    .build()
+    .map_err(anyhow::Error::msg)?;
+    let req = OracleRequest {
+        question: QUESTION.into(),
+        reference: REFERENCE.into(),
+        response: WRONG.into(),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let outcome = rt.block_on(locate_error(
+        oracle.as_ref(),
+        &req,
+        &LocateConfig::default(),
+    ));
+    println!("1. oracle ({} / {}):", oracle.provider(), oracle.model());
+    let Some(range) = outcome.range() else {
+        println!(
+            "   no span: {outcome:?}\n   the wrong rollout falls back to its outcome advantage"
+        );
+        return Ok(());
+    };
+    println!("   first error {:?}", &WRONG[range.clone()]);
+    println!("2. locate: characters {}..{}", range.start, range.end);
+    let enc = |t: &str| tok.encode(t, false).map_err(|e| anyhow!("tokenizer: {e}"));
+    let (ec, ew) = (enc(CORRECT)?, enc(WRONG)?);
+    let span = map_span(ew.get_offsets(), range, 64).context("span maps to no token")?;
+    println!(
+        "3. map: tokens {}..{} of {}",
+        span.start,
+        span.end,
+        ew.len()
+    );
+    let width = ec.len().max(ew.len());
+    let row = |n: usize, correct: bool, span: Option<std::ops::Range<usize>>| RolloutCredit {
+        reward: f64::from(u8::from(correct)),
+        correct,
+        mask: (0..width).map(|t| t < n).collect(),
+        span,
+    };
+    let rollouts = [
+        row(ec.len(), true, None),
+        row(ew.len(), false, Some(span.range())),
+    ];
+    println!("4. credit: token advantages of the wrong rollout ([[...]] = penalised)");
+    let color = std::io::stdout().is_terminal();
+    for mode in [CreditMode::Outcome, CreditMode::Span] {
+        let adv = token_advantages(
+            &rollouts,
+            2,
+            &CreditConfig {
+                mode,
+                ..CreditConfig::default()
+            },
+        )?;
+        let mut line = String::new();
+        for (t, tokstr) in ew.get_tokens().iter().enumerate() {
+            let text = tokstr.replace('Ġ', " ").replace('Ċ', "⏎");
+            let a = adv.row(1)[t];
+            if a < 0.0 && mode == CreditMode::Span {
+                if color {
+                    line.push_str(&format!("\x1b[1;31m[[{text}]]\x1b[0m"));
+                } else {
+                    line.push_str(&format!("[[{text}]]"));
+                }
+            } else {
+                line.push_str(&text);
+            }
+        }
+        let nonzero = adv.row(1).iter().filter(|a| **a != 0.0).count();
+        println!(
+            "   {:<8} {nonzero:>2} of {} tokens carry signal (value {:+.3}): {line}",
+            mode.name(),
+            ew.len(),
+            adv.row(1)
+                .iter()
+                .find(|a| **a != 0.0)
+                .copied()
+                .unwrap_or(0.0)
+        );
+    }
+    println!("\noutcome GRPO blames every token of the wrong answer equally; CAL blames only the first error.");
+    Ok(())
+}
