@@ -48,6 +48,24 @@ enum Command {
     Experiment(run::ExperimentArgs),
     /// Ask an oracle for the first error of one response.
     Oracle(oracle::OracleArgs),
+    /// Benchmark the model stack (generation, training step, reference pass) on this CPU.
+    Bench {
+        /// What to benchmark (only `model` for now).
+        #[arg(default_value = "model")]
+        what: String,
+        /// Models to measure: `tiny` and/or paths (default: tiny and the SmolLM2 asset).
+        #[arg(long)]
+        model: Vec<String>,
+        /// Measured repetitions per model (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Tokens per sequence of the training step.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// New tokens per row of the generation measurement.
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+    },
     /// Walk one example through oracle → locate → map → token rewards.
     Demo(oracle::DemoArgs),
     /// Supervised fine-tuning on reference solutions (warm start).
@@ -88,6 +106,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Experiment(args) => run::experiment(&args).map(|_| ExitCode::SUCCESS),
         Command::Oracle(args) => oracle::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Bench {
+            what,
+            model,
+            repeats,
+            seq,
+            new_tokens,
+        } => {
+            anyhow::ensure!(what == "model", "unknown benchmark {what:?} (model)");
+            run::bench(&model, repeats, seq, new_tokens).map(|_| ExitCode::SUCCESS)
+        }
         Command::Demo(args) => oracle::demo(&args).map(|_| ExitCode::SUCCESS),
         Command::Sft(args) => run::sft(&args).map(|_| ExitCode::SUCCESS),
         Command::Generate(args) => generate::run(&args).map(|_| ExitCode::SUCCESS),
@@ -129,6 +157,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // First Ctrl-C: finish the current step, save a checkpoint, exit. Second: exit now.
+    let _ = ctrlc::set_handler(|| {
+        use std::sync::atomic::Ordering;
+        if cal_train::grpo::INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    });
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

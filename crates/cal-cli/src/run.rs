@@ -427,3 +427,37 @@ pub fn eval_model(
     );
     Ok(())
 }
+
+pub fn bench(models: &[String], repeats: usize, seq: usize, new_tokens: usize) -> Result<()> {
+    let models: Vec<String> = if models.is_empty() {
+        let smol = "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+        let mut m = vec!["tiny".to_string()];
+        if Path::new(smol).exists() {
+            m.push(smol.to_string());
+        }
+        m
+    } else {
+        models.to_vec()
+    };
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load average before: {}", load_avg.trim());
+    let mut rows = Vec::new();
+    for m in &models {
+        let mut p = Source::from_spec(m).fresh()?;
+        eprintln!("benchmarking {m} ...");
+        let name = Path::new(m)
+            .file_name()
+            .map_or(m.clone(), |n| n.to_string_lossy().into_owned());
+        rows.push(cal_train::bench::bench_policy(
+            &name, &mut p, 8, new_tokens, seq, repeats,
+        )?);
+    }
+    println!("{}", cal_train::bench::table(&rows));
+    println!(
+        "batch 8; generation {new_tokens} new tokens per row; training step = forward + backward + AdamW on 8 × {seq} tokens; \
+         medians of {repeats} runs, each interleaved with the matmul reference; {} CPU threads; load average before: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_avg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}

@@ -99,9 +99,15 @@ fn batched_left_padded_generation_equals_one_by_one() {
     let mut rng = rand::rng();
     let batched = generate(&l.model, &l.tokenizer, &prompts, &cfg, &mut rng).unwrap();
     for (p, b) in prompts.iter().zip(&batched) {
-        let single = generate(&l.model, &l.tokenizer, &[p.clone()], &cfg, &mut rng)
-            .unwrap()
-            .remove(0);
+        let single = generate(
+            &l.model,
+            &l.tokenizer,
+            std::slice::from_ref(p),
+            &cfg,
+            &mut rng,
+        )
+        .unwrap()
+        .remove(0);
         assert_eq!(b.ids, single.ids);
     }
 }

@@ -226,7 +226,7 @@ impl Trainer {
                 ),
             );
             let every = self.cfg.save_every;
-            if (every > 0 && self.step % every == 0) || self.step == self.cfg.steps {
+            if (every > 0 && self.step.is_multiple_of(every)) || self.step == self.cfg.steps {
                 self.save()?;
             }
             if INTERRUPTED.load(Ordering::SeqCst) {
@@ -353,7 +353,7 @@ impl Trainer {
         });
         let completions: Vec<Vec<u32>> = gens.iter().map(|x| x.ids.clone()).collect();
         let batch = build_batch(
-            &prompts,
+            prompts,
             &completions,
             self.policy.tok.pad_id,
             &self.policy.model.device,
@@ -544,7 +544,7 @@ impl OracleMetrics {
     }
 
     fn write(&self, m: &mut Metrics) {
-        let located = (self.located - self.unmappable).max(0);
+        let located = self.located - self.unmappable;
         m.insert("oracle/calls".into(), self.calls as f64);
         m.insert("oracle/cache_hits".into(), self.cache_hits as f64);
         m.insert("oracle/failures".into(), self.failures as f64);

@@ -3,6 +3,7 @@
 //! The GRPO step in [`grpo`] reads like the method: generate → grade → locate → map →
 //! credit → loss → update → log. Each stage is a module with a pure core.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod compare;
 pub mod evaluate;

@@ -40,7 +40,7 @@ impl Default for TinySpec {
             generator: GenConfig {
                 min_steps: 2,
                 max_steps: 3,
-                max_operand: 30,
+                max_operand: 20,
                 max_factor: 5,
                 mul_div: true,
             },
@@ -54,10 +54,10 @@ impl Default for TinySpec {
             kv_heads: 2,
             strip_notes: false,
             sft: SftConfig {
-                steps: 350,
+                steps: 400,
                 batch_size: 32,
                 optim: OptimConfig {
-                    lr: 4e-3,
+                    lr: 3e-3,
                     weight_decay: 0.01,
                     warmup_steps: 20,
                     min_lr_ratio: 0.05,
@@ -96,7 +96,7 @@ impl TinySpec {
         let seen: HashSet<&str> = train.iter().map(|e| e.question.as_str()).collect();
         let test: Vec<Example> = generate(
             self.test_problems * 2,
-            self.data_seed ^ 0x5eed_0f_7e57,
+            self.data_seed ^ 0x005e_ed0f_7e57,
             &self.generator,
         )
         .into_iter()

@@ -1,0 +1,70 @@
+"""Wall time of GRPO steps with TRL's GRPOTrainer on SmolLM2-135M-Instruct, for comparison
+with `cal-grpo train` on the same settings (B = 4 prompts x G = 4, 128 new tokens, CPU).
+
+Kept out of CI (it installs torch + TRL). Usage:
+
+    bash scripts/fetch-assets.sh --with-model
+    python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch transformers trl datasets accelerate gguf
+    /tmp/trlvenv/bin/python bench/trl_grpo_step.py --steps 3
+
+and, on the same machine right after it, the cal-grpo side:
+
+    cal-grpo train --model assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --dataset assets/gsm8k/train.jsonl --eval-dataset assets/gsm8k/test.jsonl --eval-samples 1 \
+        --prompts-per-step 4 --num-generations 4 --max-new-tokens 128 --steps 3 --output-dir /tmp/cal-bench
+
+(compare the median of `perf/step_seconds` in /tmp/cal-bench/metrics.jsonl with this
+script's median step time).
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self.t0 = [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.time()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.time() - self.t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    a = ap.parse_args()
+    gguf_dir, name = os.path.join(ROOT, "assets/smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, torch_dtype=torch.float32)
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "assets/gsm8k/train.jsonl"))][: 4 * a.steps]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
+                             "answer": r["answer"].split("####")[-1].strip()} for r in rows])
+
+    def reward(completions, answer, **kw):
+        return [1.0 if ans in c[0]["content"].split("####")[-1] else 0.0 for c, ans in zip(completions, answer)]
+
+    cfg = GRPOConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=16, num_generations=4,
+                     max_completion_length=128, max_steps=a.steps, logging_steps=1, report_to=[], use_cpu=True,
+                     beta=0.04, learning_rate=1e-6, save_strategy="no")
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=cfg, train_dataset=ds,
+                          callbacks=[timer])
+    trainer.train()
+    print(json.dumps({"trl_step_seconds": timer.times, "median": statistics.median(timer.times),
+                      "torch_threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

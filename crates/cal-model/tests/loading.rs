@@ -1,0 +1,152 @@
+//! Loading paths: sharded safetensors with an index, export → reload round trip, LoRA
+//! merge on export, and clear errors for broken folders.
+
+use cal_model::load;
+use cal_model::{LoraConfig, Params};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-tiny")
+}
+
+fn logits(l: &load::Loaded) -> Vec<f32> {
+    let ids = Tensor::new(&[[5u32, 17, 42, 7, 99]], &Device::Cpu).unwrap();
+    l.model
+        .forward(&ids, &[vec![1; 5]])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn copy_meta(from: &Path, to: &Path) {
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        if from.join(f).exists() {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sharded_index_loads_like_single_file() {
+    let single = load::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    copy_meta(&fixture(), dir.path());
+    let all = load::load_safetensors(
+        &fixture().join("model.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (mut a, mut b) = (Params::new(), Params::new());
+    let mut weight_map = serde_json::Map::new();
+    for (i, (k, t)) in all.into_iter().enumerate() {
+        let shard = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
+        weight_map.insert(k.clone(), serde_json::json!(shard));
+        if i % 2 == 0 {
+            a.insert(k, t);
+        } else {
+            b.insert(k, t);
+        }
+    }
+    load::save_safetensors(
+        &a,
+        &dir.path().join("model-00001-of-00002.safetensors"),
+        |_| true,
+    )
+    .unwrap();
+    load::save_safetensors(
+        &b,
+        &dir.path().join("model-00002-of-00002.safetensors"),
+        |_| true,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let sharded = load::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(logits(&single), logits(&sharded));
+}
+
+#[test]
+fn export_round_trip_merges_lora() {
+    let mut l = load::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    l.model
+        .add_lora(
+            LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                targets: vec!["q_proj".into(), "down_proj".into()],
+            },
+            1,
+        )
+        .unwrap();
+    // make the adapters non-trivial
+    for (k, t) in l.model.params.iter_mut() {
+        if k.ends_with("lora_B") {
+            *t = (t.ones_like().unwrap() * 0.05).unwrap();
+        }
+    }
+    let with_lora = logits(&l);
+    l.model.lora_enabled = false;
+    assert_ne!(with_lora, logits(&l), "adapters must change the output");
+    l.model.lora_enabled = true;
+    let dir = tempfile::tempdir().unwrap();
+    load::export_hf(&l.model, &l.tokenizer, dir.path()).unwrap();
+    let back = load::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let merged = logits(&back);
+    let diff = with_lora
+        .iter()
+        .zip(&merged)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "merged export differs by {diff}");
+}
+
+#[test]
+fn broken_folders_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |p: &Path| {
+        format!(
+            "{:#}",
+            load::load(p, DType::F32, &Device::Cpu).err().unwrap()
+        )
+    };
+    assert!(err(&dir.path().join("nope")).contains("no such file"));
+    assert!(err(dir.path()).contains("config.json"));
+    copy_meta(&fixture(), dir.path());
+    assert!(err(dir.path()).contains("no model.safetensors"));
+    // a tensor with the wrong shape names the tensor and both shapes
+    let mut all = load::load_safetensors(
+        &fixture().join("model.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    all.insert(
+        "model.norm.weight".into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
+    load::save_safetensors(&all, &dir.path().join("model.safetensors"), |_| true).unwrap();
+    let e = err(dir.path());
+    assert!(
+        e.contains("model.norm.weight") && e.contains("[64]") && e.contains("[7]"),
+        "{e}"
+    );
+    // an unknown architecture is named
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "gpt_neox"}"#,
+    )
+    .unwrap();
+    assert!(err(dir.path()).contains("gpt_neox"));
+}

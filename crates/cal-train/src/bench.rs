@@ -1,0 +1,187 @@
+//! `cal-grpo bench model`: generation throughput, training-step time, reference
+//! log-prob pass and achieved GFLOP/s against a plain f32 matmul measured in the same
+//! run. Each measurement is repeated, interleaved with the matmul reference, and the
+//! median is reported, so a noisy neighbour shows up as spread rather than as a wrong
+//! number.
+
+use crate::policy::Policy;
+use crate::update::{AdamW, OptimConfig};
+use anyhow::Result;
+use cal_model::generate::{build_batch, completion_logprobs, generate, SamplingConfig};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    pub model: String,
+    pub params: usize,
+    pub gen_tokens_per_s: f64,
+    pub train_step_s: f64,
+    pub train_gflops: f64,
+    pub ref_pass_s: f64,
+    pub matmul_gflops: f64,
+    pub train_vs_matmul: f64,
+    pub peak_rss_mib: f64,
+    pub repeats: usize,
+    pub spread: String,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// GFLOP/s of one `[m, k] × [k, n]` f32 matmul (median of `reps`).
+pub fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+    let _ = a.matmul(&b)?;
+    let times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = a.matmul(&b).unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    Ok(2.0 * (m * k * n) as f64 / median(times) / 1e9)
+}
+
+/// Benchmarks `policy`: generation (batch × new_tokens), a training step on
+/// `batch × seq` tokens (forward + backward + AdamW) and a reference pass.
+pub fn bench_policy(
+    name: &str,
+    policy: &mut Policy,
+    batch: usize,
+    new_tokens: usize,
+    seq: usize,
+    repeats: usize,
+) -> Result<BenchRow> {
+    let dev = Device::Cpu;
+    let params = policy.model.cfg.num_params();
+    let h = policy.model.cfg.hidden_size;
+    let prompt: Vec<u32> = policy.tok.encode(
+        "Question: Mia has 12 apples. She buys 7 more. How many apples does she have?\nAnswer:",
+    )?;
+    let prompts = vec![prompt.clone(); batch];
+    let gen_cfg = SamplingConfig {
+        max_new_tokens: new_tokens,
+        temperature: 1.0,
+        stop_tokens: Vec::new(),
+        ..SamplingConfig::default()
+    };
+    // never stop early: measure exactly `new_tokens` per row
+    let mut tok_no_eos = policy.tok.clone();
+    tok_no_eos.eos_ids = vec![u32::MAX];
+    let half = seq / 2;
+    let p_ids: Vec<Vec<u32>> = (0..batch)
+        .map(|i| {
+            (0..half)
+                .map(|j| ((i * 7 + j * 3) % 200 + 10) as u32)
+                .collect()
+        })
+        .collect();
+    let c_ids: Vec<Vec<u32>> = (0..batch)
+        .map(|i| {
+            (0..seq - half)
+                .map(|j| ((i * 5 + j * 11) % 200 + 10) as u32)
+                .collect()
+        })
+        .collect();
+    let sb = build_batch(&p_ids, &c_ids, policy.tok.pad_id, &dev)?;
+    let reference = policy.model.frozen_copy()?;
+    let vars = policy.model.make_trainable(|_| true)?;
+    let mut opt = AdamW::new(
+        vars,
+        OptimConfig {
+            lr: 1e-7,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let (mut gen_tps, mut step_s, mut ref_s, mut mm) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..repeats + 1 {
+        // A/B interleaved: the matmul reference runs between the model measurements
+        let m = matmul_gflops(batch * seq, h, 4 * h, 3)?;
+        let t = Instant::now();
+        let out = generate(&policy.model, &tok_no_eos, &prompts, &gen_cfg, &mut rng)?;
+        let gen = t.elapsed().as_secs_f64();
+        let n: usize = out.iter().map(|g| g.ids.len()).sum();
+        let t = Instant::now();
+        let (lp, _) = completion_logprobs(&policy.model, &sb)?;
+        let loss = (lp.sum_all()? * -1e-3)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-7)?;
+        let st = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = completion_logprobs(&reference, &sb)?
+            .0
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        let rs = t.elapsed().as_secs_f64();
+        if r > 0 {
+            // the first round warms caches and the allocator
+            gen_tps.push(n as f64 / gen);
+            step_s.push(st);
+            ref_s.push(rs);
+            mm.push(m);
+        }
+    }
+    let step = median(step_s.clone());
+    let tokens = (batch * seq) as f64;
+    let train_gflops = 6.0 * params as f64 * tokens / step / 1e9;
+    let matmul = median(mm);
+    let (lo, hi) = (
+        step_s.iter().copied().fold(f64::INFINITY, f64::min),
+        step_s.iter().copied().fold(0.0, f64::max),
+    );
+    Ok(BenchRow {
+        model: name.into(),
+        params,
+        gen_tokens_per_s: median(gen_tps),
+        train_step_s: step,
+        train_gflops,
+        ref_pass_s: median(ref_s),
+        matmul_gflops: matmul,
+        train_vs_matmul: train_gflops / matmul,
+        peak_rss_mib: peak_rss_mib(),
+        repeats,
+        spread: format!("step {lo:.2}–{hi:.2}s"),
+    })
+}
+
+pub fn table(rows: &[BenchRow]) -> String {
+    let mut s = String::from(
+        "| model | params | gen tok/s (batch 8) | train step (s) | train GFLOP/s | ref pass (s) | matmul GFLOP/s | train / matmul | peak RSS (MiB) | spread |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {:.1}M | {:.1} | {:.2} | {:.1} | {:.2} | {:.1} | {:.0}% | {:.0} | {} |\n",
+            r.model,
+            r.params as f64 / 1e6,
+            r.gen_tokens_per_s,
+            r.train_step_s,
+            r.train_gflops,
+            r.ref_pass_s,
+            r.matmul_gflops,
+            100.0 * r.train_vs_matmul,
+            r.peak_rss_mib,
+            r.spread
+        ));
+    }
+    s
+}
