@@ -13,7 +13,7 @@
 //! ```
 
 use crate::arith::claims;
-use crate::{Oracle, OracleOutcome, OracleReply, OracleRequest, Usage, Verdict};
+use crate::{Oracle, OracleOutcome, OracleRequest, Verdict};
 use std::time::Instant;
 
 /// Checks every `<<expr=value>>` note and `a op b = c` statement; returns the first
@@ -45,14 +45,6 @@ impl Oracle for CalculatorOracle {
 
     async fn first_error(&self, req: &OracleRequest) -> OracleOutcome {
         let t0 = Instant::now();
-        let verdict = check(&req.response);
-        Ok(OracleReply {
-            raw: serde_json::to_string(&verdict).unwrap_or_default(),
-            verdict,
-            usage: Usage {
-                latency: t0.elapsed(),
-                ..Usage::default()
-            },
-        })
+        crate::offline_reply(check(&req.response), t0)
     }
 }

@@ -130,6 +130,18 @@ pub trait Oracle: Send + Sync {
     async fn first_error(&self, req: &OracleRequest) -> OracleOutcome;
 }
 
+/// The reply of an offline (free, instant) oracle: its verdict, serialised as the raw reply.
+pub fn offline_reply(verdict: Verdict, started: std::time::Instant) -> OracleOutcome {
+    Ok(OracleReply {
+        raw: serde_json::to_string(&verdict).unwrap_or_default(),
+        verdict,
+        usage: Usage {
+            latency: started.elapsed(),
+            ..Usage::default()
+        },
+    })
+}
+
 /// The result of oracle + locate for one incorrect rollout.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]

@@ -20,7 +20,7 @@
 //! ```
 
 use crate::arith::{claims, numbers, same_value};
-use crate::{Oracle, OracleOutcome, OracleReply, OracleRequest, Usage, Verdict};
+use crate::{Oracle, OracleOutcome, OracleRequest, Verdict};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -77,14 +77,6 @@ impl Oracle for ReferenceOracle {
 
     async fn first_error(&self, req: &OracleRequest) -> OracleOutcome {
         let t0 = Instant::now();
-        let verdict = check(&req.question, &req.reference, &req.response);
-        Ok(OracleReply {
-            raw: serde_json::to_string(&verdict).unwrap_or_default(),
-            verdict,
-            usage: Usage {
-                latency: t0.elapsed(),
-                ..Usage::default()
-            },
-        })
+        crate::offline_reply(check(&req.question, &req.reference, &req.response), t0)
     }
 }
