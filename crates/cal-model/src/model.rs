@@ -195,6 +195,13 @@ impl Transformer {
     /// Adds zero-initialised (B = 0) LoRA adapters on every linear layer whose name ends
     /// with one of `cfg.targets`; returns the new adapter names.
     pub fn add_lora(&mut self, cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
+        if cfg.dropout != 0.0 {
+            // Not silently ignored: dropout needs a seeded mask stream to keep resume bit-exact.
+            bail!("LoRA dropout {} is not supported yet (use 0)", cfg.dropout);
+        }
+        if cfg.rank == 0 {
+            bail!("LoRA rank must be at least 1");
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut added = Vec::new();
         let targets: Vec<(String, Vec<usize>)> = self

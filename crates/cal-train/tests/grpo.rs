@@ -300,3 +300,22 @@ fn resume_without_checkpoint_is_a_clear_error() {
     .unwrap();
     assert!(format!("{err:#}").contains("no checkpoint"), "{err:#}");
 }
+
+#[test]
+fn lora_trains_only_adapters_against_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(CreditMode::Span, 0.04);
+    cfg.lora = Some(cal_model::LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    });
+    let mut t = Trainer::new(cfg, policy(6), examples(8), dir.path().to_path_buf(), false).unwrap();
+    let names: Vec<String> = t.trainable().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
+    assert!(names.iter().all(|k| k.contains(".lora_")));
+    let m = t.train_step().unwrap();
+    assert!(m["loss/kl"].is_finite());
+    t.save().unwrap();
+}
