@@ -191,6 +191,11 @@ pub struct TrainArgs {
     /// Per-request oracle timeout in seconds. [default: 60]
     #[arg(long)]
     pub oracle_timeout: Option<f64>,
+
+    /// Rows per forward/backward of the loss, gradients accumulated exactly
+    /// (0 = the whole batch). Bounds memory on real models. [default: 0 for tiny, 2 otherwise]
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
 }
 
 fn parse_credit(s: &str) -> Result<CreditMode, String> {
@@ -237,6 +242,7 @@ pub struct TrainConfig {
     pub oracle_max_cost: Option<f64>,
     pub oracle_concurrency: usize,
     pub oracle_timeout: f64,
+    pub micro_batch: usize,
 }
 
 /// Reads a `--config` file into [`TrainArgs`]; unknown keys are errors naming the file.
@@ -335,6 +341,7 @@ pub fn resolve(flags: &TrainArgs) -> Result<TrainConfig> {
         oracle_max_cost: pick!(oracle_max_cost),
         oracle_concurrency: pick!(oracle_concurrency).unwrap_or(8),
         oracle_timeout: pick!(oracle_timeout).unwrap_or(60.0),
+        micro_batch: pick!(micro_batch).unwrap_or(if tiny { 0 } else { 2 }),
     })
 }
 

@@ -148,6 +148,7 @@ pub fn grpo_config(cfg: &TrainConfig, n_train: usize) -> Result<GrpoConfig> {
         oracle,
         locate: LocateConfig::default(),
         generation_batch: 64,
+        micro_batch: cfg.micro_batch,
     })
 }
 

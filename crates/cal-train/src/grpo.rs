@@ -57,6 +57,10 @@ pub struct GrpoConfig {
     pub locate: LocateConfig,
     /// Rows per generation call (memory bound).
     pub generation_batch: usize,
+    /// Rows per forward/backward of the loss (0 = all at once); gradients are
+    /// accumulated exactly.
+    #[serde(default)]
+    pub micro_batch: usize,
 }
 
 /// Everything logged for one step.
@@ -358,12 +362,48 @@ impl Trainer {
             self.policy.tok.pad_id,
             &self.policy.model.device,
         )?;
-        let ref_logp = self.reference_logprobs(&batch)?;
-        let old_logp = if self.cfg.num_iterations > 1 {
-            Some(completion_logprobs(&self.policy.model, &batch)?.0.detach())
+        // Micro-batches bound memory (the full-vocabulary log-softmax dominates); their
+        // gradients are accumulated with weights that make the sum equal the full-batch
+        // gradient.
+        let rows = gens.len();
+        let mb = if self.cfg.micro_batch == 0 {
+            rows
         } else {
-            None
+            self.cfg.micro_batch.min(rows)
         };
+        let chunks: Vec<std::ops::Range<usize>> = (0..rows)
+            .step_by(mb)
+            .map(|s| s..(s + mb).min(rows))
+            .collect();
+        let micro: Vec<cal_model::generate::SequenceBatch> = if chunks.len() == 1 {
+            vec![batch.clone()]
+        } else {
+            chunks
+                .iter()
+                .map(|r| {
+                    build_batch(
+                        &prompts[r.clone()],
+                        &completions[r.clone()],
+                        self.policy.tok.pad_id,
+                        &self.policy.model.device,
+                    )
+                })
+                .collect::<Result<_>>()?
+        };
+        let ref_logp: Vec<Option<Tensor>> = micro
+            .iter()
+            .map(|m| self.reference_logprobs(m))
+            .collect::<Result<_>>()?;
+        let old_logp: Vec<Option<Tensor>> = micro
+            .iter()
+            .map(|m| -> Result<Option<Tensor>> {
+                Ok(if self.cfg.num_iterations > 1 {
+                    Some(completion_logprobs(&self.policy.model, m)?.0.detach())
+                } else {
+                    None
+                })
+            })
+            .collect::<Result<_>>()?;
         let outcomes: Vec<SpanOutcome> = match oracle_task {
             Some(task) => self.rt.block_on(task).context("oracle task")?,
             None => Vec::new(),
@@ -398,52 +438,86 @@ impl Trainer {
         let adv = token_advantages(&rollouts, g, &self.cfg.credit)?;
         let dev = &self.policy.model.device;
         let dtype = self.policy.model.dtype;
-        let adv_t =
-            Tensor::from_vec(adv.data.clone(), (adv.rows, adv.cols), dev)?.to_dtype(dtype)?;
-        let mask_f: Vec<f32> = batch
+        let n_total: f64 = batch
             .completion_mask
             .iter()
             .flatten()
-            .map(|&m| f32::from(m))
-            .collect();
-        let mask_t = Tensor::from_vec(mask_f, (adv.rows, adv.cols), dev)?.to_dtype(dtype)?;
+            .map(|&m| f64::from(m))
+            .sum::<f64>()
+            .max(1.0);
+        // per micro-batch: (advantages, mask, weight of its loss in the full-batch loss)
+        let mut parts = Vec::with_capacity(micro.len());
+        for (r, m) in chunks.iter().zip(&micro) {
+            let tc = m.completion_len;
+            let mut a = Vec::with_capacity(r.len() * tc);
+            for i in r.clone() {
+                a.extend_from_slice(&adv.row(i)[..tc]);
+            }
+            let mask_f: Vec<f32> = m
+                .completion_mask
+                .iter()
+                .flatten()
+                .map(|&x| f32::from(x))
+                .collect();
+            let n_mb: f64 = mask_f.iter().map(|&x| f64::from(x)).sum();
+            let weight = match self.cfg.loss.aggregation {
+                crate::loss::Aggregation::TokenMean => n_mb / n_total,
+                _ => r.len() as f64 / rows as f64,
+            };
+            parts.push((
+                Tensor::from_vec(a, (r.len(), tc), dev)?.to_dtype(dtype)?,
+                Tensor::from_vec(mask_f, (r.len(), tc), dev)?.to_dtype(dtype)?,
+                weight,
+                n_mb,
+            ));
+        }
 
         // loss + update
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.steps);
         let (mut loss_v, mut kl, mut clip, mut grad_norm, mut entropy) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut skipped_now = 0.0;
-        for _ in 0..self.cfg.num_iterations.max(1) {
-            let (logp, ent) = completion_logprobs(&self.policy.model, &batch)?;
-            let old = old_logp.clone().unwrap_or_else(|| logp.detach());
-            let out = policy_loss(
-                &logp,
-                &old,
-                ref_logp.as_ref(),
-                &adv_t,
-                &mask_t,
-                &self.cfg.loss,
-            )?;
-            let lv = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !lv.is_finite() {
-                self.skipped += 1;
-                skipped_now = 1.0;
-                tracing::warn!(step = self.step, "non-finite loss; step skipped");
-                break;
-            }
-            let grads = out.loss.backward()?;
-            grad_norm = self.opt.step(&grads, lr)?;
-            loss_v = lv;
-            kl = out.kl;
-            clip = out.clip_fraction;
-            entropy = (ent * &mask_t)?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                / mask_t
+        'iterations: for _ in 0..self.cfg.num_iterations.max(1) {
+            let mut acc = self.opt.zero_accumulator();
+            let (mut lv_sum, mut kl_sum, mut clip_sum, mut ent_sum) = (0.0, 0.0, 0.0, 0.0);
+            for (k, m) in micro.iter().enumerate() {
+                let (adv_t, mask_t, weight, n_mb) = &parts[k];
+                let (logp, ent) = completion_logprobs(&self.policy.model, m)?;
+                let old = old_logp[k].clone().unwrap_or_else(|| logp.detach());
+                let out = policy_loss(
+                    &logp,
+                    &old,
+                    ref_logp[k].as_ref(),
+                    adv_t,
+                    mask_t,
+                    &self.cfg.loss,
+                )?;
+                let lv = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !lv.is_finite() {
+                    self.skipped += 1;
+                    skipped_now = 1.0;
+                    tracing::warn!(step = self.step, "non-finite loss; step skipped");
+                    break 'iterations;
+                }
+                let loss = if micro.len() == 1 {
+                    out.loss
+                } else {
+                    (out.loss * *weight)?
+                };
+                self.opt.accumulate(&mut acc, &loss.backward()?)?;
+                let share = n_mb / n_total;
+                lv_sum += lv * weight;
+                kl_sum += out.kl * share;
+                clip_sum += out.clip_fraction * share;
+                ent_sum += (ent * mask_t)?
                     .sum_all()?
                     .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?
-                    .max(1.0);
+                    .to_scalar::<f64>()?;
+            }
+            grad_norm = self.opt.step_accumulated(&acc, lr)?;
+            loss_v = lv_sum;
+            kl = kl_sum;
+            clip = clip_sum;
+            entropy = ent_sum / n_total;
         }
         self.step += 1;
 

@@ -98,10 +98,43 @@ impl AdamW {
         Ok(total.sqrt())
     }
 
+    /// An empty gradient accumulator, one slot per variable.
+    pub fn zero_accumulator(&self) -> Vec<Option<Tensor>> {
+        vec![None; self.vars.len()]
+    }
+
+    /// Adds the gradients of one micro-batch to `acc`.
+    pub fn accumulate(&self, acc: &mut [Option<Tensor>], grads: &GradStore) -> Result<()> {
+        for (slot, (_, var)) in acc.iter_mut().zip(&self.vars) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One update at learning rate `lr` from a [`GradStore`]; see [`Self::step_accumulated`].
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
+        let mut acc = self.zero_accumulator();
+        self.accumulate(&mut acc, grads)?;
+        self.step_accumulated(&acc, lr)
+    }
+
     /// One update at learning rate `lr`; gradients are clipped to `max_grad_norm` first.
     /// Returns the pre-clip gradient norm.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
-        let norm = self.grad_norm(grads)?;
+    pub fn step_accumulated(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<f64> {
+        let mut total = 0.0;
+        for g in grads.iter().flatten() {
+            total += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        let norm: f64 = total.sqrt();
         let clip = if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
             self.cfg.max_grad_norm / (norm + 1e-6)
         } else {
@@ -114,7 +147,7 @@ impl AdamW {
             1.0 - c.beta2.powi(self.step as i32),
         );
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
+            let Some(g) = &grads[i] else {
                 continue;
             };
             let g = (g * clip)?;

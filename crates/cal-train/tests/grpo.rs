@@ -71,6 +71,7 @@ fn config(mode: CreditMode, beta: f64) -> GrpoConfig {
         },
         locate: LocateConfig::default(),
         generation_batch: 16,
+        micro_batch: 0,
     }
 }
 
@@ -318,4 +319,42 @@ fn lora_trains_only_adapters_against_the_base() {
     let m = t.train_step().unwrap();
     assert!(m["loss/kl"].is_finite());
     t.save().unwrap();
+}
+
+#[test]
+fn micro_batches_accumulate_to_the_full_batch_gradient() {
+    for agg in [
+        Aggregation::TokenMean,
+        Aggregation::SeqMeanTokenMean,
+        Aggregation::SeqMeanTokenSumNorm,
+    ] {
+        let run = |micro: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(CreditMode::Span, 0.04);
+            cfg.micro_batch = micro;
+            cfg.loss.aggregation = agg;
+            let mut t =
+                Trainer::new(cfg, policy(7), examples(8), dir.path().to_path_buf(), false).unwrap();
+            let m = t.train_step().unwrap();
+            (params_snapshot(&t), m["optim/grad_norm"], m["loss/total"])
+        };
+        let (full, gn_full, loss_full) = run(0);
+        let (micro, gn_micro, loss_micro) = run(1);
+        assert!(
+            (gn_full - gn_micro).abs() < 1e-4 * gn_full.max(1e-3),
+            "{agg:?}: grad norm {gn_full} vs {gn_micro}"
+        );
+        assert!(
+            (loss_full - loss_micro).abs() < 1e-5,
+            "{agg:?}: loss {loss_full} vs {loss_micro}"
+        );
+        for ((k, a), (_, b)) in full.iter().zip(&micro) {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "{agg:?}: {k} differs by {d}");
+        }
+    }
 }
