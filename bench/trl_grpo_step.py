@@ -17,6 +17,7 @@ and, on the same machine right after it, the cal-grpo side:
 script's median step time).
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -48,6 +49,18 @@ def main():
     gguf_dir, name = os.path.join(ROOT, "assets/smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, torch_dtype=torch.float32)
+    # Trainer refuses models loaded from GGUF ("quantized"): copy the dequantized f32
+    # weights into a plain model built from the same config.
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    # TRL builds its reference model from the path, so hand it a real folder.
+    folder = "/tmp/trl-bench-smollm2"
+    plain.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model = folder
     rows = [json.loads(l) for l in open(os.path.join(ROOT, "assets/gsm8k/train.jsonl"))][: 4 * a.steps]
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
                              "answer": r["answer"].split("####")[-1].strip()} for r in rows])

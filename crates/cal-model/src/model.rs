@@ -360,6 +360,9 @@ impl Transformer {
                         }
                         None => (k, v),
                     };
+                    // Cached keys/values are constants for later steps: detached, they
+                    // do not keep the whole prefill graph of a trainable policy alive.
+                    let kv = (kv.0.detach(), kv.1.detach());
                     c.layers[l] = Some(kv.clone());
                     kv
                 }

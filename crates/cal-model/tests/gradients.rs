@@ -195,3 +195,22 @@ fn finite_differences_qwen2_bias() {
 fn finite_differences_qwen3_qk_norm() {
     finite_difference_check("qwen3");
 }
+
+#[test]
+fn kv_cache_does_not_hold_the_graph_of_a_trainable_policy() {
+    // A cached key that tracks its ops would keep every prefill activation alive while
+    // decoding (this OOM-killed a SmolLM2 run before the cache was detached).
+    let dev = Device::Cpu;
+    let mut m = Transformer::init_random(small("llama"), 1, DType::F32, &dev).unwrap();
+    let _vars = m.make_trainable(|_| true).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
+    let pos = Tensor::new(&[[0u32, 1, 2]], &dev).unwrap();
+    let mut cache = cal_model::KvCache::new(2);
+    let h = m
+        .forward_hidden(&ids, &pos, &[vec![1, 1, 1]], Some(&mut cache))
+        .unwrap();
+    assert!(h.track_op(), "the forward itself stays differentiable");
+    for (k, v) in cache.layers.iter().flatten() {
+        assert!(!k.track_op() && !v.track_op());
+    }
+}

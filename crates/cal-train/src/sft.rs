@@ -38,6 +38,9 @@ pub fn sft(
     if examples.is_empty() {
         bail!("SFT needs at least one example");
     }
+    if cfg.steps == 0 || cfg.batch_size == 0 {
+        bail!("SFT needs at least one step and a batch size of at least 1");
+    }
     let vars = policy.model.make_trainable(trainable)?;
     let mut opt = AdamW::new(vars, cfg.optim)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
