@@ -50,7 +50,7 @@ enum Command {
     Oracle(oracle::OracleArgs),
     /// Benchmark the model stack (generation, training step, reference pass) on this CPU.
     Bench {
-        /// What to benchmark (only `model` for now).
+        /// What to benchmark: `model` (the whole table) or `generate` (generation only).
         #[arg(default_value = "model")]
         what: String,
         /// Models to measure: `tiny` and/or paths (default: tiny and the SmolLM2 asset).
@@ -113,8 +113,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seq,
             new_tokens,
         } => {
-            anyhow::ensure!(what == "model", "unknown benchmark {what:?} (model)");
-            run::bench(&model, repeats, seq, new_tokens).map(|_| ExitCode::SUCCESS)
+            match what.as_str() {
+                "model" => run::bench(&model, repeats, seq, new_tokens)?,
+                "generate" => {
+                    anyhow::ensure!(!model.is_empty(), "bench generate needs --model");
+                    run::bench_generate(&model, repeats, new_tokens)?
+                }
+                _ => anyhow::bail!("unknown benchmark {what:?} (model, generate)"),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => oracle::demo(&args).map(|_| ExitCode::SUCCESS),
         Command::Sft(args) => run::sft(&args).map(|_| ExitCode::SUCCESS),

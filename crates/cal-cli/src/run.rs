@@ -429,6 +429,22 @@ pub fn eval_model(
     Ok(())
 }
 
+/// `cal-grpo bench generate`: generation throughput alone, one line per model, for
+/// `bench/hf_generate.py` to interleave with `transformers`' `generate`.
+pub fn bench_generate(models: &[String], repeats: usize, new_tokens: usize) -> Result<()> {
+    for m in models {
+        let p = Source::from_spec(m).fresh()?;
+        let (med, all) = cal_train::bench::bench_generation(&p, 8, new_tokens, repeats)?;
+        let all: Vec<String> = all.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "{m}: generation batch 8 x {new_tokens} new tokens: {med:.1} tok/s (median of {}: {})",
+            all.len(),
+            all.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn bench(models: &[String], repeats: usize, seq: usize, new_tokens: usize) -> Result<()> {
     let models: Vec<String> = if models.is_empty() {
         let smol = "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";

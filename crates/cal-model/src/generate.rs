@@ -79,15 +79,38 @@ pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u
         return argmax();
     }
     let t = cfg.temperature as f32;
+    let scaled = |v: f32| v / t;
+    // Plain temperature sampling needs no ordering at all: one pass for the max, one
+    // for the normaliser, one to invert the CDF in index order.
+    if cfg.top_k == 0 && cfg.top_p >= 1.0 {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scaled(v)));
+        let total: f64 = logits.iter().map(|&v| ((scaled(v) - max) as f64).exp()).sum();
+        let mut u: f64 = rng.random::<f64>() * total;
+        let mut last = 0u32;
+        for (i, &v) in logits.iter().enumerate() {
+            let p = ((scaled(v) - max) as f64).exp();
+            if p > 0.0 {
+                last = i as u32;
+            }
+            u -= p;
+            if u <= 0.0 {
+                return i as u32;
+            }
+        }
+        return last;
+    }
     let mut idx: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
-        .map(|(i, &v)| (i as u32, v / t))
+        .map(|(i, &v)| (i as u32, scaled(v)))
         .collect();
-    idx.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-    if cfg.top_k > 0 {
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if cfg.top_k > 0 && cfg.top_k < idx.len() {
+        // O(V) selection of the k largest, then a sort of those k only.
+        idx.select_nth_unstable_by(cfg.top_k - 1, desc);
         idx.truncate(cfg.top_k);
     }
+    idx.sort_unstable_by(desc);
     let max = idx[0].1;
     let mut probs: Vec<f64> = idx.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
     let total: f64 = probs.iter().sum();
@@ -171,6 +194,9 @@ pub fn generate(
                 .collect::<Vec<_>>(),
         );
     }
+    // Sampling never backpropagates: a detached view of a trainable policy's weights
+    // records no autograd graph.
+    let model = &model.detached();
     let dev = &model.device;
     let input = Tensor::from_vec(ids, (b, lp), dev)?;
     let positions = positions_from_mask(&mask, dev)?;

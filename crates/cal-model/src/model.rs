@@ -192,6 +192,25 @@ impl Transformer {
         Ok(m)
     }
 
+    /// The same model on the same storage with gradient tracking cut: for inference on
+    /// a trainable policy (its `Var`s keep being updated in place by the optimizer).
+    pub fn detached(&self) -> Self {
+        let params = self
+            .params
+            .iter()
+            .map(|(k, t)| (k.clone(), t.detach()))
+            .collect();
+        Self {
+            cfg: self.cfg.clone(),
+            params,
+            lora: self.lora.clone(),
+            lora_enabled: self.lora_enabled,
+            device: self.device.clone(),
+            dtype: self.dtype,
+            inv_freq: self.inv_freq.clone(),
+        }
+    }
+
     /// Adds zero-initialised (B = 0) LoRA adapters on every linear layer whose name ends
     /// with one of `cfg.targets`; returns the new adapter names.
     pub fn add_lora(&mut self, cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {

@@ -8,6 +8,7 @@ use crate::policy::Policy;
 use crate::update::{AdamW, OptimConfig};
 use anyhow::Result;
 use cal_model::generate::{build_batch, completion_logprobs, generate, SamplingConfig};
+use cal_model::tokenizer::TokenizerBundle;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use std::time::Instant;
@@ -59,6 +60,47 @@ pub fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
     Ok(2.0 * (m * k * n) as f64 / median(times) / 1e9)
 }
 
+/// The fixed prompt of the generation measurements (also used by `bench/hf_generate.py`).
+pub const GEN_PROMPT: &str =
+    "Question: Mia has 12 apples. She buys 7 more. How many apples does she have?\nAnswer:";
+
+/// Sampling settings of the generation measurement: plain temperature-1 sampling, and
+/// the tokenizer's EOS ids cleared so that every row yields exactly `new_tokens`.
+fn gen_setup(policy: &Policy, new_tokens: usize) -> (SamplingConfig, TokenizerBundle) {
+    let cfg = SamplingConfig {
+        max_new_tokens: new_tokens,
+        temperature: 1.0,
+        stop_tokens: Vec::new(),
+        ..SamplingConfig::default()
+    };
+    let mut tok = policy.tok.clone();
+    tok.eos_ids = vec![u32::MAX];
+    (cfg, tok)
+}
+
+/// Generation throughput alone (tokens/s of `batch` rows × `new_tokens`): median and
+/// every measurement, after one warm-up round.
+pub fn bench_generation(
+    policy: &Policy,
+    batch: usize,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<(f64, Vec<f64>)> {
+    let prompts = vec![policy.tok.encode(GEN_PROMPT)?; batch];
+    let (cfg, tok) = gen_setup(policy, new_tokens);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut tps = Vec::new();
+    for r in 0..repeats + 1 {
+        let t = Instant::now();
+        let out = generate(&policy.model, &tok, &prompts, &cfg, &mut rng)?;
+        let n: usize = out.iter().map(|g| g.ids.len()).sum();
+        if r > 0 {
+            tps.push(n as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok((median(tps.clone()), tps))
+}
+
 /// Benchmarks `policy`: generation (batch × new_tokens), a training step on
 /// `batch × seq` tokens (forward + backward + AdamW) and a reference pass.
 pub fn bench_policy(
@@ -72,19 +114,8 @@ pub fn bench_policy(
     let dev = Device::Cpu;
     let params = policy.model.cfg.num_params();
     let h = policy.model.cfg.hidden_size;
-    let prompt: Vec<u32> = policy.tok.encode(
-        "Question: Mia has 12 apples. She buys 7 more. How many apples does she have?\nAnswer:",
-    )?;
-    let prompts = vec![prompt.clone(); batch];
-    let gen_cfg = SamplingConfig {
-        max_new_tokens: new_tokens,
-        temperature: 1.0,
-        stop_tokens: Vec::new(),
-        ..SamplingConfig::default()
-    };
-    // never stop early: measure exactly `new_tokens` per row
-    let mut tok_no_eos = policy.tok.clone();
-    tok_no_eos.eos_ids = vec![u32::MAX];
+    let prompts = vec![policy.tok.encode(GEN_PROMPT)?; batch];
+    let (gen_cfg, tok_no_eos) = gen_setup(policy, new_tokens);
     let half = seq / 2;
     let p_ids: Vec<Vec<u32>> = (0..batch)
         .map(|i| {
