@@ -176,6 +176,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub lora_targets: Option<String>,
 
+    /// Dropout on the LoRA input during training forwards, in [0, 1). [default: 0]
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+
     /// Base URL of an OpenAI-compatible server for the `openai` oracle.
     #[arg(long)]
     pub oracle_base_url: Option<String>,
@@ -238,6 +242,7 @@ pub struct TrainConfig {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_targets: Vec<String>,
+    pub lora_dropout: f64,
     pub oracle_base_url: Option<String>,
     pub oracle_max_cost: Option<f64>,
     pub oracle_concurrency: usize,
@@ -337,6 +342,7 @@ pub fn resolve(flags: &TrainArgs) -> Result<TrainConfig> {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect(),
+        lora_dropout: pick!(lora_dropout).unwrap_or(0.0),
         oracle_base_url: pick!(oracle_base_url),
         oracle_max_cost: pick!(oracle_max_cost),
         oracle_concurrency: pick!(oracle_concurrency).unwrap_or(8),

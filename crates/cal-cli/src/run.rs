@@ -142,7 +142,7 @@ pub fn grpo_config(cfg: &TrainConfig, n_train: usize) -> Result<GrpoConfig> {
         lora: (cfg.lora_rank > 0).then(|| LoraConfig {
             rank: cfg.lora_rank,
             alpha: cfg.lora_alpha,
-            dropout: 0.0,
+            dropout: cfg.lora_dropout,
             targets: cfg.lora_targets.clone(),
         }),
         oracle,
@@ -314,6 +314,9 @@ pub struct SftArgs {
     /// LoRA rank (0 = full fine-tuning).
     #[arg(long, default_value_t = 0)]
     pub lora_rank: usize,
+    /// Dropout on the LoRA input while training, in [0, 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub num_samples: i64,
     /// Where the fine-tuned model is exported (Hugging Face folder).
@@ -347,7 +350,7 @@ pub fn sft(args: &SftArgs) -> Result<()> {
             LoraConfig {
                 rank: args.lora_rank,
                 alpha: 2.0 * args.lora_rank as f64,
-                dropout: 0.0,
+                dropout: args.lora_dropout,
                 targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
                     .map(String::from)
                     .to_vec(),

@@ -83,8 +83,13 @@ pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u
     // Plain temperature sampling needs no ordering at all: one pass for the max, one
     // for the normaliser, one to invert the CDF in index order.
     if cfg.top_k == 0 && cfg.top_p >= 1.0 {
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scaled(v)));
-        let total: f64 = logits.iter().map(|&v| ((scaled(v) - max) as f64).exp()).sum();
+        let max = logits
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(scaled(v)));
+        let total: f64 = logits
+            .iter()
+            .map(|&v| ((scaled(v) - max) as f64).exp())
+            .sum();
         let mut u: f64 = rng.random::<f64>() * total;
         let mut last = 0u32;
         for (i, &v) in logits.iter().enumerate() {

@@ -63,6 +63,10 @@ pub struct Transformer {
     pub lora: Option<LoraConfig>,
     /// Whether LoRA adapters are applied (off = the frozen base, used as reference).
     pub lora_enabled: bool,
+    /// LoRA dropout is active only while this is set (training forwards). The masks
+    /// are a pure function of this seed and the module name, so a resumed run draws
+    /// exactly the masks the uninterrupted one drew without saving any RNG state.
+    pub dropout_seed: Option<u64>,
     pub device: Device,
     pub dtype: DType,
     inv_freq: Tensor,
@@ -155,6 +159,7 @@ impl Transformer {
             params,
             lora: None,
             lora_enabled: false,
+            dropout_seed: None,
             device: device.clone(),
             dtype,
             inv_freq,
@@ -205,6 +210,7 @@ impl Transformer {
             params,
             lora: self.lora.clone(),
             lora_enabled: self.lora_enabled,
+            dropout_seed: None,
             device: self.device.clone(),
             dtype: self.dtype,
             inv_freq: self.inv_freq.clone(),
@@ -214,9 +220,8 @@ impl Transformer {
     /// Adds zero-initialised (B = 0) LoRA adapters on every linear layer whose name ends
     /// with one of `cfg.targets`; returns the new adapter names.
     pub fn add_lora(&mut self, cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
-        if cfg.dropout != 0.0 {
-            // Not silently ignored: dropout needs a seeded mask stream to keep resume bit-exact.
-            bail!("LoRA dropout {} is not supported yet (use 0)", cfg.dropout);
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            bail!("LoRA dropout must be in [0, 1), got {}", cfg.dropout);
         }
         if cfg.rank == 0 {
             bail!("LoRA rank must be at least 1");
@@ -288,7 +293,15 @@ impl Transformer {
             (Some(cfg), true, Some(a)) => {
                 let b = self.p(&format!("{module}.lora_B"));
                 let scale = cfg.alpha / cfg.rank as f64;
-                y + (ops::linear(&ops::linear(x, a, None)?, b, None)? * scale)?
+                let x = match self.dropout_seed {
+                    Some(seed) if cfg.dropout > 0.0 => {
+                        let mask =
+                            ops::dropout_mask(x.shape(), cfg.dropout, seed, module, x.device())?;
+                        x.broadcast_mul(&mask.to_dtype(x.dtype())?)?
+                    }
+                    _ => x.clone(),
+                };
+                y + (ops::linear(&ops::linear(&x, a, None)?, b, None)? * scale)?
             }
             _ => Ok(y),
         }

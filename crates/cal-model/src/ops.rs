@@ -5,7 +5,8 @@
 //! op here is a composition of candle-core primitives that do have one (checked against
 //! finite differences in `tests/gradients.rs`).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Shape, Tensor, D};
+use rand::{Rng, SeedableRng};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`, computed in the input dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -84,4 +85,26 @@ pub fn attention_bias(
         }
     }
     Tensor::from_vec(data, (b, 1, tq, tk), dev)?.to_dtype(dtype)
+}
+
+/// Inverted-dropout mask of `shape`: each entry is `0` with probability `p`,
+/// else `1 / (1 - p)`. Deterministic in (`seed`, `name`): the same training forward
+/// always draws the same mask, which keeps checkpoint-resume bit-exact.
+pub fn dropout_mask(
+    shape: &Shape,
+    p: f64,
+    seed: u64,
+    name: &str,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    // FNV-1a of the module name, mixed into the seed.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let data: Vec<f32> = (0..shape.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(data, shape.clone(), dev)
 }

@@ -79,6 +79,84 @@ fn every_parameter_gets_a_gradient() {
 }
 
 #[test]
+fn lora_dropout_is_seeded_and_only_on_while_training() {
+    let dev = Device::Cpu;
+    let with = |dropout: f64| {
+        let mut m = Transformer::init_random(small("llama"), 2, DType::F32, &dev).unwrap();
+        m.add_lora(
+            LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                dropout,
+                targets: vec!["q_proj".into(), "v_proj".into()],
+            },
+            3,
+        )
+        .unwrap();
+        // non-zero B so that the adapters (and their dropout) change the output
+        for (k, t) in m.params.iter_mut() {
+            if k.ends_with("lora_B") {
+                *t = (t.ones_like().unwrap() * 0.05).unwrap();
+            }
+        }
+        m
+    };
+    let plain = loss(&with(0.0)).to_scalar::<f32>().unwrap();
+    let mut m = with(0.5);
+    assert_eq!(
+        loss(&m).to_scalar::<f32>().unwrap(),
+        plain,
+        "no seed = eval mode"
+    );
+    m.dropout_seed = Some(1);
+    let a = loss(&m).to_scalar::<f32>().unwrap();
+    assert_eq!(
+        a,
+        loss(&m).to_scalar::<f32>().unwrap(),
+        "same seed, same masks"
+    );
+    assert_ne!(a, plain);
+    m.dropout_seed = Some(2);
+    assert_ne!(
+        a,
+        loss(&m).to_scalar::<f32>().unwrap(),
+        "another seed, other masks"
+    );
+    let err = Transformer::init_random(small("llama"), 2, DType::F32, &dev)
+        .unwrap()
+        .add_lora(
+            LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                dropout: 1.0,
+                targets: vec!["q_proj".into()],
+            },
+            3,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("dropout"), "{err}");
+}
+
+#[test]
+fn dropout_mask_has_the_right_rate_and_scale() {
+    let shape = candle_core::Shape::from((100, 200));
+    let m = cal_model::ops::dropout_mask(&shape, 0.25, 9, "q_proj", &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let zeros = m.iter().filter(|&&x| x == 0.0).count() as f64 / m.len() as f64;
+    assert!((zeros - 0.25).abs() < 0.02, "zero fraction {zeros}");
+    let mean = m.iter().map(|&x| f64::from(x)).sum::<f64>() / m.len() as f64;
+    assert!(
+        (mean - 1.0).abs() < 0.03,
+        "inverted dropout keeps the mean: {mean}"
+    );
+    assert!(m.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6));
+}
+
+#[test]
 fn lora_gradients_reach_only_adapters() {
     let dev = Device::Cpu;
     let mut m = Transformer::init_random(small("llama"), 2, DType::F32, &dev).unwrap();

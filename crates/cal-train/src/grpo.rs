@@ -476,12 +476,22 @@ impl Trainer {
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.steps);
         let (mut loss_v, mut kl, mut clip, mut grad_norm, mut entropy) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut skipped_now = 0.0;
-        'iterations: for _ in 0..self.cfg.num_iterations.max(1) {
+        'iterations: for it in 0..self.cfg.num_iterations.max(1) {
             let mut acc = self.opt.zero_accumulator();
             let (mut lv_sum, mut kl_sum, mut clip_sum, mut ent_sum) = (0.0, 0.0, 0.0, 0.0);
             for (k, m) in micro.iter().enumerate() {
                 let (adv_t, mask_t, weight, n_mb) = &parts[k];
-                let (logp, ent) = completion_logprobs(&self.policy.model, m)?;
+                // LoRA dropout (if any) is on for this forward only, with masks that are
+                // a pure function of (seed, step, iteration, micro-batch).
+                self.policy.model.dropout_seed = Some(mix_seed(&[
+                    self.cfg.seed,
+                    self.step as u64,
+                    it as u64,
+                    k as u64,
+                ]));
+                let fwd = completion_logprobs(&self.policy.model, m);
+                self.policy.model.dropout_seed = None;
+                let (logp, ent) = fwd?;
                 let old = old_logp[k].clone().unwrap_or_else(|| logp.detach());
                 let out = policy_loss(
                     &logp,
@@ -651,4 +661,14 @@ pub fn default_optim(lr: f64) -> OptimConfig {
         min_lr_ratio: 0.1,
         ..OptimConfig::default()
     }
+}
+
+/// SplitMix64-style mixing of several integers into one seed.
+pub fn mix_seed(parts: &[u64]) -> u64 {
+    parts.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &p| {
+        let mut z = h ^ p.wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_add(h << 6);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
 }

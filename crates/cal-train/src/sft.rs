@@ -71,7 +71,10 @@ pub fn sft(
         let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].0.clone()).collect();
         let targets: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].1.clone()).collect();
         let batch = build_batch(&prompts, &targets, policy.tok.pad_id, &policy.model.device)?;
-        let (logp, _) = completion_logprobs(&policy.model, &batch)?;
+        policy.model.dropout_seed = Some(crate::grpo::mix_seed(&[cfg.seed, step as u64]));
+        let fwd = completion_logprobs(&policy.model, &batch);
+        policy.model.dropout_seed = None;
+        let (logp, _) = fwd?;
         let mask: Vec<f32> = batch
             .completion_mask
             .iter()

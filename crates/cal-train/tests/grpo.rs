@@ -238,11 +238,31 @@ fn every_credit_mode_trains_end_to_end() {
 
 #[test]
 fn kill_and_resume_is_bit_exact() {
+    assert_resume_is_bit_exact(|| config(CreditMode::Span, 0.04));
+}
+
+#[test]
+fn kill_and_resume_is_bit_exact_with_lora_dropout() {
+    assert_resume_is_bit_exact(|| {
+        let mut cfg = config(CreditMode::Span, 0.04);
+        cfg.lora = Some(cal_model::LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.2,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+        });
+        cfg
+    });
+}
+
+/// Runs `cfg` uninterrupted, then again "killed" after the step-2 checkpoint and
+/// resumed, and requires bit-identical final weights.
+fn assert_resume_is_bit_exact(cfg: impl Fn() -> GrpoConfig) {
     let data = examples(16);
     // uninterrupted
     let a = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(
-        config(CreditMode::Span, 0.04),
+        cfg(),
         policy(3),
         data.clone(),
         a.path().to_path_buf(),
@@ -254,7 +274,7 @@ fn kill_and_resume_is_bit_exact() {
     // "killed" after step 2's checkpoint: the process state is dropped without a save
     let b = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(
-        config(CreditMode::Span, 0.04),
+        cfg(),
         policy(3),
         data.clone(),
         b.path().to_path_buf(),
@@ -266,14 +286,7 @@ fn kill_and_resume_is_bit_exact() {
     t.save().unwrap();
     t.train_step().unwrap(); // lost work: happened after the last checkpoint
     drop(t);
-    let mut t = Trainer::new(
-        config(CreditMode::Span, 0.04),
-        policy(3),
-        data,
-        b.path().to_path_buf(),
-        true,
-    )
-    .unwrap();
+    let mut t = Trainer::new(cfg(), policy(3), data, b.path().to_path_buf(), true).unwrap();
     assert_eq!(t.step, 2);
     t.run().unwrap();
     let got = params_snapshot(&t);
