@@ -243,16 +243,19 @@ fn kill_and_resume_is_bit_exact() {
 
 #[test]
 fn kill_and_resume_is_bit_exact_with_lora_dropout() {
-    assert_resume_is_bit_exact(|| {
-        let mut cfg = config(CreditMode::Span, 0.04);
-        cfg.lora = Some(cal_model::LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            dropout: 0.2,
-            targets: vec!["q_proj".into(), "v_proj".into()],
-        });
-        cfg
+    assert_resume_is_bit_exact(|| lora_config(0.2));
+}
+
+/// Span credit with rank-2 LoRA on q/v and the given adapter dropout.
+fn lora_config(dropout: f64) -> GrpoConfig {
+    let mut cfg = config(CreditMode::Span, 0.04);
+    cfg.lora = Some(cal_model::LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout,
+        targets: vec!["q_proj".into(), "v_proj".into()],
     });
+    cfg
 }
 
 /// Runs `cfg` uninterrupted, then again "killed" after the step-2 checkpoint and
@@ -318,13 +321,7 @@ fn resume_without_checkpoint_is_a_clear_error() {
 #[test]
 fn lora_trains_only_adapters_against_the_base() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(CreditMode::Span, 0.04);
-    cfg.lora = Some(cal_model::LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        targets: vec!["q_proj".into(), "v_proj".into()],
-    });
+    let cfg = lora_config(0.0);
     let mut t = Trainer::new(cfg, policy(6), examples(8), dir.path().to_path_buf(), false).unwrap();
     let names: Vec<String> = t.trainable().into_iter().map(|(k, _)| k).collect();
     assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
