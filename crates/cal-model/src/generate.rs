@@ -334,11 +334,7 @@ pub fn completion_logprobs(
     // Position prompt_len - 1 + t predicts completion token t.
     let h = hidden.narrow(1, batch.prompt_len - 1, batch.completion_len)?;
     let logits = model.logits(&h)?;
-    let logp_all = crate::ops::log_softmax_last_dim(&logits)?;
-    let logp = logp_all
-        .gather(&batch.completion_ids.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?;
-    let lp = logp_all.detach();
-    let entropy = (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?;
+    let logp = crate::fused::token_logprobs(&logits, &batch.completion_ids)?;
+    let entropy = crate::fused::entropy(&logits)?;
     Ok((logp, entropy))
 }

@@ -2,6 +2,7 @@
 //! Llama-family decoder on candle with loading, generation, log-probs and LoRA.
 
 pub mod config;
+pub mod fused;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;

@@ -292,3 +292,68 @@ fn kv_cache_does_not_hold_the_graph_of_a_trainable_policy() {
         assert!(!k.track_op() && !v.track_op());
     }
 }
+
+/// The fused vocabulary kernels against the differentiable composition of `ops`
+/// (itself checked by finite differences above): values, gradients and entropy.
+#[test]
+fn fused_token_logprobs_match_the_composition() {
+    use cal_model::fused;
+    let dev = Device::Cpu;
+    let (b, t, v) = (3, 5, 37);
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (b, t, v), &dev).unwrap())).unwrap();
+    let y: Vec<u32> = (0..(b * t) as u32)
+        .map(|i| (i * 7 + 3) % v as u32)
+        .collect();
+    let y = Tensor::from_vec(y, (b, t), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (b, t), &dev).unwrap();
+    let fused_lp = fused::token_logprobs(x.as_tensor(), &y).unwrap();
+    let reference = cal_model::ops::log_softmax_last_dim(x.as_tensor())
+        .unwrap()
+        .gather(&y.unsqueeze(2).unwrap(), 2)
+        .unwrap()
+        .squeeze(2)
+        .unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len());
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs {q}"
+            );
+        }
+    };
+    close(&flat(&fused_lp), &flat(&reference), "logp");
+    let g_fused = (fused_lp * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_ref = (reference * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    close(
+        &flat(g_fused.get(x.as_tensor()).unwrap()),
+        &flat(g_ref.get(x.as_tensor()).unwrap()),
+        "grad",
+    );
+    let lp = cal_model::ops::log_softmax_last_dim(x.as_tensor()).unwrap();
+    let h_ref = (lp.exp().unwrap() * &lp)
+        .unwrap()
+        .sum(2)
+        .unwrap()
+        .neg()
+        .unwrap();
+    close(
+        &flat(&fused::entropy(x.as_tensor()).unwrap()),
+        &flat(&h_ref),
+        "entropy",
+    );
+    // a shape mismatch is an error, not a silent broadcast
+    let bad = Tensor::zeros((b, t + 1), DType::U32, &dev).unwrap();
+    assert!(fused::token_logprobs(x.as_tensor(), &bad).is_err());
+}
