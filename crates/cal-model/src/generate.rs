@@ -8,7 +8,7 @@
 use crate::model::{positions_from_mask, KvCache, Transformer};
 use crate::tokenizer::TokenizerBundle;
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
