@@ -74,6 +74,31 @@ fn rows(logits: &Layout, targets: Option<&Layout>) -> Result<(usize, usize, Shap
     Ok((outer.iter().product(), v, Shape::from(outer)))
 }
 
+/// Logits `x` (`n` rows of `v`) and targets `y` of a log-prob op, checked.
+struct RowsWithTargets<'a> {
+    n: usize,
+    v: usize,
+    shape: Shape,
+    x: &'a [f32],
+    y: &'a [u32],
+}
+
+fn logits_and_targets<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> Result<RowsWithTargets<'a>> {
+    let (n, v, shape) = rows(l1, Some(l2))?;
+    Ok(RowsWithTargets {
+        n,
+        v,
+        shape,
+        x: f32_slice(s1, l1, "logits")?,
+        y: u32_slice(s2, l2, "targets")?,
+    })
+}
+
 /// `(max, log Σ exp(x − max))` of one row, accumulated in f64 for the sum.
 fn lse(row: &[f32]) -> (f32, f32) {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -95,9 +120,7 @@ impl CustomOp2 for TokenLogProb {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, v, shape) = rows(l1, Some(l2))?;
-        let x = f32_slice(s1, l1, "logits")?;
-        let y = u32_slice(s2, l2, "targets")?;
+        let RowsWithTargets { n, v, shape, x, y } = logits_and_targets(s1, l1, s2, l2)?;
         let mut out = vec![0f32; n];
         out.par_iter_mut().enumerate().for_each(|(r, o)| {
             let row = &x[r * v..(r + 1) * v];
@@ -137,9 +160,7 @@ impl CustomOp3 for TokenLogProbGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, v, _) = rows(l1, Some(l2))?;
-        let x = f32_slice(s1, l1, "logits")?;
-        let y = u32_slice(s2, l2, "targets")?;
+        let RowsWithTargets { v, x, y, .. } = logits_and_targets(s1, l1, s2, l2)?;
         let g = f32_slice(s3, l3, "grad")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(v).enumerate().for_each(|(r, o)| {
