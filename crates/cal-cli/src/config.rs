@@ -120,7 +120,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub prompts_per_step: Option<usize>,
 
-    /// Peak learning rate. [default: 1e-4 for tiny, 1e-6 otherwise]
+    /// Peak learning rate. [default: 3e-5 for tiny, 1e-6 otherwise]
     #[arg(long)]
     pub learning_rate: Option<f64>,
 
@@ -323,7 +323,7 @@ pub fn resolve(flags: &TrainArgs) -> Result<TrainConfig> {
         eval_samples: pick!(eval_samples).unwrap_or(-1),
         steps: pick!(steps),
         prompts_per_step: pick!(prompts_per_step).unwrap_or(8).max(1),
-        learning_rate: pick!(learning_rate).unwrap_or(if tiny { 1e-4 } else { 1e-6 }),
+        learning_rate: pick!(learning_rate).unwrap_or(if tiny { 3e-5 } else { 1e-6 }),
         beta: pick!(beta).unwrap_or(0.04),
         epsilon,
         epsilon_high: pick!(epsilon_high).unwrap_or(epsilon),
