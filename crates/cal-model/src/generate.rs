@@ -275,6 +275,17 @@ pub struct SequenceBatch {
     pub completion_mask: Vec<Vec<u8>>,
 }
 
+impl SequenceBatch {
+    /// The completion mask as `[B * Tc]` f32 (1 = real token), row-major.
+    pub fn completion_mask_f32(&self) -> Vec<f32> {
+        self.completion_mask
+            .iter()
+            .flatten()
+            .map(|&m| f32::from(m))
+            .collect()
+    }
+}
+
 pub fn build_batch(
     prompts: &[Vec<u32>],
     completions: &[Vec<u32>],
@@ -337,4 +348,17 @@ pub fn completion_logprobs(
     let logp = crate::fused::token_logprobs(&logits, &batch.completion_ids)?;
     let entropy = crate::fused::entropy(&logits)?;
     Ok((logp, entropy))
+}
+
+/// [`completion_logprobs`] of a training forward: LoRA dropout (if configured) is on
+/// for this call only, with masks drawn from `dropout_seed`.
+pub fn training_logprobs(
+    model: &mut Transformer,
+    batch: &SequenceBatch,
+    dropout_seed: u64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    model.dropout_seed = Some(dropout_seed);
+    let out = completion_logprobs(model, batch);
+    model.dropout_seed = None;
+    out
 }

@@ -20,7 +20,9 @@ use cal_core::data::Example;
 use cal_core::grade::grade;
 use cal_core::locate::LocateConfig;
 use cal_core::map::map_span;
-use cal_model::generate::{build_batch, completion_logprobs, Generation, SamplingConfig};
+use cal_model::generate::{
+    build_batch, completion_logprobs, training_logprobs, Generation, SamplingConfig,
+};
 use cal_model::{LoraConfig, Transformer};
 use cal_oracle::{locate_all, Oracle, OracleRequest, OracleSpec, SpanOutcome};
 use candle_core::{DType, Tensor};
@@ -453,12 +455,7 @@ impl Trainer {
             for i in r.clone() {
                 a.extend_from_slice(&adv.row(i)[..tc]);
             }
-            let mask_f: Vec<f32> = m
-                .completion_mask
-                .iter()
-                .flatten()
-                .map(|&x| f32::from(x))
-                .collect();
+            let mask_f = m.completion_mask_f32();
             let n_mb: f64 = mask_f.iter().map(|&x| f64::from(x)).sum();
             let weight = match self.cfg.loss.aggregation {
                 crate::loss::Aggregation::TokenMean => n_mb / n_total,
@@ -481,17 +478,9 @@ impl Trainer {
             let (mut lv_sum, mut kl_sum, mut clip_sum, mut ent_sum) = (0.0, 0.0, 0.0, 0.0);
             for (k, m) in micro.iter().enumerate() {
                 let (adv_t, mask_t, weight, n_mb) = &parts[k];
-                // LoRA dropout (if any) is on for this forward only, with masks that are
-                // a pure function of (seed, step, iteration, micro-batch).
-                self.policy.model.dropout_seed = Some(mix_seed(&[
-                    self.cfg.seed,
-                    self.step as u64,
-                    it as u64,
-                    k as u64,
-                ]));
-                let fwd = completion_logprobs(&self.policy.model, m);
-                self.policy.model.dropout_seed = None;
-                let (logp, ent) = fwd?;
+                // LoRA dropout masks: a pure function of (seed, step, iteration, micro-batch).
+                let seed = mix_seed(&[self.cfg.seed, self.step as u64, it as u64, k as u64]);
+                let (logp, ent) = training_logprobs(&mut self.policy.model, m, seed)?;
                 let old = old_logp[k].clone().unwrap_or_else(|| logp.detach());
                 let out = policy_loss(
                     &logp,

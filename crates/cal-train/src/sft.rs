@@ -6,7 +6,7 @@ use crate::policy::Policy;
 use crate::update::{lr_at, AdamW, OptimConfig};
 use anyhow::{bail, Result};
 use cal_core::data::Example;
-use cal_model::generate::{build_batch, completion_logprobs};
+use cal_model::generate::{build_batch, training_logprobs};
 use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -71,17 +71,10 @@ pub fn sft(
         let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].0.clone()).collect();
         let targets: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].1.clone()).collect();
         let batch = build_batch(&prompts, &targets, policy.tok.pad_id, &policy.model.device)?;
-        policy.model.dropout_seed = Some(crate::grpo::mix_seed(&[cfg.seed, step as u64]));
-        let fwd = completion_logprobs(&policy.model, &batch);
-        policy.model.dropout_seed = None;
-        let (logp, _) = fwd?;
-        let mask: Vec<f32> = batch
-            .completion_mask
-            .iter()
-            .flatten()
-            .map(|&m| f32::from(m))
-            .collect();
-        let mask = Tensor::from_vec(mask, logp.shape(), logp.device())?.to_dtype(logp.dtype())?;
+        let seed = crate::grpo::mix_seed(&[cfg.seed, step as u64]);
+        let (logp, _) = training_logprobs(&mut policy.model, &batch, seed)?;
+        let mask = Tensor::from_vec(batch.completion_mask_f32(), logp.shape(), logp.device())?
+            .to_dtype(logp.dtype())?;
         let n = mask
             .sum_all()?
             .to_dtype(DType::F64)?
