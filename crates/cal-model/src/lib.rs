@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod fused;
+pub mod gemv;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;

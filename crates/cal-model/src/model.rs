@@ -307,18 +307,13 @@ impl Transformer {
         }
     }
 
-    fn rope_tables(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        // positions [B, T] → angles [B, T, D/2] → cos/sin [B, 1, T, D]
+    /// RoPE angles `[B, T, D/2]` of per-row `positions: [B, T]`.
+    fn rope_angles(&self, positions: &Tensor) -> candle_core::Result<Tensor> {
         let mut pos = positions.to_dtype(DType::F32)?;
         if let Some(f) = self.cfg.rope_linear_factor {
             pos = (pos / f)?;
         }
-        let freqs = pos.unsqueeze(D::Minus1)?.broadcast_mul(&self.inv_freq)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        Ok((
-            emb.cos()?.to_dtype(self.dtype)?,
-            emb.sin()?.to_dtype(self.dtype)?,
-        ))
+        pos.unsqueeze(D::Minus1)?.broadcast_mul(&self.inv_freq)
     }
 
     /// Runs the decoder on `ids: [B, T]` (u32) at `positions: [B, T]` (u32) and returns
@@ -352,7 +347,9 @@ impl Transformer {
             None => key_mask.to_vec(),
         };
         let bias = ops::attention_bias(&full_mask, t, offset, self.dtype, &self.device)?;
-        let (cos, sin) = self.rope_tables(positions)?;
+        // Fused inference kernels only when nothing here can take a gradient.
+        let kern = ops::Kernels::for_params(self.params.values());
+        let (cos, sin) = kern.rope_tables(&self.rope_angles(positions)?, self.dtype)?;
         let mut x = self
             .p("model.embed_tokens.weight")
             .embedding(&ids.flatten_all()?)?
@@ -360,7 +357,7 @@ impl Transformer {
         let scale = 1.0 / (hd as f64).sqrt();
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let h = ops::rms_norm(
+            let h = kern.rms_norm(
                 &x,
                 self.p(&format!("{p}.input_layernorm.weight")),
                 cfg.rms_norm_eps,
@@ -371,19 +368,19 @@ impl Transformer {
             let mut k = heads(self.lin(&format!("{p}.self_attn.k_proj"), &h)?, nkv)?;
             let v = heads(self.lin(&format!("{p}.self_attn.v_proj"), &h)?, nkv)?;
             if cfg.qk_norm {
-                q = ops::rms_norm(
+                q = kern.rms_norm(
                     &q,
                     self.p(&format!("{p}.self_attn.q_norm.weight")),
                     cfg.rms_norm_eps,
                 )?;
-                k = ops::rms_norm(
+                k = kern.rms_norm(
                     &k,
                     self.p(&format!("{p}.self_attn.k_norm.weight")),
                     cfg.rms_norm_eps,
                 )?;
             }
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
+            let q = kern.rope(&q, &cos, &sin)?;
+            let k = kern.rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
                     let kv = match c.layers[l].take() {
@@ -400,23 +397,23 @@ impl Transformer {
                 }
                 None => (k, v),
             };
+            // Grouped-query attention without repeating keys and values: the `rep`
+            // query heads that share a KV head are stacked along the query axis
+            // (`[B, nh, T, D]` is `[B, nkv, rep·T, D]` in memory), so each KV head is
+            // multiplied once and never copied.
             let tk = k.dim(2)?;
             let rep = nh / nkv;
-            let expand = |x: &Tensor| -> candle_core::Result<Tensor> {
-                if rep == 1 {
-                    Ok(x.clone())
-                } else {
-                    x.unsqueeze(2)?
-                        .broadcast_as((b, nkv, rep, tk, hd))?
-                        .reshape((b, nh, tk, hd))
-                }
-            };
-            let (k, v) = (expand(&k)?, expand(&v)?);
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let att = ops::softmax_last_dim(&att)?;
-            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let att = (q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)? * scale)?;
+            let att = att.reshape((b, nh, t, tk))?.broadcast_add(&bias)?;
+            let att = kern.softmax_last_dim(&att)?;
+            let o = att
+                .reshape((b, nkv, rep * t, tk))?
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
             x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o)?)?;
-            let h = ops::rms_norm(
+            let h = kern.rms_norm(
                 &x,
                 self.p(&format!("{p}.post_attention_layernorm.weight")),
                 cfg.rms_norm_eps,
@@ -434,7 +431,7 @@ impl Transformer {
                 .map(i64::from)
                 .collect();
         }
-        ops::rms_norm(&x, self.p("model.norm.weight"), cfg.rms_norm_eps)
+        kern.rms_norm(&x, self.p("model.norm.weight"), cfg.rms_norm_eps)
     }
 
     /// Vocabulary logits of hidden states `[..., H]`.

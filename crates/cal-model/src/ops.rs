@@ -45,19 +45,100 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
 }
 
+/// Which kernels a forward pass runs. candle-nn's fused RMSNorm, RoPE and softmax have
+/// no backward pass, so they may serve only a pass that records no gradient
+/// (generation, reference and evaluation log-probs); there they replace 5–7 candle ops
+/// each, which on a decoding step of a small model is most of the non-matmul time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Compositions of differentiable primitives (above).
+    Differentiable,
+    /// candle-nn's fused inference kernels.
+    Fused,
+}
+
+impl Kernels {
+    /// Fused only when no parameter takes part in autograd.
+    pub fn for_params<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> Self {
+        if params.into_iter().any(Tensor::track_op) {
+            Kernels::Differentiable
+        } else {
+            Kernels::Fused
+        }
+    }
+
+    pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            Kernels::Differentiable => rms_norm(x, weight, eps),
+            Kernels::Fused => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
+        }
+    }
+
+    pub fn softmax_last_dim(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Differentiable => softmax_last_dim(x),
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+        }
+    }
+
+    /// RoPE tables from angles `[B, T, D/2]`, in the form [`Kernels::rope`] takes.
+    pub fn rope_tables(self, angles: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let angles = match self {
+            // [B, 1, T, D], halves duplicated, broadcast over heads
+            Kernels::Differentiable => Tensor::cat(&[angles, angles], D::Minus1)?.unsqueeze(1)?,
+            // [B, T, D/2], as candle-nn's kernel wants
+            Kernels::Fused => angles.contiguous()?,
+        };
+        Ok((
+            angles.cos()?.to_dtype(dtype)?,
+            angles.sin()?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Rotary embedding of `x: [B, H, T, D]` with tables from [`Kernels::rope_tables`].
+    pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Differentiable => rope(x, cos, sin),
+            Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+        }
+    }
+}
+
 /// `x: [N, in]` or `[B, T, in]` times `weight: [out, in]` transposed, plus `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = match x.dims() {
-        [b, t, i] => x
-            .reshape((b * t, *i))?
-            .matmul(&weight.t()?)?
-            .reshape((*b, *t, ()))?,
-        _ => x.matmul(&weight.t()?)?,
+    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+    let y = if decode_sized(x, weight, rows) {
+        // A decoding step: stream the weight once (see `crate::gemv`).
+        let k = x.dim(D::Minus1)?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = weight.dim(0)?;
+        crate::gemv::matmul_nt(&x.reshape((rows, k))?, weight)?.reshape(dims)?
+    } else {
+        match x.dims() {
+            [b, t, i] => x
+                .reshape((b * t, *i))?
+                .matmul(&weight.t()?)?
+                .reshape((*b, *t, ()))?,
+            _ => x.matmul(&weight.t()?)?,
+        }
     };
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// Few rows, f32 on the CPU, nothing to differentiate: the shape of a decoding step.
+fn decode_sized(x: &Tensor, w: &Tensor, rows: usize) -> bool {
+    rows <= crate::gemv::MAX_ROWS
+        && crate::gemv::available()
+        && matches!(x.device(), candle_core::Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.rank() == 2
+        && w.is_contiguous()
+        && !x.track_op()
+        && !w.track_op()
 }
 
 /// Additive attention bias `[B, 1, Tq, Tk]`: 0 where query `i` (absolute index
