@@ -200,12 +200,14 @@ pub fn generate(
         );
     }
     // Sampling never backpropagates: a detached view of a trainable policy's weights
-    // records no autograd graph.
-    let model = &model.detached();
+    // records no autograd graph, and may run the fused inference kernels.
+    let mut view = model.detached();
+    view.fast_inference = true;
+    let model = &view;
     let dev = &model.device;
     let input = Tensor::from_vec(ids, (b, lp), dev)?;
     let positions = positions_from_mask(&mask, dev)?;
-    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    let mut cache = KvCache::with_capacity(model.cfg.num_hidden_layers, lp + cfg.max_new_tokens);
     let mut hidden = model.forward_hidden(&input, &positions, &mask, Some(&mut cache))?;
     let stops: Vec<u32> = tok
         .eos_ids
@@ -218,7 +220,7 @@ pub fn generate(
     for step in 0..cfg.max_new_tokens {
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         let logits = model
-            .logits(&last)?
+            .decode_logits(&last)?
             .to_dtype(candle_core::DType::F32)?
             .to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(b);

@@ -1,6 +1,7 @@
 //! The policy, the reference policy and the generator of cal-grpo: a trainable
 //! Llama-family decoder on candle with loading, generation, log-probs and LoRA.
 
+pub mod attention;
 pub mod config;
 pub mod fused;
 pub mod gemv;

@@ -8,7 +8,7 @@
 //! differentiable (see [`crate::ops`]).
 
 use crate::config::ModelConfig;
-use crate::ops;
+use crate::{attention, ops};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 use rand::SeedableRng;
@@ -30,9 +30,17 @@ pub struct LoraConfig {
 }
 
 /// Per-layer key/value cache for incremental decoding.
+///
+/// With a capacity (the generator knows prompt + max new tokens), each layer's keys
+/// and values live in one preallocated `[B, nkv, capacity, D]` buffer written in place;
+/// without one, every step concatenates, copying the whole cache again (on SmolLM2 at
+/// batch 8 that is 55 MB per step near the end of a 128-token completion).
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// Per layer: keys and values (the whole buffer when preallocated).
     pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Preallocated length along the sequence axis; 0 = grow by concatenation.
+    pub capacity: usize,
     /// Key mask `[B, len]` of everything cached so far (0 = padding).
     pub mask: Vec<Vec<u8>>,
     /// Last position index used per row.
@@ -41,11 +49,63 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose buffers hold `capacity` positions (it still grows past them).
+    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
+            capacity,
             mask: Vec::new(),
             last_pos: Vec::new(),
         }
+    }
+
+    /// Appends `k`, `v` `[B, nkv, T, D]` at `offset` to layer `l`; returns the keys and
+    /// values of all `offset + T` positions.
+    fn append(
+        &mut self,
+        l: usize,
+        offset: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        // Cached keys/values are constants for later steps: detached, they do not keep
+        // the whole prefill graph of a trainable policy alive.
+        let (k, v) = (k.detach(), v.detach());
+        let t = k.dim(2)?;
+        if self.capacity == 0 {
+            let kv = match self.layers[l].take() {
+                Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+                None => (k, v),
+            };
+            self.layers[l] = Some(kv.clone());
+            return Ok(kv);
+        }
+        let need = offset + t;
+        let (bk, bv) = match self.layers[l].take() {
+            Some((bk, bv)) if bk.dim(2)? >= need => (bk, bv),
+            old => {
+                // First use, or past the capacity: a larger buffer, old contents copied.
+                let cap = need
+                    .max(self.capacity)
+                    .max(2 * old.as_ref().map_or(0, |o| o.0.dim(2).unwrap_or(0)));
+                let (b, h, _, d) = k.dims4()?;
+                let bk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+                let bv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+                if let Some((ok, ov)) = old {
+                    bk.slice_set(&ok.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+                    bv.slice_set(&ov.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+                }
+                (bk, bv)
+            }
+        };
+        bk.slice_set(&k.contiguous()?, 2, offset)?;
+        bv.slice_set(&v.contiguous()?, 2, offset)?;
+        let kv = (bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?);
+        self.layers[l] = Some((bk, bv));
+        Ok(kv)
     }
 
     pub fn len(&self) -> usize {
@@ -67,6 +127,12 @@ pub struct Transformer {
     /// are a pure function of this seed and the module name, so a resumed run draws
     /// exactly the masks the uninterrupted one drew without saving any RNG state.
     pub dropout_seed: Option<u64>,
+    /// Run candle-nn's fused inference kernels (no backward; see [`ops::Kernels`]).
+    /// Set only on the generator's view: reference and old log-probs go through the
+    /// very kernels of the training forward, so that at step 0 the reference log-probs
+    /// equal the policy's bit for bit and the KL term's gradient is exactly zero (a
+    /// 1e-7 disagreement there becomes a full-size Adam step on untouched weights).
+    pub fast_inference: bool,
     pub device: Device,
     pub dtype: DType,
     inv_freq: Tensor,
@@ -160,6 +226,7 @@ impl Transformer {
             lora: None,
             lora_enabled: false,
             dropout_seed: None,
+            fast_inference: false,
             device: device.clone(),
             dtype,
             inv_freq,
@@ -211,6 +278,7 @@ impl Transformer {
             lora: self.lora.clone(),
             lora_enabled: self.lora_enabled,
             dropout_seed: None,
+            fast_inference: false,
             device: self.device.clone(),
             dtype: self.dtype,
             inv_freq: self.inv_freq.clone(),
@@ -282,9 +350,15 @@ impl Transformer {
     }
 
     /// `module.weight` (+ bias, + LoRA when enabled) applied to `x`.
-    fn lin(&self, module: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `decode`: this is one decoding step of a pass without gradients.
+    fn lin(&self, module: &str, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
+        let linear = if decode {
+            ops::linear_decode
+        } else {
+            ops::linear
+        };
         let w = self.p(&format!("{module}.weight"));
-        let y = ops::linear(x, w, self.params.get(&format!("{module}.bias")))?;
+        let y = linear(x, w, self.params.get(&format!("{module}.bias")))?;
         match (
             &self.lora,
             self.lora_enabled,
@@ -301,10 +375,36 @@ impl Transformer {
                     }
                     _ => x.clone(),
                 };
-                y + (ops::linear(&ops::linear(&x, a, None)?, b, None)? * scale)?
+                y + (linear(&linear(&x, a, None)?, b, None)? * scale)?
             }
             _ => Ok(y),
         }
+    }
+
+    /// Scaled dot-product attention of `q [B, nh, T, D]` over `k`, `v [B, nkv, Tk, D]`
+    /// with an additive `bias [B, 1, T, Tk]`; returns `[B, nh, T, D]`.
+    ///
+    /// Grouped-query attention without repeating keys and values: the `rep` query heads
+    /// that share a KV head are stacked along the query axis (`[B, nh, T, D]` is
+    /// `[B, nkv, rep·T, D]` in memory), so each KV head is multiplied once, never copied.
+    fn attend(
+        &self,
+        kern: ops::Kernels,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (nkv, tk) = (k.dim(1)?, k.dim(2)?);
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)? * scale)?;
+        let att = att.reshape((b, nh, t, tk))?.broadcast_add(bias)?;
+        let att = kern.softmax_last_dim(&att)?;
+        att.reshape((b, nkv, rep * t, tk))?
+            .matmul(v)?
+            .reshape((b, nh, t, hd))
     }
 
     /// RoPE angles `[B, T, D/2]` of per-row `positions: [B, T]`.
@@ -346,9 +446,25 @@ impl Transformer {
             }
             None => key_mask.to_vec(),
         };
-        let bias = ops::attention_bias(&full_mask, t, offset, self.dtype, &self.device)?;
-        // Fused inference kernels only when nothing here can take a gradient.
-        let kern = ops::Kernels::for_params(self.params.values());
+        // Fused inference kernels only when asked for and nothing here can take a
+        // gradient.
+        let kern = if self.fast_inference {
+            ops::Kernels::for_params(self.params.values())
+        } else {
+            ops::Kernels::Differentiable
+        };
+        let decode = kern == ops::Kernels::Fused && t == 1;
+        let bias = if decode {
+            None // the decoding kernels read the key mask directly
+        } else {
+            Some(ops::attention_bias(
+                &full_mask,
+                t,
+                offset,
+                self.dtype,
+                &self.device,
+            )?)
+        };
         let (cos, sin) = kern.rope_tables(&self.rope_angles(positions)?, self.dtype)?;
         let mut x = self
             .p("model.embed_tokens.weight")
@@ -364,9 +480,9 @@ impl Transformer {
             )?;
             let heads =
                 |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-            let mut q = heads(self.lin(&format!("{p}.self_attn.q_proj"), &h)?, nh)?;
-            let mut k = heads(self.lin(&format!("{p}.self_attn.k_proj"), &h)?, nkv)?;
-            let v = heads(self.lin(&format!("{p}.self_attn.v_proj"), &h)?, nkv)?;
+            let mut q = heads(self.lin(&format!("{p}.self_attn.q_proj"), &h, decode)?, nh)?;
+            let mut k = heads(self.lin(&format!("{p}.self_attn.k_proj"), &h, decode)?, nkv)?;
+            let v = heads(self.lin(&format!("{p}.self_attn.v_proj"), &h, decode)?, nkv)?;
             if cfg.qk_norm {
                 q = kern.rms_norm(
                     &q,
@@ -382,45 +498,32 @@ impl Transformer {
             let q = kern.rope(&q, &cos, &sin)?;
             let k = kern.rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
-                Some(c) => {
-                    let kv = match c.layers[l].take() {
-                        Some((ck, cv)) => {
-                            (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?)
-                        }
-                        None => (k, v),
-                    };
-                    // Cached keys/values are constants for later steps: detached, they
-                    // do not keep the whole prefill graph of a trainable policy alive.
-                    let kv = (kv.0.detach(), kv.1.detach());
-                    c.layers[l] = Some(kv.clone());
-                    kv
-                }
+                Some(c) => c.append(l, offset, k, v)?,
                 None => (k, v),
             };
-            // Grouped-query attention without repeating keys and values: the `rep`
-            // query heads that share a KV head are stacked along the query axis
-            // (`[B, nh, T, D]` is `[B, nkv, rep·T, D]` in memory), so each KV head is
-            // multiplied once and never copied.
-            let tk = k.dim(2)?;
-            let rep = nh / nkv;
-            let att = (q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)? * scale)?;
-            let att = att.reshape((b, nh, t, tk))?.broadcast_add(&bias)?;
-            let att = kern.softmax_last_dim(&att)?;
-            let o = att
-                .reshape((b, nkv, rep * t, tk))?
-                .matmul(&v)?
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
-            x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o)?)?;
+            let o = match &bias {
+                Some(bias) => self.attend(kern, &q, &k, &v, bias)?,
+                None if attention::applies(&q, &k) => {
+                    attention::decode_attention(&q, &k, &v, &full_mask, scale)?
+                }
+                None => {
+                    let bias =
+                        ops::attention_bias(&full_mask, t, offset, self.dtype, &self.device)?;
+                    self.attend(kern, &q, &k, &v, &bias)?
+                }
+            };
+            let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o, decode)?)?;
             let h = kern.rms_norm(
                 &x,
                 self.p(&format!("{p}.post_attention_layernorm.weight")),
                 cfg.rms_norm_eps,
             )?;
-            let g = self.lin(&format!("{p}.mlp.gate_proj"), &h)?.silu()?;
-            let u = self.lin(&format!("{p}.mlp.up_proj"), &h)?;
-            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &(g * u)?)?)?;
+            let g = self
+                .lin(&format!("{p}.mlp.gate_proj"), &h, decode)?
+                .silu()?;
+            let u = self.lin(&format!("{p}.mlp.up_proj"), &h, decode)?;
+            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &(g * u)?, decode)?)?;
         }
         if let Some(c) = cache {
             c.last_pos = positions
@@ -442,6 +545,20 @@ impl Transformer {
             self.p("lm_head.weight")
         };
         ops::linear(hidden, w, None)
+    }
+
+    /// Logits of one decoding step's hidden states `[B, H]` (no gradient): the
+    /// vocabulary product is the largest of the step, so it takes [`ops::linear_decode`].
+    pub fn decode_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let w = if self.cfg.tie_word_embeddings {
+            self.p("model.embed_tokens.weight")
+        } else {
+            self.p("lm_head.weight")
+        };
+        if w.track_op() || hidden.track_op() {
+            return ops::linear(hidden, w, None);
+        }
+        ops::linear_decode(hidden, w, None)
     }
 
     /// Full forward: logits `[B, T, V]` of a right- or left-padded batch.

@@ -46,9 +46,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Which kernels a forward pass runs. candle-nn's fused RMSNorm, RoPE and softmax have
-/// no backward pass, so they may serve only a pass that records no gradient
-/// (generation, reference and evaluation log-probs); there they replace 5–7 candle ops
-/// each, which on a decoding step of a small model is most of the non-matmul time.
+/// no backward pass, so they may serve only a pass that records no gradient (the
+/// generator's); there they replace 5–7 candle ops each, which on a decoding step of a
+/// small model is most of the non-matmul time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
     /// Compositions of differentiable primitives (above).
@@ -106,22 +106,35 @@ impl Kernels {
 
 /// `x: [N, in]` or `[B, T, in]` times `weight: [out, in]` transposed, plus `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-    let y = if decode_sized(x, weight, rows) {
-        // A decoding step: stream the weight once (see `crate::gemv`).
-        let k = x.dim(D::Minus1)?;
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = weight.dim(0)?;
-        crate::gemv::matmul_nt(&x.reshape((rows, k))?, weight)?.reshape(dims)?
-    } else {
-        match x.dims() {
-            [b, t, i] => x
-                .reshape((b * t, *i))?
-                .matmul(&weight.t()?)?
-                .reshape((*b, *t, ()))?,
-            _ => x.matmul(&weight.t()?)?,
-        }
+    let y = match x.dims() {
+        [b, t, i] => x
+            .reshape((b * t, *i))?
+            .matmul(&weight.t()?)?
+            .reshape((*b, *t, ()))?,
+        _ => x.matmul(&weight.t()?)?,
     };
+    add_bias(y, bias)
+}
+
+/// [`linear`] for one decoding step (one new token per row): streams the weight once
+/// through [`crate::gemv`] where that applies, else falls back to [`linear`].
+///
+/// Only decoding steps take it, never a forward over whole sequences, even a short
+/// one: a sequence's log-probs then do not depend on how the batch was split into
+/// micro-batches, down to the last bit.
+pub fn linear_decode(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    if !decode_sized(x, weight, rows) {
+        return linear(x, weight, bias);
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = weight.dim(0)?;
+    let y = crate::gemv::matmul_nt(&x.reshape((rows, k))?, weight)?.reshape(dims)?;
+    add_bias(y, bias)
+}
+
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
