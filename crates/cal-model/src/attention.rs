@@ -108,51 +108,101 @@ impl CustomOp3 for DecodeAttention {
         };
         let (kd3, vd3) = (dense3(kl, d, "k")?, dense3(vl, d, "v")?);
         let rep = nh / nkv;
+        let simd = simd_available();
         let mut out = vec![0f32; b * nh * d];
         out.par_chunks_mut(rep * d).enumerate().for_each_init(
             || vec![0f32; tk],
             |scores, (task, dst)| {
                 let (bi, g) = (task / nkv, task % nkv);
-                let kb = kd3.base + bi * kd3.sb + g * kd3.sh;
-                let vb = vd3.base + bi * vd3.sb + g * vd3.sh;
-                let mask = &self.key_mask[bi];
-                for r in 0..rep {
-                    let qh = &q[q0 + (bi * nh + g * rep + r) * d..][..d];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        *s = if mask[j] == 0 {
-                            f32::NEG_INFINITY
-                        } else {
-                            dot(qh, &k[kb + j * d..][..d]) * self.scale
-                        };
-                        max = max.max(*s);
-                    }
-                    let o = &mut dst[r * d..(r + 1) * d];
-                    if max == f32::NEG_INFINITY {
-                        // A row with no visible key (all padding): the general path's
-                        // finite bias gives a uniform average; do the same.
-                        scores.iter_mut().for_each(|s| *s = 1.0);
-                        max = 1.0;
-                    }
-                    let mut total = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    for (j, &p) in scores.iter().enumerate() {
-                        if p > 0.0 {
-                            axpy(p / total, &v[vb + j * d..][..d], o);
-                        }
-                    }
+                let group = Group {
+                    q: &q[q0 + (bi * nh + g * rep) * d..][..rep * d],
+                    k: &k[kd3.base + bi * kd3.sb + g * kd3.sh..],
+                    v: &v[vd3.base + bi * vd3.sb + g * vd3.sh..],
+                    mask: &self.key_mask[bi],
+                    d,
+                    scale: self.scale,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd_available` checked avx2 and fma at run time.
+                    unsafe { group.run_avx2(scores, dst) };
+                    return;
                 }
+                let _ = simd;
+                group.run(scores, dst);
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, nh, 1, d))))
     }
 }
 
+/// The query heads of one (row, KV head) pair and that pair's cached keys/values.
+struct Group<'a> {
+    /// `rep` query heads, `d` values each.
+    q: &'a [f32],
+    /// Keys / values from position 0, `d` values per position, dense.
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: &'a [u8],
+    d: usize,
+    scale: f32,
+}
+
+impl Group<'_> {
+    /// The same body compiled for AVX2+FMA (the default target has only SSE2).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, scores: &mut [f32], out: &mut [f32]) {
+        self.run(scores, out)
+    }
+
+    /// Scores, softmax and the weighted sum of values for each query head into `out`.
+    #[inline(always)]
+    fn run(&self, scores: &mut [f32], out: &mut [f32]) {
+        let d = self.d;
+        for (qh, o) in self.q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = if self.mask[j] == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    dot(qh, &self.k[j * d..(j + 1) * d]) * self.scale
+                };
+                max = max.max(*s);
+            }
+            if max == f32::NEG_INFINITY {
+                // A row with no visible key (all padding): the general path's finite
+                // bias gives a uniform average; do the same.
+                scores.iter_mut().for_each(|s| *s = 1.0);
+                max = 1.0;
+            }
+            let mut total = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for (j, &p) in scores.iter().enumerate() {
+                if p > 0.0 {
+                    axpy(p / total, &self.v[j * d..(j + 1) * d], o);
+                }
+            }
+        }
+    }
+}
+
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Eight partial sums so that the compiler vectorises without reassociating.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -170,7 +220,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;

@@ -10,6 +10,7 @@ use crate::tokenizer::TokenizerBundle;
 use anyhow::Result;
 use candle_core::Tensor;
 use rand::Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,8 +61,20 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// Picks the next token from one row of logits.
+/// Picks the next token from one row of logits, drawing one uniform from `rng` unless
+/// greedy.
 pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
+    let u = (!is_greedy(cfg)).then(|| rng.random::<f64>());
+    sample_row_at(logits, cfg, u.unwrap_or(0.0))
+}
+
+fn is_greedy(cfg: &SamplingConfig) -> bool {
+    cfg.greedy || cfg.temperature <= 0.0
+}
+
+/// [`sample_row`] with its uniform `u ∈ [0, 1)` drawn beforehand, so that rows can be
+/// sampled in parallel while the RNG stream stays sequential and reproducible.
+pub fn sample_row_at(logits: &[f32], cfg: &SamplingConfig, u: f64) -> u32 {
     let argmax = || {
         logits
             .iter()
@@ -75,29 +88,27 @@ pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u
             })
             .0 as u32
     };
-    if cfg.greedy || cfg.temperature <= 0.0 {
+    if is_greedy(cfg) {
         return argmax();
     }
     let t = cfg.temperature as f32;
     let scaled = |v: f32| v / t;
     // Plain temperature sampling needs no ordering at all: one pass for the max, one
-    // for the normaliser, one to invert the CDF in index order.
+    // for the weights (f32 exponentials, summed in f64), one to invert the CDF in
+    // index order.
     if cfg.top_k == 0 && cfg.top_p >= 1.0 {
         let max = logits
             .iter()
             .fold(f32::NEG_INFINITY, |m, &v| m.max(scaled(v)));
-        let total: f64 = logits
-            .iter()
-            .map(|&v| ((scaled(v) - max) as f64).exp())
-            .sum();
-        let mut u: f64 = rng.random::<f64>() * total;
+        let weights: Vec<f32> = logits.iter().map(|&v| (scaled(v) - max).exp()).collect();
+        let total: f64 = weights.iter().map(|&p| f64::from(p)).sum();
+        let mut u = u * total;
         let mut last = 0u32;
-        for (i, &v) in logits.iter().enumerate() {
-            let p = ((scaled(v) - max) as f64).exp();
+        for (i, &p) in weights.iter().enumerate() {
             if p > 0.0 {
                 last = i as u32;
             }
-            u -= p;
+            u -= f64::from(p);
             if u <= 0.0 {
                 return i as u32;
             }
@@ -133,7 +144,7 @@ pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
-    let mut u: f64 = rng.random();
+    let mut u = u;
     for (k, p) in probs.iter().enumerate() {
         u -= p;
         if u <= 0.0 {
@@ -223,13 +234,26 @@ pub fn generate(
             .decode_logits(&last)?
             .to_dtype(candle_core::DType::F32)?
             .to_vec2::<f32>()?;
+        // Uniforms drawn in row order (one per live row, none when greedy), then the
+        // rows sampled in parallel: the same tokens as a sequential loop.
+        let draws: Vec<Option<f64>> = finish
+            .iter()
+            .map(|f| {
+                f.is_none()
+                    .then(|| if is_greedy(cfg) { 0.0 } else { rng.random() })
+            })
+            .collect();
+        let picked: Vec<u32> = logits
+            .par_iter()
+            .zip(&draws)
+            .map(|(row, u)| u.map_or(tok.pad_id, |u| sample_row_at(row, cfg, u)))
+            .collect();
         let mut next = Vec::with_capacity(b);
-        for (r, row) in logits.iter().enumerate() {
+        for (r, &t) in picked.iter().enumerate() {
             if finish[r].is_some() {
                 next.push(tok.pad_id);
                 continue;
             }
-            let t = sample_row(row, cfg, rng);
             out[r].push(t);
             if stops.contains(&t) {
                 finish[r] = Some(FinishReason::Stop);
