@@ -7,6 +7,7 @@ pub mod fused;
 pub mod gemv;
 pub mod model;
 pub mod ops;
+pub mod rowwise;
 pub mod tokenizer;
 
 pub use config::ModelConfig;

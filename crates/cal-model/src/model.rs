@@ -399,7 +399,10 @@ impl Transformer {
         let (nkv, tk) = (k.dim(1)?, k.dim(2)?);
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)? * scale)?;
+        // Scaling q (`T·D` values) rather than the scores (`T·Tk`) is the cheaper op.
+        let att = (q * scale)?
+            .reshape((b, nkv, rep * t, hd))?
+            .matmul(&k.t()?)?;
         let att = att.reshape((b, nh, t, tk))?.broadcast_add(bias)?;
         let att = kern.softmax_last_dim(&att)?;
         att.reshape((b, nkv, rep * t, tk))?

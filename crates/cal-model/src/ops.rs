@@ -51,7 +51,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// small model is most of the non-matmul time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// Compositions of differentiable primitives (above).
+    /// Differentiable: [`crate::rowwise`]'s kernels with hand-written backward passes
+    /// (f32/f64 CPU) or the compositions above.
     Differentiable,
     /// candle-nn's fused inference kernels.
     Fused,
@@ -69,14 +70,14 @@ impl Kernels {
 
     pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
-            Kernels::Differentiable => rms_norm(x, weight, eps),
+            Kernels::Differentiable => crate::rowwise::rms_norm(x, weight, eps),
             Kernels::Fused => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
         }
     }
 
     pub fn softmax_last_dim(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Kernels::Differentiable => softmax_last_dim(x),
+            Kernels::Differentiable => crate::rowwise::softmax_last_dim(x),
             Kernels::Fused => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
         }
     }

@@ -437,3 +437,88 @@ fn fused_inference_path_matches_the_training_path() {
         assert!(diff < 1e-5, "{arch}: cached decoding differs by {diff}");
     }
 }
+
+/// The row-wise kernels (one pass forward, hand-written backward) against the
+/// differentiable compositions in `ops`, in f64: values and the gradients of every
+/// input, for RMSNorm (x and weight) and softmax (with a masked, all-equal row).
+#[test]
+fn rowwise_kernels_match_the_compositions() {
+    use cal_model::{ops, rowwise};
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (3, 5, 67), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(1f64, 0.3, 67, &dev).unwrap()).unwrap();
+    let probe = Tensor::randn(0f64, 1.0, (3, 5, 67), &dev).unwrap();
+    let run = |y: Tensor| {
+        let grads = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+        (y, g(&x), g(&w))
+    };
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let (a, b) = (flat(a), flat(b));
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-12 * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs {q}"
+            );
+        }
+    };
+    let fused = run(rowwise::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap());
+    let reference = run(ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap());
+    close(&fused.0, &reference.0, "rms_norm");
+    close(&fused.1, &reference.1, "rms_norm dx");
+    close(&fused.2, &reference.2, "rms_norm dw");
+
+    // Softmax of x·w (so that w gets a gradient through it too), one row all masked.
+    let masked = Tensor::from_vec(
+        (0..3 * 5 * 67)
+            .map(|i| if i < 67 { -1e9 } else { 0.0 })
+            .collect::<Vec<f64>>(),
+        (3, 5, 67),
+        &dev,
+    )
+    .unwrap();
+    let keep = (masked.ones_like().unwrap() - (&masked / -1e9).unwrap()).unwrap();
+    let logits = || {
+        x.as_tensor()
+            .broadcast_mul(w.as_tensor())
+            .unwrap()
+            .mul(&keep)
+            .unwrap()
+            .add(&masked)
+            .unwrap()
+    };
+    let fused = run(rowwise::softmax_last_dim(&logits()).unwrap());
+    let reference = run(ops::softmax_last_dim(&logits()).unwrap());
+    close(&fused.0, &reference.0, "softmax");
+    close(&fused.1, &reference.1, "softmax dx");
+    close(&fused.2, &reference.2, "softmax dw");
+    let first: Vec<f64> = flat(&fused.0)[..67].to_vec();
+    assert!(
+        first.iter().all(|p| (p - 1.0 / 67.0).abs() < 1e-12),
+        "masked row is uniform"
+    );
+
+    // A frozen weight gets no gradient and costs no reduction; f32 takes the kernel too.
+    let x32 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 16), &dev).unwrap()).unwrap();
+    let w32 = Tensor::ones(16, DType::F32, &dev).unwrap();
+    let g = rowwise::rms_norm(x32.as_tensor(), &w32, 1e-6)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(x32.as_tensor()).is_some() && g.get(&w32).is_none());
+    let bad = rowwise::rms_norm(
+        x32.as_tensor(),
+        &Tensor::ones(3, DType::F32, &dev).unwrap(),
+        1e-6,
+    );
+    assert!(bad.unwrap_err().to_string().contains("does not match"));
+}
