@@ -239,7 +239,7 @@ impl CustomOp2 for RmsNormGradW {
                     for (row, gr) in xb.chunks(h).zip(gb.chunks(h)) {
                         let r = inv_rms(row, eps);
                         for ((a, &xv), &gv) in acc.iter_mut().zip(row).zip(gr) {
-                            *a = *a + gv * xv * r;
+                            *a += gv * xv * r;
                         }
                     }
                     acc
@@ -248,7 +248,7 @@ impl CustomOp2 for RmsNormGradW {
             let mut out = vec![T::zero(); h];
             for p in &partial {
                 for (o, &v) in out.iter_mut().zip(p) {
-                    *o = *o + v;
+                    *o += v;
                 }
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from(h)))
@@ -275,10 +275,10 @@ impl CustomOp1 for Softmax {
                 let mut total = T::zero();
                 for (o, &v) in o.iter_mut().zip(row) {
                     *o = (v - m).exp();
-                    total = total + *o;
+                    total += *o;
                 }
                 for o in o.iter_mut() {
-                    *o = *o / total;
+                    *o /= total;
                 }
             });
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
