@@ -50,7 +50,8 @@ enum Command {
     Oracle(oracle::OracleArgs),
     /// Benchmark the model stack (generation, training step, reference pass) on this CPU.
     Bench {
-        /// What to benchmark: `model` (the whole table) or `generate` (generation only).
+        /// What to benchmark: `model` (the whole table), `generate` (generation only) or
+        /// `kernels` (decoding-step matmuls: gemm vs the small-batch kernel).
         #[arg(default_value = "model")]
         what: String,
         /// Models to measure: `tiny` and/or paths (default: tiny and the SmolLM2 asset).
@@ -119,7 +120,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     anyhow::ensure!(!model.is_empty(), "bench generate needs --model");
                     run::bench_generate(&model, repeats, new_tokens)?
                 }
-                _ => anyhow::bail!("unknown benchmark {what:?} (model, generate)"),
+                "kernels" => run::bench_kernels(repeats)?,
+                _ => anyhow::bail!("unknown benchmark {what:?} (model, generate, kernels)"),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -448,6 +448,18 @@ pub fn bench_generate(models: &[String], repeats: usize, new_tokens: usize) -> R
     Ok(())
 }
 
+pub fn bench_kernels(rounds: usize) -> Result<()> {
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let (stream, rows) = cal_train::bench::bench_kernels(rounds)?;
+    print!("{}", cal_train::bench::kernel_table(stream, &rows));
+    println!(
+        "medians of {rounds} alternating rounds (9 calls each); {} threads; load average before: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_avg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
 pub fn bench(models: &[String], repeats: usize, seq: usize, new_tokens: usize) -> Result<()> {
     let models: Vec<String> = if models.is_empty() {
         let smol = "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";

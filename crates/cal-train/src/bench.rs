@@ -216,3 +216,98 @@ pub fn table(rows: &[BenchRow]) -> String {
     }
     s
 }
+
+/// One row of `cal-grpo bench kernels`: a decoding-step product `[m, k] × [k, n]`
+/// through candle's matmul (gemm) and through [`cal_model::gemv`], alternately.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelRow {
+    pub shape: String,
+    pub gemm_ms: f64,
+    pub gemv_ms: f64,
+    /// Weight bytes streamed per second, GB/s.
+    pub gemm_gbs: f64,
+    pub gemv_gbs: f64,
+    /// Largest |gemv − gemm| relative to the largest |gemm| value.
+    pub rel_diff: f64,
+}
+
+/// Decoding-step products of SmolLM2's shapes (batch 8): the vocabulary product and
+/// the per-layer ones, each measured `rounds` times alternating gemm and the
+/// small-batch kernel (median of 9 calls per round), plus a streaming reference: the
+/// GB/s of summing a 1 GiB tensor. The layer weights fit in L2/L3 when called in a
+/// loop, so only the vocabulary product (113 MB) shows the memory-bound rate.
+pub fn bench_kernels(rounds: usize) -> Result<(f64, Vec<KernelRow>)> {
+    let dev = Device::Cpu;
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        f()?;
+        let mut v = Vec::new();
+        for _ in 0..9 {
+            let t = Instant::now();
+            f()?;
+            v.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(v))
+    };
+    let big = Tensor::ones(256 << 20, DType::F32, &dev)?;
+    let stream = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            big.sum_all()?.to_scalar::<f32>()?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    let stream_gbs = (1u64 << 30) as f64 / median(stream) / 1e9;
+    drop(big);
+    let mut rows = Vec::new();
+    for (n, k) in [
+        (49152, 576),
+        (1536, 576),
+        (576, 1536),
+        (576, 576),
+        (192, 576),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (8, k), &dev)?;
+        let gemm = || -> Result<Tensor> { Ok(x.matmul(&w.t()?)?) };
+        let gemv = || -> Result<Tensor> { Ok(cal_model::gemv::matmul_nt(&x, &w)?) };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..rounds.max(1) {
+            a.push(time(&gemm)?);
+            b.push(time(&gemv)?);
+        }
+        let want = x.matmul(&w.t()?)?;
+        let got = cal_model::gemv::matmul_nt(&x, &w)?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let bytes = (n * k * 4) as f64 / 1e9;
+        let (ga, gb) = (median(a), median(b));
+        rows.push(KernelRow {
+            shape: format!("[8, {k}] x [{k}, {n}]"),
+            gemm_ms: ga * 1e3,
+            gemv_ms: gb * 1e3,
+            gemm_gbs: bytes / ga,
+            gemv_gbs: bytes / gb,
+            rel_diff: f64::from(diff / scale),
+        });
+    }
+    Ok((stream_gbs, rows))
+}
+
+pub fn kernel_table(stream_gbs: f64, rows: &[KernelRow]) -> String {
+    let mut s = String::from(
+        "| decoding product (f32) | gemm ms | small-batch kernel ms | gemm GB/s | kernel GB/s | speed-up | max rel. diff |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.2}x | {:.1e} |\n",
+            r.shape,
+            r.gemm_ms,
+            r.gemv_ms,
+            r.gemm_gbs,
+            r.gemv_gbs,
+            r.gemm_ms / r.gemv_ms,
+            r.rel_diff
+        );
+    }
+    s + &format!("\nstreaming reference (sum of a 1 GiB f32 tensor): {stream_gbs:.1} GB/s\n")
+}
