@@ -62,6 +62,20 @@ fn row_len(l: &Layout, what: &str) -> Result<usize> {
     }
 }
 
+/// A backward kernel's two `[..., H]` inputs of one shape (x and its gradient, or p
+/// and its gradient), checked.
+fn same_shape<'a, T: Real>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    what: &str,
+) -> Result<(&'a [T], &'a [T])> {
+    let (a, b) = (slice::<T>(s1, l1, what)?, slice::<T>(s2, l2, what)?);
+    if l1.dims() != l2.dims() {
+        candle_core::bail!("{what}: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+    }
+    Ok((a, b))
+}
+
 /// Runs `$body` with `$T` bound to the storage's float type.
 macro_rules! dispatch {
     ($s:expr, $T:ident => $body:expr) => {
@@ -174,11 +188,10 @@ impl CustomOp3 for RmsNormGradX {
     ) -> Result<(CpuStorage, Shape)> {
         let h = row_len(xl, "rms_norm grad x")?;
         dispatch!(xs, T => {
-            let x = slice::<T>(xs, xl, "rms_norm x")?;
+            let (x, g) = same_shape::<T>((xs, xl), (gs, gl), "rms_norm grad")?;
             let w = slice::<T>(ws, wl, "rms_norm weight")?;
-            let g = slice::<T>(gs, gl, "rms_norm grad")?;
-            if g.len() != x.len() || w.len() != h {
-                candle_core::bail!("rms_norm grad: shapes {:?} {:?} {:?}", xl.dims(), wl.dims(), gl.dims());
+            if w.len() != h {
+                candle_core::bail!("rms_norm grad: weight {:?} does not match x {:?}", wl.dims(), xl.dims());
             }
             let eps = eps_of::<T>(self.eps);
             let n = len_as::<T>(h);
@@ -225,11 +238,7 @@ impl CustomOp2 for RmsNormGradW {
     ) -> Result<(CpuStorage, Shape)> {
         let h = row_len(xl, "rms_norm grad w")?;
         dispatch!(xs, T => {
-            let x = slice::<T>(xs, xl, "rms_norm x")?;
-            let g = slice::<T>(gs, gl, "rms_norm grad")?;
-            if g.len() != x.len() {
-                candle_core::bail!("rms_norm grad: shapes {:?} {:?}", xl.dims(), gl.dims());
-            }
+            let (x, g) = same_shape::<T>((xs, xl), (gs, gl), "rms_norm grad")?;
             let eps = eps_of::<T>(self.eps);
             let partial: Vec<Vec<T>> = x
                 .par_chunks(h * GRAD_W_BLOCK)
@@ -307,11 +316,7 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let h = row_len(pl, "softmax grad")?;
         dispatch!(ps, T => {
-            let p = slice::<T>(ps, pl, "softmax p")?;
-            let g = slice::<T>(gs, gl, "softmax grad")?;
-            if g.len() != p.len() {
-                candle_core::bail!("softmax grad: shapes {:?} {:?}", pl.dims(), gl.dims());
-            }
+            let (p, g) = same_shape::<T>((ps, pl), (gs, gl), "softmax grad")?;
             let mut out = vec![T::zero(); p.len()];
             out.par_chunks_mut(h)
                 .zip(p.par_chunks(h).zip(g.par_chunks(h)))
