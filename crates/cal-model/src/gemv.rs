@@ -3,17 +3,17 @@
 //!
 //! Why not candle's matmul: at `m = 8` gemm packs the weight panel before multiplying,
 //! so a decoding step reads every weight twice and writes it once more; the
-//! `[8, 576] × [576, 49 152]` logits product ran at 8 GB/s on a machine that streams
-//! 26 GB/s. Decoding is a weight-streaming problem: this kernel reads each weight row
-//! once, straight from its storage, and keeps a tile of 4 weight rows in L1 while every
-//! group of up to 4 activation rows is multiplied against it (16 accumulators, one FMA
-//! per loaded lane). AVX-512 and AVX2+FMA paths are chosen at run time (the build stays
-//! portable); on other CPUs gemm stays in charge ([`available`]).
+//! `[8, 576] × [576, 49 152]` logits product ran at 10 GB/s on a machine that streams
+//! 31 GB/s (`cal-grpo bench kernels`). Decoding is a weight-streaming problem: this
+//! kernel reads each weight row once, straight from its storage, and keeps a tile of 4
+//! weight rows in L1 while every group of up to 4 activation rows is multiplied
+//! against it (16 accumulators, one FMA per loaded lane). AVX-512 and AVX2+FMA paths
+//! are chosen at run time (the build stays portable); on other CPUs gemm stays in
+//! charge ([`available`]).
 //!
-//! Forward only: [`crate::ops::linear`] uses it only for inputs that record no gradient
-//! (generation, reference passes), and the op refuses a backward pass loudly. Each
-//! output is summed in one fixed order by one thread, so results do not depend on the
-//! thread count.
+//! Forward only, with no backward at all: [`crate::ops::linear_decode`] routes here
+//! only decoding steps whose inputs record no gradient. Each output is summed in one
+//! fixed order by one thread, so results do not depend on the thread count.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
