@@ -30,13 +30,10 @@ pub fn decode_attention(
     )
 }
 
-/// Whether [`decode_attention`] serves these tensors (else use the general path).
-pub fn applies(q: &Tensor, k: &Tensor) -> bool {
-    matches!(q.device(), candle_core::Device::Cpu)
-        && q.dtype() == candle_core::DType::F32
-        && k.dtype() == candle_core::DType::F32
-        && q.rank() == 4
-        && q.dim(2).is_ok_and(|t| t == 1)
+/// Whether [`decode_attention`] serves a model on this device and dtype (else the
+/// general path). Its shapes are checked by the op itself.
+pub fn serves(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    matches!(device, candle_core::Device::Cpu) && dtype == candle_core::DType::F32
 }
 
 struct DecodeAttention {

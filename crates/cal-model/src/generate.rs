@@ -61,19 +61,13 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// Picks the next token from one row of logits, drawing one uniform from `rng` unless
-/// greedy.
-pub fn sample_row(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
-    let u = (!is_greedy(cfg)).then(|| rng.random::<f64>());
-    sample_row_at(logits, cfg, u.unwrap_or(0.0))
-}
-
 fn is_greedy(cfg: &SamplingConfig) -> bool {
     cfg.greedy || cfg.temperature <= 0.0
 }
 
-/// [`sample_row`] with its uniform `u ∈ [0, 1)` drawn beforehand, so that rows can be
-/// sampled in parallel while the RNG stream stays sequential and reproducible.
+/// Picks the next token from one row of logits with a uniform `u ∈ [0, 1)` drawn
+/// beforehand (ignored when greedy), so that rows can be sampled in parallel while the
+/// RNG stream stays sequential and reproducible.
 pub fn sample_row_at(logits: &[f32], cfg: &SamplingConfig, u: f64) -> u32 {
     let argmax = || {
         logits

@@ -457,8 +457,9 @@ impl Transformer {
             ops::Kernels::Differentiable
         };
         let decode = kern == ops::Kernels::Fused && t == 1;
-        let bias = if decode {
-            None // the decoding kernels read the key mask directly
+        // The decoding attention kernel reads the key mask directly: no bias tensor.
+        let bias = if decode && attention::serves(&self.device, self.dtype) {
+            None
         } else {
             Some(ops::attention_bias(
                 &full_mask,
@@ -506,14 +507,7 @@ impl Transformer {
             };
             let o = match &bias {
                 Some(bias) => self.attend(kern, &q, &k, &v, bias)?,
-                None if attention::applies(&q, &k) => {
-                    attention::decode_attention(&q, &k, &v, &full_mask, scale)?
-                }
-                None => {
-                    let bias =
-                        ops::attention_bias(&full_mask, t, offset, self.dtype, &self.device)?;
-                    self.attend(kern, &q, &k, &v, &bias)?
-                }
+                None => attention::decode_attention(&q, &k, &v, &full_mask, scale)?,
             };
             let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o, decode)?)?;
@@ -540,28 +534,25 @@ impl Transformer {
         kern.rms_norm(&x, self.p("model.norm.weight"), cfg.rms_norm_eps)
     }
 
-    /// Vocabulary logits of hidden states `[..., H]`.
-    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let w = if self.cfg.tie_word_embeddings {
+    /// The output projection: `lm_head`, or the embedding when tied.
+    fn lm_head(&self) -> &Tensor {
+        if self.cfg.tie_word_embeddings {
             self.p("model.embed_tokens.weight")
         } else {
             self.p("lm_head.weight")
-        };
-        ops::linear(hidden, w, None)
+        }
     }
 
-    /// Logits of one decoding step's hidden states `[B, H]` (no gradient): the
-    /// vocabulary product is the largest of the step, so it takes [`ops::linear_decode`].
+    /// Vocabulary logits of hidden states `[..., H]`.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        ops::linear(hidden, self.lm_head(), None)
+    }
+
+    /// Logits of one decoding step's hidden states `[B, H]`: the vocabulary product is
+    /// the largest of the step, so it takes [`ops::linear_decode`] (which keeps gemm for
+    /// anything that records a gradient).
     pub fn decode_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let w = if self.cfg.tie_word_embeddings {
-            self.p("model.embed_tokens.weight")
-        } else {
-            self.p("lm_head.weight")
-        };
-        if w.track_op() || hidden.track_op() {
-            return ops::linear(hidden, w, None);
-        }
-        ops::linear_decode(hidden, w, None)
+        ops::linear_decode(hidden, self.lm_head(), None)
     }
 
     /// Full forward: logits `[B, T, V]` of a right- or left-padded batch.

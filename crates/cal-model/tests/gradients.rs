@@ -49,17 +49,22 @@ fn loss(model: &Transformer) -> Tensor {
     (logp * w).unwrap().sum_all().unwrap()
 }
 
+/// Sets every norm weight and bias to `value`: non-trivial, so that their gradients
+/// and effects are not degenerate.
+fn set_norms_and_biases(m: &mut Transformer, value: f64) {
+    for (k, t) in m.params.iter_mut() {
+        if k.ends_with("norm.weight") || k.ends_with(".bias") {
+            *t = (t.ones_like().unwrap() * value).unwrap();
+        }
+    }
+}
+
 #[test]
 fn every_parameter_gets_a_gradient() {
     let dev = Device::Cpu;
     for arch in ["llama", "qwen2", "qwen3"] {
         let mut m = Transformer::init_random(small(arch), 1, DType::F32, &dev).unwrap();
-        // non-trivial norms and biases so that their gradients are not degenerate
-        for (k, t) in m.params.iter_mut() {
-            if k.ends_with("norm.weight") || k.ends_with(".bias") {
-                *t = (t.ones_like().unwrap() * 1.1).unwrap();
-            }
-        }
+        set_norms_and_biases(&mut m, 1.1);
         let vars = m.make_trainable(|_| true).unwrap();
         let grads = loss(&m).backward().unwrap();
         for (name, v) in &vars {
@@ -367,11 +372,7 @@ fn fused_inference_path_matches_the_training_path() {
     let dev = Device::Cpu;
     for arch in ["llama", "qwen2", "qwen3"] {
         let mut m = Transformer::init_random(small(arch), 3, DType::F32, &dev).unwrap();
-        for (k, t) in m.params.iter_mut() {
-            if k.ends_with("norm.weight") || k.ends_with(".bias") {
-                *t = (t.ones_like().unwrap() * 1.3).unwrap();
-            }
-        }
+        set_norms_and_biases(&mut m, 1.3);
         assert_eq!(Kernels::for_params(m.params.values()), Kernels::Fused);
         let ids = Tensor::new(&[[0u32, 0, 5, 6], [1, 2, 3, 4]], &dev).unwrap();
         let mask = vec![vec![0u8, 0, 1, 1], vec![1, 1, 1, 1]];
