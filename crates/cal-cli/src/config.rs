@@ -1,354 +1,361 @@
-//! `train` options: command-line flags, an optional TOML file whose keys mirror the
-//! flags (flags win), and the seed's defaults.
+//! Flags of `train` and `experiment`, and the flags shared by every command that loads
+//! a model or asks an oracle. The flags are the seed's flat names; each one is the
+//! top layer over a key of the nested run configuration ([`cal_train::config`]), as
+//! listed in [`FLAGS`], the one table that ties the two together.
 
-use anyhow::{bail, Context, Result};
-use cal_core::credit::{CreditConfig, CreditMode, GroupAdvantage};
-use clap::{Args, ValueEnum};
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use anyhow::{bail, Result};
+use cal_core::credit::{CreditMode, GroupAdvantage};
+use cal_model::{DTypeSpec, DeviceSpec, Placement};
+use cal_oracle::{OracleSpec, Provider};
+use cal_train::config::RunConfig;
+use cal_train::loss::{Aggregation, Importance};
+use clap::{Args, Command};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
 
-/// Which oracle names the first error of an incorrect rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Provider {
-    /// OpenAI Chat Completions or any compatible server.
-    Openai,
-    /// Google Gemini `generateContent`.
-    Gemini,
-    /// Offline: checks every arithmetic step of the response.
-    Calculator,
-    /// Offline: first step whose value is not in the reference solution.
-    Reference,
+/// `--device` and `--dtype`: on every command that loads a model.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct PlacementFlags {
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Weights and activations: f32, or bf16/f16 on CUDA.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeSpec>,
 }
 
-impl Provider {
-    /// The model a provider uses when `--cal-model` is not given.
-    pub fn default_model(&self) -> &'static str {
-        match self {
-            Self::Openai => "gpt-4o-mini",
-            Self::Gemini => "gemini-2.0-flash",
-            Self::Calculator => "calculator",
-            Self::Reference => "reference",
+impl PlacementFlags {
+    pub fn placement(&self) -> Placement {
+        Placement {
+            device: self.device.unwrap_or_default(),
+            dtype: self.dtype.unwrap_or_default(),
         }
     }
 }
 
-/// Flags of `cal-grpo train`. Every field is optional here so that a value given on
-/// the command line can be told apart from one given in `--config`; [`resolve`] applies
-/// the defaults. The same struct deserialises the TOML file (keys = flag names).
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+/// The oracle's flags, shared by `train`, `experiment`, `oracle` and `demo`.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct OracleFlags {
+    /// Oracle provider.
+    #[arg(long, value_enum)]
+    pub api_provider: Option<Provider>,
+    /// Model the oracle uses (default: the provider's, gpt-4o-mini or gemini-2.0-flash).
+    #[arg(long)]
+    pub cal_model: Option<String>,
+    /// Base URL of an OpenAI-compatible server for the `openai` oracle.
+    #[arg(long)]
+    pub oracle_base_url: Option<String>,
+    /// Stop calling a paid oracle after this many USD (estimated; default: no cap).
+    #[arg(long)]
+    pub oracle_max_cost: Option<f64>,
+    /// Concurrent oracle requests.
+    #[arg(long)]
+    pub oracle_concurrency: Option<usize>,
+    /// Per-request oracle timeout in seconds.
+    #[arg(long)]
+    pub oracle_timeout: Option<f64>,
+}
+
+impl OracleFlags {
+    /// The oracle of a one-off request (`oracle`, `demo`): defaults, then these flags.
+    pub fn spec(&self) -> Result<OracleSpec> {
+        Ok(RunConfig::resolve(None, &flag_layer(self)?)?.oracle)
+    }
+}
+
+/// Flags of `cal-grpo train` (and `experiment`). Each is optional so that a flag given
+/// can be told apart from a value of the `--config` file; `--print-config` shows the
+/// values in force.
+#[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct TrainArgs {
-    /// TOML file whose keys mirror these flags, e.g. `num-generations = 8`; flags win.
+    /// TOML file in the nested schema (`[rollout] num-generations = 8`); flags win.
     #[arg(long, value_name = "FILE.toml")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Use CAL: ask the oracle for the first error of each wrong answer and penalise
-    /// only those tokens (implies `--credit span` unless `--credit` is given).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub use_cal: Option<bool>,
-
-    /// Number of training problems; -1 uses the whole dataset. [default: -1]
-    #[arg(long, allow_negative_numbers = true)]
-    pub num_samples: Option<i64>,
-
-    /// Completions sampled per prompt (the GRPO group size G). [default: 4]
+    /// Print the effective configuration as TOML and exit (feed it back with --config).
     #[arg(long)]
-    pub num_generations: Option<usize>,
-
-    /// Model the oracle uses (provider default: gpt-4o-mini, gemini-2.0-flash).
-    #[arg(long)]
-    pub cal_model: Option<String>,
-
-    /// Oracle provider. [default: calculator]
-    #[arg(long, value_enum)]
-    pub api_provider: Option<Provider>,
-
-    /// Advantage given to each error-span token. [default: -1.0]
-    #[arg(long, allow_negative_numbers = true)]
-    pub negative_reward: Option<f64>,
-
-    /// At most this many tokens of a located span are penalised (0 = no cap). [default: 64]
-    #[arg(long)]
-    pub max_error_span: Option<usize>,
-
-    /// Credit mode: outcome (GRPO), span (CAL), span-scaled, prefix.
-    /// [default: outcome, or span with --use-cal]
-    #[arg(long, value_parser = parse_credit)]
-    pub credit: Option<CreditMode>,
-
-    /// Group advantage estimator: grpo, dr-grpo, rloo. [default: grpo]
-    #[arg(long, value_parser = parse_advantage)]
-    pub advantage: Option<GroupAdvantage>,
-
-    /// Advantage of the tokens before the first error in `--credit prefix`. [default: 0.0]
-    #[arg(long, allow_negative_numbers = true)]
-    pub prefix_reward: Option<f64>,
-
-    /// Random seed for data order, sampling and initialisation. [default: 42]
-    #[arg(long)]
-    pub seed: Option<u64>,
-
-    /// Where checkpoints, logs and results go. [default: runs/<baseline|cal>-seed<SEED>]
-    #[arg(long)]
-    pub output_dir: Option<PathBuf>,
-
-    /// Policy model: `tiny` (embedded), a Hugging Face folder or a `.gguf` file. [default: tiny]
-    #[arg(long)]
-    pub model: Option<String>,
-
-    /// Training data: `generated` (embedded GSM8K-format problems) or a GSM8K
-    /// `.jsonl`/`.parquet` file. [default: generated]
-    #[arg(long)]
-    pub dataset: Option<String>,
-
-    /// Held-out data for evaluation after training (default: the generated held-out split,
-    /// or `test.jsonl` beside a `--dataset` file). [default: auto]
-    #[arg(long)]
-    pub eval_dataset: Option<String>,
-
-    /// Evaluate on at most this many held-out problems (-1 = all). [default: -1]
-    #[arg(long, allow_negative_numbers = true)]
-    pub eval_samples: Option<i64>,
-
-    /// Optimizer steps [default: one pass over the training problems]
-    #[arg(long)]
-    pub steps: Option<usize>,
-
-    /// Prompts per step (each gets --num-generations completions). [default: 8]
-    #[arg(long)]
-    pub prompts_per_step: Option<usize>,
-
-    /// Peak learning rate. [default: 3e-5 for tiny, 1e-6 otherwise]
-    #[arg(long)]
-    pub learning_rate: Option<f64>,
-
-    /// KL coefficient β (k3 estimator against the frozen reference). [default: 0.04]
-    #[arg(long)]
-    pub beta: Option<f64>,
-
-    /// Clip range ε of the surrogate. [default: 0.2]
-    #[arg(long)]
-    pub epsilon: Option<f64>,
-
-    /// Upper clip range (DAPO's clip-higher). [default: --epsilon]
-    #[arg(long)]
-    pub epsilon_high: Option<f64>,
-
-    /// token-mean, seq-mean-token-mean or seq-mean-token-sum-norm. [default: token-mean]
-    #[arg(long)]
-    pub loss_aggregation: Option<String>,
-
-    /// Importance ratio level: token (GRPO) or sequence (GSPO). [default: token]
-    #[arg(long)]
-    pub importance: Option<String>,
-
-    /// Policy updates per generated batch. [default: 1]
-    #[arg(long)]
-    pub num_iterations: Option<usize>,
-
-    /// Most new tokens per completion. [default: 96 for tiny, 256 otherwise]
-    #[arg(long)]
-    pub max_new_tokens: Option<usize>,
-
-    /// Sampling temperature for rollouts. [default: 1.0]
-    #[arg(long)]
-    pub temperature: Option<f64>,
-
-    /// Checkpoint every N steps (0 = only at the end). [default: 10]
-    #[arg(long)]
-    pub save_every: Option<usize>,
+    #[serde(skip)]
+    pub print_config: bool,
 
     /// Continue from the latest checkpoint in --output-dir.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub resume: Option<bool>,
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: bool,
 
-    /// LoRA rank (0 = full fine-tuning). [default: 0]
+    /// Use CAL: ask the oracle for the first error of each wrong answer and penalise
+    /// only those tokens (`--credit span` unless --credit names another span mode).
+    #[arg(long)]
+    #[serde(skip)]
+    pub use_cal: bool,
+
+    /// Number of training problems; -1 uses the whole dataset.
+    #[arg(long, allow_negative_numbers = true)]
+    pub num_samples: Option<i64>,
+    /// Completions sampled per prompt (the GRPO group size G).
+    #[arg(long)]
+    pub num_generations: Option<usize>,
+    /// Advantage given to each error-span token.
+    #[arg(long, allow_negative_numbers = true)]
+    pub negative_reward: Option<f64>,
+    /// At most this many tokens of a located span are penalised (0 = no cap).
+    #[arg(long)]
+    pub max_error_span: Option<usize>,
+    /// Credit mode [default: outcome, or span with --use-cal].
+    #[arg(long, value_enum)]
+    pub credit: Option<CreditMode>,
+    /// Group advantage estimator.
+    #[arg(long, value_enum)]
+    pub advantage: Option<GroupAdvantage>,
+    /// Advantage of the tokens before the first error in `--credit prefix`.
+    #[arg(long, allow_negative_numbers = true)]
+    pub prefix_reward: Option<f64>,
+    /// Random seed for data order, sampling and initialisation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where checkpoints, logs and results go [default: runs/<baseline|cal>-seed<SEED>].
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Policy model: `tiny` (embedded), a Hugging Face folder or a `.gguf` file.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub placement: PlacementFlags,
+    /// Training data: `generated` (embedded GSM8K-format problems) or a GSM8K
+    /// `.jsonl`/`.parquet` file.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Held-out data [default: the generated held-out split, or `test.jsonl` beside a
+    /// --dataset file].
+    #[arg(long)]
+    pub eval_dataset: Option<String>,
+    /// Evaluate on at most this many held-out problems (-1 = all).
+    #[arg(long, allow_negative_numbers = true)]
+    pub eval_samples: Option<i64>,
+    /// Optimizer steps [default: one pass over the training problems].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Prompts per step (each gets --num-generations completions).
+    #[arg(long)]
+    pub prompts_per_step: Option<usize>,
+    /// Peak learning rate (cosine decay to --min-lr-ratio of it).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Final learning rate as a fraction of the peak.
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// KL coefficient β (k3 estimator against the frozen reference).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// Clip range ε of the surrogate.
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+    /// Upper clip range (DAPO's clip-higher) [default: --epsilon].
+    #[arg(long)]
+    pub epsilon_high: Option<f64>,
+    /// How per-token losses become one number.
+    #[arg(long, value_enum)]
+    pub loss_aggregation: Option<Aggregation>,
+    /// Importance ratio level: token (GRPO) or sequence (GSPO).
+    #[arg(long, value_enum)]
+    pub importance: Option<Importance>,
+    /// Policy updates per generated batch.
+    #[arg(long)]
+    pub num_iterations: Option<usize>,
+    /// Most new tokens per completion.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature for rollouts.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling threshold for rollouts (1 = off).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Rows per generation call (bounds memory).
+    #[arg(long)]
+    pub generation_batch: Option<usize>,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// LoRA rank (0 = full fine-tuning).
     #[arg(long)]
     pub lora_rank: Option<usize>,
-
-    /// LoRA alpha. [default: 2 × rank]
+    /// LoRA alpha [default: 2 × rank].
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-
-    /// Comma-separated LoRA target modules. [default: q_proj,k_proj,v_proj,o_proj]
-    #[arg(long)]
-    pub lora_targets: Option<String>,
-
-    /// Dropout on the LoRA input during training forwards, in [0, 1). [default: 0]
+    /// Comma-separated LoRA target modules.
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
+    /// Dropout on the LoRA input during training forwards, in [0, 1).
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-
-    /// Base URL of an OpenAI-compatible server for the `openai` oracle.
-    #[arg(long)]
-    pub oracle_base_url: Option<String>,
-
-    /// Stop calling a paid oracle after this many USD (estimated). [default: no cap]
-    #[arg(long)]
-    pub oracle_max_cost: Option<f64>,
-
-    /// Concurrent oracle requests. [default: 8]
-    #[arg(long)]
-    pub oracle_concurrency: Option<usize>,
-
-    /// Per-request oracle timeout in seconds. [default: 60]
-    #[arg(long)]
-    pub oracle_timeout: Option<f64>,
-
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub oracle: OracleFlags,
     /// Rows per forward/backward of the loss, gradients accumulated exactly
-    /// (0 = the whole batch). Bounds memory on real models. [default: 0 for tiny, 2 otherwise]
+    /// (0 = the whole batch). Bounds memory on real models.
     #[arg(long)]
     pub micro_batch: Option<usize>,
 }
 
-fn parse_credit(s: &str) -> Result<CreditMode, String> {
-    s.parse()
-}
+/// Flag (its clap id, the field name) → key of the run configuration.
+pub const FLAGS: &[(&str, &str)] = &[
+    ("seed", "run.seed"),
+    ("steps", "run.steps"),
+    ("output_dir", "run.output-dir"),
+    ("num_iterations", "run.num-iterations"),
+    ("micro_batch", "run.micro-batch"),
+    ("model", "model.name"),
+    ("device", "model.device"),
+    ("dtype", "model.dtype"),
+    ("lora_rank", "model.lora.rank"),
+    ("lora_alpha", "model.lora.alpha"),
+    ("lora_dropout", "model.lora.dropout"),
+    ("lora_targets", "model.lora.targets"),
+    ("dataset", "data.dataset"),
+    ("eval_dataset", "data.eval-dataset"),
+    ("num_samples", "data.num-samples"),
+    ("eval_samples", "data.eval-samples"),
+    ("num_generations", "rollout.num-generations"),
+    ("prompts_per_step", "rollout.prompts-per-step"),
+    ("max_new_tokens", "rollout.max-new-tokens"),
+    ("temperature", "rollout.temperature"),
+    ("top_p", "rollout.top-p"),
+    ("generation_batch", "rollout.generation-batch"),
+    ("credit", "credit.mode"),
+    ("advantage", "credit.advantage"),
+    ("negative_reward", "credit.negative-reward"),
+    ("prefix_reward", "credit.prefix-reward"),
+    ("max_error_span", "credit.max-error-span"),
+    ("api_provider", "oracle.provider"),
+    ("cal_model", "oracle.model"),
+    ("oracle_base_url", "oracle.base-url"),
+    ("oracle_max_cost", "oracle.max-cost"),
+    ("oracle_concurrency", "oracle.concurrency"),
+    ("oracle_timeout", "oracle.timeout"),
+    ("beta", "loss.beta"),
+    ("epsilon", "loss.epsilon"),
+    ("epsilon_high", "loss.epsilon-high"),
+    ("loss_aggregation", "loss.aggregation"),
+    ("importance", "loss.importance"),
+    ("learning_rate", "optim.learning-rate"),
+    ("min_lr_ratio", "optim.min-lr-ratio"),
+    ("warmup_steps", "optim.warmup-steps"),
+    ("weight_decay", "optim.weight-decay"),
+    ("max_grad_norm", "optim.max-grad-norm"),
+    ("save_every", "checkpoint.save-every"),
+];
 
-fn parse_advantage(s: &str) -> Result<GroupAdvantage, String> {
-    s.parse()
-}
-
-/// Fully resolved training configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub use_cal: bool,
-    pub num_samples: i64,
-    pub num_generations: usize,
-    pub api_provider: Provider,
-    pub cal_model: String,
-    pub max_error_span: usize,
-    pub credit: CreditConfig,
-    pub seed: u64,
-    pub output_dir: PathBuf,
-    pub model: String,
-    pub dataset: String,
-    pub eval_dataset: Option<String>,
-    pub eval_samples: i64,
-    pub steps: Option<usize>,
-    pub prompts_per_step: usize,
-    pub learning_rate: f64,
-    pub beta: f64,
-    pub epsilon: f64,
-    pub epsilon_high: f64,
-    pub loss_aggregation: String,
-    pub importance: String,
-    pub num_iterations: usize,
-    pub max_new_tokens: usize,
-    pub temperature: f64,
-    pub save_every: usize,
-    pub resume: bool,
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
-    pub lora_targets: Vec<String>,
-    pub lora_dropout: f64,
-    pub oracle_base_url: Option<String>,
-    pub oracle_max_cost: Option<f64>,
-    pub oracle_concurrency: usize,
-    pub oracle_timeout: f64,
-    pub micro_batch: usize,
-}
-
-/// Reads a `--config` file into [`TrainArgs`]; unknown keys are errors naming the file.
-pub fn read_config_file(path: &Path) -> Result<TrainArgs> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config {}", path.display()))
-}
-
-/// Flags over file over defaults, then consistency checks.
-pub fn resolve(flags: &TrainArgs) -> Result<TrainConfig> {
-    let file = match &flags.config {
-        Some(path) => read_config_file(path)?,
-        None => TrainArgs::default(),
-    };
-    macro_rules! pick {
-        ($f:ident) => {
-            flags.$f.clone().or(file.$f.clone())
-        };
-    }
-    let use_cal = pick!(use_cal).unwrap_or(false);
-    let credit_mode = match (pick!(credit), use_cal) {
-        (Some(CreditMode::Outcome), true) => {
-            bail!("--use-cal needs a span-using credit mode (span, span-scaled or prefix), not `outcome`")
+/// Sets `path` (dotted) in a nested JSON object.
+fn set_path(root: &mut Value, path: &str, v: Value) {
+    let mut node = root;
+    let mut keys = path.split('.').peekable();
+    while let Some(k) = keys.next() {
+        if keys.peek().is_none() {
+            node[k] = v;
+            return;
         }
-        (Some(mode), _) => mode,
-        (None, true) => CreditMode::Span,
-        (None, false) => CreditMode::Outcome,
+        if !node[k].is_object() {
+            node[k] = json!({});
+        }
+        node = &mut node[k];
+    }
+}
+
+fn lookup<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(root, |n, k| n.get(k))
+}
+
+/// The flags that were given, as a partial run configuration.
+fn flag_layer(flags: &impl Serialize) -> Result<Value> {
+    let given = serde_json::to_value(flags)?;
+    let mut out = json!({});
+    for (id, path) in FLAGS {
+        if let Some(v) = given.get(*id).filter(|v| !v.is_null()) {
+            set_path(&mut out, path, v.clone());
+        }
+    }
+    Ok(out)
+}
+
+impl TrainArgs {
+    /// Defaults → model profile → `command_defaults` → `--config` → flags.
+    pub fn resolve_with(&self, command_defaults: Value) -> Result<RunConfig> {
+        let mut layer = flag_layer(self)?;
+        if self.use_cal {
+            match self.credit {
+                Some(CreditMode::Outcome) => bail!(
+                    "--use-cal needs a span-using credit mode (span, span-scaled or prefix), not `outcome`"
+                ),
+                Some(_) => {}
+                None => set_path(&mut layer, "credit.mode", json!("span")),
+            }
+        }
+        RunConfig::resolve_layers(self.config.as_deref(), &command_defaults, &layer)
+    }
+
+    pub fn resolve(&self) -> Result<RunConfig> {
+        self.resolve_with(json!({}))
+    }
+}
+
+/// Appends each train flag's default (from the run configuration) to its help, so
+/// that `--help` shows defaults that are written once, in `cal_train::config`.
+pub fn annotate_defaults(mut cmd: Command) -> Command {
+    let tiny = RunConfig::resolve(None, &json!({})).ok();
+    let other = RunConfig::resolve(None, &json!({"model": {"name": "other"}})).ok();
+    let (Some(tiny), Some(other)) = (tiny, other) else {
+        return cmd;
     };
-    let num_generations = pick!(num_generations).unwrap_or(4);
-    if num_generations < 2 {
-        bail!("--num-generations must be at least 2 (GRPO compares completions within a group), got {num_generations}");
-    }
-    let num_samples = pick!(num_samples).unwrap_or(-1);
-    if num_samples < -1 || num_samples == 0 {
-        bail!("--num-samples must be -1 (all) or a positive count, got {num_samples}");
-    }
-    let negative_reward = pick!(negative_reward).unwrap_or(-1.0);
-    if !negative_reward.is_finite() {
-        bail!("--negative-reward must be finite");
-    }
-    let api_provider = pick!(api_provider).unwrap_or(Provider::Calculator);
-    let seed = pick!(seed).unwrap_or(42);
-    let run_kind = if credit_mode.uses_spans() {
-        "cal"
-    } else {
-        "baseline"
+    let (tiny, other) = (
+        serde_json::to_value(tiny).unwrap_or_default(),
+        serde_json::to_value(other).unwrap_or_default(),
+    );
+    let show = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map_or(x.to_string(), String::from))
+            .collect::<Vec<_>>()
+            .join(","),
+        // learning rates read as 3e-5, not 0.00003
+        Value::Number(n) if n.as_f64().is_some_and(|x| x != 0.0 && x.abs() < 1e-3) => {
+            format!("{:e}", n.as_f64().unwrap_or_default())
+        }
+        v => v.to_string(),
     };
-    let model = pick!(model).unwrap_or_else(|| "tiny".into());
-    let tiny = model == "tiny";
-    let epsilon = pick!(epsilon).unwrap_or(0.2);
-    let lora_rank = pick!(lora_rank).unwrap_or(0);
-    Ok(TrainConfig {
-        use_cal: credit_mode.uses_spans(),
-        num_samples,
-        num_generations,
-        api_provider,
-        cal_model: pick!(cal_model).unwrap_or_else(|| api_provider.default_model().to_string()),
-        max_error_span: pick!(max_error_span).unwrap_or(64),
-        credit: CreditConfig {
-            mode: credit_mode,
-            group: pick!(advantage).unwrap_or(GroupAdvantage::Grpo),
-            negative_reward,
-            prefix_reward: pick!(prefix_reward).unwrap_or(0.0),
-            ..CreditConfig::default()
-        },
-        seed,
-        output_dir: pick!(output_dir)
-            .unwrap_or_else(|| PathBuf::from(format!("runs/{run_kind}-seed{seed}"))),
-        model: model.clone(),
-        dataset: pick!(dataset).unwrap_or_else(|| "generated".into()),
-        eval_dataset: pick!(eval_dataset),
-        eval_samples: pick!(eval_samples).unwrap_or(-1),
-        steps: pick!(steps),
-        prompts_per_step: pick!(prompts_per_step).unwrap_or(8).max(1),
-        learning_rate: pick!(learning_rate).unwrap_or(if tiny { 3e-5 } else { 1e-6 }),
-        beta: pick!(beta).unwrap_or(0.04),
-        epsilon,
-        epsilon_high: pick!(epsilon_high).unwrap_or(epsilon),
-        loss_aggregation: pick!(loss_aggregation).unwrap_or_else(|| "token-mean".into()),
-        importance: pick!(importance).unwrap_or_else(|| "token".into()),
-        num_iterations: pick!(num_iterations).unwrap_or(1).max(1),
-        max_new_tokens: pick!(max_new_tokens).unwrap_or(if tiny { 96 } else { 256 }),
-        temperature: pick!(temperature).unwrap_or(1.0),
-        save_every: pick!(save_every).unwrap_or(10),
-        resume: pick!(resume).unwrap_or(false),
-        lora_rank,
-        lora_alpha: pick!(lora_alpha).unwrap_or(2.0 * lora_rank as f64),
-        lora_targets: pick!(lora_targets)
-            .unwrap_or_else(|| "q_proj,k_proj,v_proj,o_proj".into())
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        lora_dropout: pick!(lora_dropout).unwrap_or(0.0),
-        oracle_base_url: pick!(oracle_base_url),
-        oracle_max_cost: pick!(oracle_max_cost),
-        oracle_concurrency: pick!(oracle_concurrency).unwrap_or(8),
-        oracle_timeout: pick!(oracle_timeout).unwrap_or(60.0),
-        micro_batch: pick!(micro_batch).unwrap_or(if tiny { 0 } else { 2 }),
-    })
+    for (id, path) in FLAGS {
+        if matches!(
+            *id,
+            "output_dir" | "cal_model" | "lora_alpha" | "epsilon_high" | "steps" | "credit"
+        ) {
+            continue; // derived from other values; their help says how
+        }
+        let (Some(t), Some(o)) = (lookup(&tiny, path), lookup(&other, path)) else {
+            continue;
+        };
+        let default = if t == o {
+            show(t)
+        } else {
+            format!("{} for tiny, {} otherwise", show(t), show(o))
+        };
+        cmd = cmd.mut_arg(*id, |a| {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            a.help(format!("{help} [default: {default}] [config: {path}]"))
+        });
+    }
+    cmd
 }
 
 #[cfg(test)]
@@ -362,21 +369,25 @@ mod tests {
         train: TrainArgs,
     }
 
-    fn parse(args: &[&str]) -> Result<TrainConfig> {
+    fn parse(args: &[&str]) -> Result<RunConfig> {
         let cli = Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))?;
-        resolve(&cli.train)
+        cli.train.resolve()
     }
 
     #[test]
     fn seed_defaults() {
         let c = parse(&[]).unwrap();
         assert_eq!(
-            (c.num_samples, c.credit.negative_reward, c.max_error_span),
+            (
+                c.data.num_samples,
+                c.credit.negative_reward,
+                c.credit.max_error_span
+            ),
             (-1, -1.0, 64)
         );
         assert_eq!(
-            (c.credit.mode, c.use_cal, c.api_provider),
-            (CreditMode::Outcome, false, Provider::Calculator)
+            (c.credit.mode, c.oracle.provider),
+            (CreditMode::Outcome, Provider::Calculator)
         );
         let c = parse(&[
             "--use-cal",
@@ -387,22 +398,64 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (c.credit.mode, c.use_cal, c.credit.negative_reward),
-            (CreditMode::Span, true, -0.5)
+            (c.credit.mode, c.credit.negative_reward),
+            (CreditMode::Span, -0.5)
         );
-        assert_eq!(c.output_dir, PathBuf::from("runs/cal-seed42"));
+        assert_eq!(c.output_dir(), PathBuf::from("runs/cal-seed42"));
         let c = parse(&[
             "--use-cal",
             "--credit",
             "prefix",
             "--api-provider",
             "gemini",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--top-p",
+            "0.9",
+            "--generation-batch",
+            "16",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--importance",
+            "gspo",
         ])
         .unwrap();
         assert_eq!(
-            (c.credit.mode, c.cal_model.as_str()),
-            (CreditMode::Prefix, "gemini-2.0-flash")
+            (c.credit.mode, c.oracle.model.as_deref()),
+            (CreditMode::Prefix, Some("gemini-2.0-flash"))
         );
+        assert_eq!((c.rollout.top_p, c.rollout.generation_batch), (0.9, 16));
+        assert_eq!(c.model.lora.targets, ["q_proj", "v_proj"]);
+        assert_eq!(c.loss.importance, Importance::Sequence);
+    }
+
+    #[test]
+    fn every_flag_reaches_its_key() {
+        // A flag table entry whose path or id is wrong would silently drop the flag.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let ids: Vec<String> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        for (id, path) in FLAGS {
+            assert!(ids.iter().any(|x| x == id), "no flag {id}");
+            let schema =
+                serde_json::to_value(RunConfig::resolve(None, &json!({})).unwrap()).unwrap();
+            let parent = path.rsplit_once('.').unwrap().0;
+            assert!(
+                lookup(&schema, parent).is_some(),
+                "{id}: no section {parent}"
+            );
+        }
+        for id in &ids {
+            let special = ["config", "print_config", "resume", "use_cal"].contains(&id.as_str());
+            assert!(
+                special || FLAGS.iter().any(|(f, _)| f == id),
+                "flag {id} has no key"
+            );
+        }
     }
 
     #[test]
@@ -411,26 +464,36 @@ mod tests {
         assert!(parse(&["--num-generations", "1"]).is_err());
         assert!(parse(&["--num-samples", "0"]).is_err());
         assert!(parse(&["--credit", "nope"]).is_err());
+        assert!(parse(&["--device", "tpu"]).is_err());
+        assert!(parse(&["--loss-aggregation", "sum"]).is_err());
     }
 
     #[test]
-    fn config_file_then_flags() {
+    fn config_file_then_flags_and_print_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "use-cal = true\nnum-generations = 8\nmax-error-span = 16\n",
+            "[credit]\nmode = \"span\"\nmax-error-span = 16\n[rollout]\nnum-generations = 8\n",
         )
         .unwrap();
         let p = path.to_str().unwrap();
         let c = parse(&["--config", p]).unwrap();
         assert_eq!(
-            (c.use_cal, c.num_generations, c.max_error_span),
-            (true, 8, 16)
+            (
+                c.credit.mode,
+                c.rollout.num_generations,
+                c.credit.max_error_span
+            ),
+            (CreditMode::Span, 8, 16)
         );
-        let c = parse(&["--config", p, "--num-generations", "2"]).unwrap();
-        assert_eq!(c.num_generations, 2);
-        std::fs::write(&path, "num-generationz = 8\n").unwrap();
+        let c = parse(&["--config", p, "--num-generations", "2", "--beta", "0"]).unwrap();
+        assert_eq!((c.rollout.num_generations, c.loss.beta), (2, 0.0));
+        // what --print-config prints, fed back, is the same configuration
+        let printed = dir.path().join("printed.toml");
+        std::fs::write(&printed, c.to_toml().unwrap()).unwrap();
+        assert_eq!(parse(&["--config", printed.to_str().unwrap()]).unwrap(), c);
+        std::fs::write(&path, "[rollout]\nnum-generationz = 8\n").unwrap();
         let err = format!("{:#}", parse(&["--config", p]).unwrap_err());
         assert!(
             err.contains("c.toml") && err.contains("num-generationz"),

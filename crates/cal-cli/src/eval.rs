@@ -1,106 +1,104 @@
-//! `cal-grpo eval`: grade precomputed responses (`--predictions`) against a dataset.
+//! `cal-grpo eval`: grade precomputed responses (`--predictions`) or a model's
+//! generations against a dataset; both write the same [`EvalReport`].
 
-use anyhow::{bail, Context, Result};
+use crate::config::PlacementFlags;
+use anyhow::{bail, Result};
 use cal_core::data;
-use cal_core::evaluate::{accuracy, grade_predictions, load_predictions};
+use cal_core::evaluate::{grade_predictions, load_predictions};
+use cal_train::evaluate::{EvalConfig, EvalReport};
 use clap::Args;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// JSONL of responses: rows with `response` and `idx` or `question`.
+    /// JSONL of responses: rows with `response` and `idx` or `question` (several rows
+    /// per item give pass@k).
     #[arg(long)]
     pub predictions: Option<PathBuf>,
     /// GSM8K-format dataset (`.jsonl` or `.parquet`) holding the gold answers.
     #[arg(long)]
     pub dataset: PathBuf,
     /// Directory for `eval_examples.jsonl` and `eval_results.json`
-    /// [default: next to the predictions file, as `<stem>.eval/`].
+    /// [default: next to the predictions file, as `<stem>.eval/`; runs/eval for --model].
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Model to generate with instead of --predictions: `tiny`, a Hugging Face folder or
     /// a `.gguf` file.
     #[arg(long)]
     pub model: Option<String>,
-    /// Samples per question (1 = greedy; k > 1 samples at T = 0.7 and reports pass@k).
+    #[command(flatten)]
+    pub placement: PlacementFlags,
+    /// Samples per question (1 = greedy; k > 1 samples at --temperature and reports pass@k).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
+    /// Sampling temperature when --samples > 1.
+    #[arg(long, default_value_t = EvalConfig::default().temperature)]
+    pub temperature: f64,
     /// Evaluate the first N problems (-1 = all).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub num_samples: i64,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
+    #[arg(long, default_value_t = EvalConfig::default().seed)]
+    pub seed: u64,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let Some(pred_path) = &args.predictions else {
-        if let Some(model) = &args.model {
+    let (report, out_dir) = match (&args.predictions, &args.model) {
+        (Some(_), Some(_)) => bail!("eval takes --predictions or --model, not both"),
+        (None, None) => bail!("eval needs --predictions FILE.jsonl or --model PATH"),
+        (None, Some(model)) => {
             let out = args
                 .output_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("runs/eval"));
-            crate::run::eval_model(
+            let cfg = EvalConfig {
+                max_new_tokens: args.max_new_tokens,
+                samples: args.samples.max(1),
+                greedy: args.samples <= 1,
+                temperature: args.temperature,
+                seed: args.seed,
+                ..EvalConfig::default()
+            };
+            let placement = args.placement.placement();
+            let r = crate::run::eval_model(
                 model,
+                placement,
                 &args.dataset,
-                args.samples,
+                &cfg,
                 args.num_samples,
-                args.max_new_tokens,
                 &out,
             )?;
-            return Ok(());
+            (r, out)
         }
-        bail!("eval needs --predictions FILE.jsonl or --model PATH");
+        (Some(pred_path), None) => {
+            let dataset = data::load(&args.dataset)?;
+            let preds = load_predictions(pred_path)?;
+            let graded = grade_predictions(&dataset, &preds, pred_path)?;
+            let name = pred_path
+                .file_stem()
+                .map_or("predictions".into(), |s| s.to_string_lossy().into_owned());
+            let mut r =
+                EvalReport::new(name, pred_path.display().to_string(), graded, dataset.len());
+            r.dataset = Some(args.dataset.display().to_string());
+            let out = args
+                .output_dir
+                .clone()
+                .unwrap_or_else(|| default_out_dir(pred_path));
+            r.write(&out)?;
+            (r, out)
+        }
     };
-    let dataset = data::load(&args.dataset)?;
-    let preds = load_predictions(pred_path)?;
-    let graded = grade_predictions(&dataset, &preds, pred_path)?;
-    let acc = accuracy(&graded, dataset.len());
-
-    let out_dir = args
-        .output_dir
-        .clone()
-        .unwrap_or_else(|| default_out_dir(pred_path));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let examples_path = out_dir.join("eval_examples.jsonl");
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(&examples_path)
-            .with_context(|| format!("creating {}", examples_path.display()))?,
-    );
-    for g in &graded {
-        writeln!(w, "{}", serde_json::to_string(g)?)?;
-    }
-    w.flush()?;
-    let results = serde_json::json!({
-        "dataset": args.dataset,
-        "predictions": pred_path,
-        "accuracy": acc,
-    });
-    let results_path = out_dir.join("eval_results.json");
-    std::fs::write(&results_path, serde_json::to_string_pretty(&results)?)
-        .with_context(|| format!("writing {}", results_path.display()))?;
-
-    let pct = |x: f64| 100.0 * x;
+    let a = &report.accuracy;
     println!(
         "graded {} responses covering {} of {} dataset items",
-        acc.total, acc.items_covered, acc.dataset_size
+        a.total, a.items_covered, a.dataset_size
     );
-    println!(
-        "strict-match     {:6.2}%  ({}/{})",
-        pct(acc.strict_accuracy),
-        acc.strict_correct,
-        acc.total
-    );
-    println!(
-        "flexible-extract {:6.2}%  ({}/{})",
-        pct(acc.flexible_accuracy),
-        acc.flexible_correct,
-        acc.total
-    );
+    println!("{}", report.summary());
     println!(
         "per-example: {}\nresults:     {}",
-        examples_path.display(),
-        results_path.display()
+        out_dir.join(EvalReport::EXAMPLES_FILE).display(),
+        out_dir.join(EvalReport::FILE).display()
     );
     Ok(())
 }

@@ -3,7 +3,6 @@
 use anyhow::{anyhow, Result};
 use cal_model::generate::{generate, SamplingConfig};
 use cal_model::load;
-use candle_core::{DType, Device};
 use clap::Args;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -13,6 +12,8 @@ pub struct GenerateArgs {
     /// A Hugging Face model folder or a `.gguf` file.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub placement: crate::config::PlacementFlags,
     #[arg(long)]
     pub prompt: String,
     /// Wrap the prompt in the model's chat template (as a user turn).
@@ -37,8 +38,8 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let dev = Device::Cpu;
-    let loaded = load::load(&args.model, DType::F32, &dev)?;
+    let (dev, dtype) = args.placement.placement().resolve()?;
+    let loaded = load::load(&args.model, dtype, &dev)?;
     let tok = &loaded.tokenizer;
     let text = if args.chat {
         let tpl = tok.chat_template.as_ref().ok_or_else(|| {

@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result};
 use cal_core::data::{self, GenConfig};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +66,8 @@ enum Command {
         /// New tokens per row of the generation measurement.
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
+        #[command(flatten)]
+        placement: config::PlacementFlags,
     },
     /// Walk one example through oracle → locate → map → token rewards.
     Demo(oracle::DemoArgs),
@@ -113,12 +115,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             repeats,
             seq,
             new_tokens,
+            placement,
         } => {
+            let placement = placement.placement();
             match what.as_str() {
-                "model" => run::bench(&model, repeats, seq, new_tokens)?,
+                "model" => run::bench(&model, placement, repeats, seq, new_tokens)?,
                 "generate" => {
                     anyhow::ensure!(!model.is_empty(), "bench generate needs --model");
-                    run::bench_generate(&model, repeats, new_tokens)?
+                    run::bench_generate(&model, placement, repeats, new_tokens)?
                 }
                 "kernels" => run::bench_kernels(repeats)?,
                 _ => anyhow::bail!("unknown benchmark {what:?} (model, generate, kernels)"),
@@ -202,7 +206,16 @@ fn main() -> ExitCode {
         }
         eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
     });
-    match run(Cli::parse()) {
+    // `train` and `experiment` show each flag's default and configuration key, taken
+    // from the run configuration itself.
+    let cmd = Cli::command()
+        .mut_subcommand("train", config::annotate_defaults)
+        .mut_subcommand("experiment", config::annotate_defaults);
+    let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,24 +1,21 @@
 //! `cal-grpo oracle` (one request) and `cal-grpo demo` (one example through oracle →
 //! locate → map → token rewards, with the penalised tokens marked).
 
-use crate::config::Provider;
+use crate::config::{OracleFlags, PlacementFlags};
 use anyhow::{anyhow, Context, Result};
 use cal_core::credit::{token_advantages, CreditConfig, CreditMode, RolloutCredit};
 use cal_core::locate::LocateConfig;
 use cal_core::map::map_span;
 use cal_model::tokenizer::TokenizerBundle;
-use cal_oracle::{locate_error, OracleRequest, OracleSpec, SpanOutcome};
+use cal_oracle::{locate_error, OracleRequest, SpanOutcome};
 use clap::Args;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct OracleArgs {
-    #[arg(long, value_enum, default_value = "calculator")]
-    pub api_provider: Provider,
-    /// Oracle model (provider default: gpt-4o-mini, gemini-2.0-flash).
-    #[arg(long)]
-    pub cal_model: Option<String>,
+    #[command(flatten)]
+    pub oracle: OracleFlags,
     #[arg(long)]
     pub question: String,
     /// The reference worked solution (GSM8K `answer`).
@@ -33,37 +30,20 @@ pub struct OracleArgs {
     /// A model (Hugging Face folder or `.gguf`) whose tokenizer reports the token range.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value_t = 64)]
-    pub max_error_span: usize,
+    #[command(flatten)]
+    pub placement: PlacementFlags,
+    /// At most this many tokens of the span are reported (0 = no cap) [default: 64].
     #[arg(long)]
-    pub oracle_base_url: Option<String>,
-    #[arg(long, default_value_t = 60.0)]
-    pub oracle_timeout: f64,
+    pub max_error_span: Option<usize>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
 }
 
-fn spec(
-    provider: Provider,
-    model: Option<&str>,
-    base_url: Option<String>,
-    timeout: f64,
-) -> OracleSpec {
-    OracleSpec {
-        provider: format!("{provider:?}").to_lowercase(),
-        model: model.unwrap_or(provider.default_model()).to_string(),
-        base_url,
-        max_cost: None,
-        concurrency: 1,
-        timeout_secs: timeout,
-        cache: Some(cal_train::tiny::cache_root().join("oracle-cache.sqlite")),
-    }
-}
-
 fn load_tokenizer(
     tokenizer: Option<&PathBuf>,
     model: Option<&PathBuf>,
+    placement: &PlacementFlags,
 ) -> Result<Option<tokenizers::Tokenizer>> {
     if let Some(p) = tokenizer {
         return tokenizers::Tokenizer::from_file(p)
@@ -71,7 +51,8 @@ fn load_tokenizer(
             .map_err(|e| anyhow!("{}: {e}", p.display()));
     }
     if let Some(m) = model {
-        let l = cal_model::load::load(m, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        let (dev, dtype) = placement.placement().resolve()?;
+        let l = cal_model::load::load(m, dtype, &dev)?;
         return Ok(Some(l.tokenizer.tokenizer));
     }
     Ok(None)
@@ -86,14 +67,7 @@ pub fn run(args: &OracleArgs) -> Result<()> {
         std::fs::read_to_string(&args.response)
             .with_context(|| format!("reading {}", args.response))?
     };
-    let oracle = spec(
-        args.api_provider,
-        args.cal_model.as_deref(),
-        args.oracle_base_url.clone(),
-        args.oracle_timeout,
-    )
-    .build()
-    .map_err(anyhow::Error::msg)?;
+    let oracle = args.oracle.spec()?.build().map_err(anyhow::Error::msg)?;
     let req = OracleRequest {
         question: args.question.clone(),
         reference: args.reference.clone(),
@@ -105,13 +79,20 @@ pub fn run(args: &OracleArgs) -> Result<()> {
         &req,
         &LocateConfig::default(),
     ));
-    let tok = load_tokenizer(args.tokenizer.as_ref(), args.model.as_ref())?;
+    let tok = load_tokenizer(
+        args.tokenizer.as_ref(),
+        args.model.as_ref(),
+        &args.placement,
+    )?;
+    let cap = args
+        .max_error_span
+        .unwrap_or(CreditConfig::default().max_error_span);
     let token_span = match (&tok, outcome.range()) {
         (Some(t), Some(r)) => {
             let enc = t
                 .encode(response.as_str(), false)
                 .map_err(|e| anyhow!("tokenizer: {e}"))?;
-            map_span(enc.get_offsets(), r, args.max_error_span)
+            map_span(enc.get_offsets(), r, cap)
         }
         _ => None,
     };
@@ -170,15 +151,11 @@ pub fn run(args: &OracleArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    #[arg(long, value_enum, default_value = "calculator")]
-    pub api_provider: Provider,
-    #[arg(long)]
-    pub cal_model: Option<String>,
+    #[command(flatten)]
+    pub oracle: OracleFlags,
     /// `tokenizer.json` to tokenise with (default: a byte-level BPE trained on the spot).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    #[arg(long)]
-    pub oracle_base_url: Option<String>,
 }
 
 const QUESTION: &str =
@@ -213,14 +190,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         CORRECT.replace('\n', " | "),
         WRONG.replace('\n', " | ")
     );
-    let oracle = spec(
-        args.api_provider,
-        args.cal_model.as_deref(),
-        args.oracle_base_url.clone(),
-        60.0,
-    )
-    .build()
-    .map_err(anyhow::Error::msg)?;
+    let oracle = args.oracle.spec()?.build().map_err(anyhow::Error::msg)?;
     let req = OracleRequest {
         question: QUESTION.into(),
         reference: REFERENCE.into(),
@@ -243,7 +213,8 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     println!("2. locate: characters {}..{}", range.start, range.end);
     let enc = |t: &str| tok.encode(t, false).map_err(|e| anyhow!("tokenizer: {e}"));
     let (ec, ew) = (enc(CORRECT)?, enc(WRONG)?);
-    let span = map_span(ew.get_offsets(), range, 64).context("span maps to no token")?;
+    let cap = CreditConfig::default().max_error_span;
+    let span = map_span(ew.get_offsets(), range, cap).context("span maps to no token")?;
     println!(
         "3. map: tokens {}..{} of {}",
         span.start,

@@ -1,31 +1,15 @@
 //! End-to-end tests of the `cal-grpo` binary.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cal-grpo"))
 }
 
-fn asset(rel: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../assets")
-        .join(rel);
-    if p.exists() {
-        Some(p)
-    } else if std::env::var("CAL_REQUIRE_ASSETS").as_deref() == Ok("1") {
-        panic!("{} is missing; run scripts/fetch-assets.sh", p.display());
-    } else {
-        eprintln!("skipping: {} not fetched", p.display());
-        None
-    }
-}
-
 #[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh"]
 fn eval_reference_answers_on_real_gsm8k_is_100_percent() {
-    let Some(test) = asset("gsm8k/test.jsonl") else {
-        return;
-    };
+    let test = cal_core::assets::asset("gsm8k/test.jsonl");
     let dir = tempfile::tempdir().unwrap();
     // predictions = the reference solutions, keyed by idx for half and by question for the rest
     let mut preds = String::new();
@@ -227,4 +211,195 @@ fn gen_data_roundtrips_through_eval() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("strict-match     100.00%  (50/50)"));
+}
+
+/// Writes predictions for every row of `ds`: the reference solution, or for rows where
+/// `wrong(i)` a response ending in a wrong answer; `k` rows per item.
+fn predictions(
+    ds: &std::path::Path,
+    out: &std::path::Path,
+    k: usize,
+    wrong: impl Fn(usize, usize) -> bool,
+) {
+    let mut s = String::new();
+    for (i, l) in std::fs::read_to_string(ds).unwrap().lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for j in 0..k {
+            let response = if wrong(i, j) {
+                "I think it is\n#### 123456789".to_string()
+            } else {
+                v["answer"].as_str().unwrap().to_string()
+            };
+            s.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"idx": v["idx"], "response": response})
+            ));
+        }
+    }
+    std::fs::write(out, s).unwrap();
+}
+
+#[test]
+fn compare_takes_two_predictions_reports_and_keeps_pass_at_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("gen.jsonl");
+    assert!(bin()
+        .args(["gen-data", "--n", "40", "--seed", "5", "-o"])
+        .arg(&ds)
+        .status()
+        .unwrap()
+        .success());
+    let (pa, pb) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    predictions(&ds, &pa, 1, |i, _| i % 2 == 0); // 50%
+    predictions(&ds, &pb, 2, |i, j| i % 4 == 0 || j == 0); // first sample always wrong
+    for (p, o) in [(&pa, "ra"), (&pb, "rb")] {
+        let out = bin()
+            .args(["eval", "--predictions"])
+            .arg(p)
+            .arg("--dataset")
+            .arg(&ds)
+            .arg("--output-dir")
+            .arg(dir.path().join(o))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = bin()
+        .arg("compare")
+        .arg(dir.path().join("ra"))
+        .arg(dir.path().join("rb/eval_results.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // per item, the comparison reads each report's first sample: a 50%, b 0%
+    assert!(stdout.contains("| a | 50.00% | 20 / 40 |"), "{stdout}");
+    assert!(stdout.contains("| b | 0.00% | 0 / 40 |"), "{stdout}");
+    // b has two samples per item, right on the second for 3 items in 4: pass@2 = 75%
+    assert!(stdout.contains("b: pass@2 75.00%"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("rb/eval_results.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (report["samples"].as_u64(), report["pass_at_k"].as_f64()),
+        (Some(2), Some(0.75))
+    );
+}
+
+#[test]
+fn print_config_round_trips_through_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = bin()
+        .args([
+            "train",
+            "--print-config",
+            "--use-cal",
+            "--num-generations",
+            "6",
+            "--top-p",
+            "0.9",
+            "--loss-aggregation",
+            "seq-mean-token-sum-norm",
+            "--lora-rank",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let text = String::from_utf8_lossy(&printed.stdout).to_string();
+    for want in [
+        "[rollout]",
+        "num-generations = 6",
+        "top-p = 0.9",
+        "mode = \"span\"",
+        "[model.lora]",
+        "alpha = 8.0",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let file = dir.path().join("run.toml");
+    std::fs::write(&file, &text).unwrap();
+    let again = bin()
+        .args(["train", "--print-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+    // an unknown key names the file and the key
+    std::fs::write(&file, "[rollout]\nnum-generationz = 8\n").unwrap();
+    let bad = bin()
+        .args(["train", "--print-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("run.toml") && err.contains("num-generationz"),
+        "{err}"
+    );
+}
+
+#[test]
+fn devices_and_dtypes_are_flags_with_clear_errors() {
+    for cmd in [
+        "train",
+        "sft",
+        "eval",
+        "generate",
+        "experiment",
+        "bench",
+        "oracle",
+    ] {
+        let help = bin().args([cmd, "--help"]).output().unwrap();
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert!(
+            text.contains("--device") && text.contains("--dtype"),
+            "{cmd}: {text}"
+        );
+    }
+    let out = bin()
+        .args([
+            "generate", "--model", "tiny", "--prompt", "hi", "--device", "cuda:1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cuda:1") && err.contains("--features cuda") && !err.contains("panicked"),
+        "{err}"
+    );
+    let out = bin()
+        .args(["train", "--dtype", "bf16", "--steps", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bf16") && err.contains("cpu"),
+        "{err}"
+    );
+    // defaults and configuration keys are in --help, taken from the configuration
+    let help = bin().args(["train", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("[default: 64] [config: credit.max-error-span]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[default: 3e-5 for tiny, 1e-6 otherwise] [config: optim.learning-rate]"),
+        "{text}"
+    );
 }

@@ -28,6 +28,7 @@ use std::str::FromStr;
 
 /// How outcome rewards become a per-rollout advantage inside a group.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum GroupAdvantage {
     /// GRPO: `Â_i = (r_i − mean_g r) / (std_g r + eps)`, with the sample standard
@@ -41,6 +42,7 @@ pub enum GroupAdvantage {
 
 /// Which tokens of a rollout carry which advantage (DESIGN.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum CreditMode {
     /// Baseline GRPO: `Â_i` on every completion token.
@@ -99,10 +101,13 @@ impl FromStr for GroupAdvantage {
     }
 }
 
-/// Parameters of credit assignment. Defaults follow the seed.
+/// Parameters of credit assignment: the `[credit]` section of a run configuration.
+/// Defaults follow the seed.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct CreditConfig {
     pub mode: CreditMode,
+    #[serde(rename = "advantage")]
     pub group: GroupAdvantage,
     /// Added to the std in [`GroupAdvantage::Grpo`].
     pub eps: f64,
@@ -110,6 +115,9 @@ pub struct CreditConfig {
     pub negative_reward: f64,
     /// Advantage of the tokens before the first error in [`CreditMode::Prefix`].
     pub prefix_reward: f64,
+    /// At most this many tokens of a located span are credited (the first ones; 0 = no
+    /// cap). Applied when a span is mapped to tokens ([`crate::map`]).
+    pub max_error_span: usize,
 }
 
 impl Default for CreditConfig {
@@ -120,6 +128,7 @@ impl Default for CreditConfig {
             eps: 1e-4,
             negative_reward: -1.0,
             prefix_reward: 0.0,
+            max_error_span: 64,
         }
     }
 }

@@ -5,10 +5,11 @@
 //!
 //! - [`grade`]: extract the final answer from a response and compare numerically.
 //! - [`locate`]: find the oracle's first-error segment inside the response text.
-//! - [`map`]: turn that character range into a range of completion tokens.
+//! - [`map`]: turn that byte range into a range of completion tokens.
 //! - [`credit`]: turn outcome rewards and spans into a `[B, T]` advantage matrix.
 //! - [`data`]: GSM8K loading and the seeded GSM8K-format problem generator.
 
+pub mod assets;
 pub mod credit;
 pub mod data;
 pub mod evaluate;

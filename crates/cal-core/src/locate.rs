@@ -32,8 +32,9 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
 
-/// Knobs of the matcher.
+/// Knobs of the matcher: the `[locate]` section of a run configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct LocateConfig {
     /// Minimum `1 - edit_distance / segment_len` for a fuzzy match.
     pub min_similarity: f64,

@@ -45,19 +45,19 @@ impl TokenSpan {
     }
 }
 
-/// Maps byte range `chars` to the tokens whose offsets overlap it.
+/// Maps the byte range `bytes` of the text to the tokens whose (byte) offsets overlap it.
 ///
 /// `max_tokens == 0` disables the cap. Returns `None` when no token overlaps the
 /// range (an empty range, or one past the last token's text).
 pub fn map_span(
     offsets: &[(usize, usize)],
-    chars: Range<usize>,
+    bytes: Range<usize>,
     max_tokens: usize,
 ) -> Option<TokenSpan> {
-    if chars.start >= chars.end {
+    if bytes.start >= bytes.end {
         return None;
     }
-    let overlaps = |&(s, e): &(usize, usize)| s < e && s < chars.end && e > chars.start;
+    let overlaps = |&(s, e): &(usize, usize)| s < e && s < bytes.end && e > bytes.start;
     let first = offsets.iter().position(overlaps)?;
     let last = offsets.iter().rposition(overlaps)?;
     let uncapped_len = last + 1 - first;

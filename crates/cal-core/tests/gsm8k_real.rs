@@ -1,30 +1,15 @@
-//! The real GSM8K files (fetched by `scripts/fetch-assets.sh`; CI requires them).
+//! The real GSM8K files (fetched by `scripts/fetch-assets.sh`; ignored without them,
+//! CI runs them with `--include-ignored`).
 
+use cal_core::assets::asset;
 use cal_core::data;
 use cal_core::evaluate::{accuracy, grade_example};
-use std::path::PathBuf;
-
-fn asset(rel: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../assets")
-        .join(rel);
-    if p.exists() {
-        Some(p)
-    } else if std::env::var("CAL_REQUIRE_ASSETS").as_deref() == Ok("1") {
-        panic!("{} is missing; run scripts/fetch-assets.sh", p.display());
-    } else {
-        eprintln!(
-            "skipping: {} not fetched (scripts/fetch-assets.sh)",
-            p.display()
-        );
-        None
-    }
-}
 
 #[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh"]
 fn reference_answers_score_100_percent() {
     for (rel, rows) in [("gsm8k/test.jsonl", 1319), ("gsm8k/train.jsonl", 7473)] {
-        let Some(path) = asset(rel) else { return };
+        let path = asset(rel);
         let ds = data::load(&path).unwrap();
         assert_eq!(ds.len(), rows, "{rel}");
         let graded: Vec<_> = ds.iter().map(|ex| grade_example(ex, &ex.answer)).collect();
@@ -46,10 +31,9 @@ fn reference_answers_score_100_percent() {
 }
 
 #[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh"]
 fn first_n_is_deterministic_on_real_data() {
-    let Some(path) = asset("gsm8k/test.jsonl") else {
-        return;
-    };
+    let path = asset("gsm8k/test.jsonl");
     let ds = data::load(&path).unwrap();
     let first = data::select(ds.clone(), 5, None);
     assert_eq!(

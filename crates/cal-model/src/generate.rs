@@ -5,7 +5,7 @@
 //! Returns token ids, text, and the byte offsets of every generated token in that text
 //! (the span mapper needs them).
 
-use crate::model::{positions_from_mask, KvCache, Transformer};
+use crate::model::{positions_from_mask, Forward, KvCache, Transformer};
 use crate::tokenizer::TokenizerBundle;
 use anyhow::Result;
 use candle_core::Tensor;
@@ -213,7 +213,13 @@ pub fn generate(
     let input = Tensor::from_vec(ids, (b, lp), dev)?;
     let positions = positions_from_mask(&mask, dev)?;
     let mut cache = KvCache::with_capacity(model.cfg.num_hidden_layers, lp + cfg.max_new_tokens);
-    let mut hidden = model.forward_hidden(&input, &positions, &mask, Some(&mut cache))?;
+    let mut hidden = model.forward_hidden(
+        &input,
+        &positions,
+        &mask,
+        Some(&mut cache),
+        Forward::INFERENCE,
+    )?;
     let stops: Vec<u32> = tok
         .eos_ids
         .iter()
@@ -265,7 +271,13 @@ pub fn generate(
         let pos: Vec<u32> = cache.last_pos.iter().map(|p| (*p + 1) as u32).collect();
         let input = Tensor::from_vec(next, (b, 1), dev)?;
         let positions = Tensor::from_vec(pos, (b, 1), dev)?;
-        hidden = model.forward_hidden(&input, &positions, &vec![vec![1u8]; b], Some(&mut cache))?;
+        hidden = model.forward_hidden(
+            &input,
+            &positions,
+            &vec![vec![1u8]; b],
+            Some(&mut cache),
+            Forward::INFERENCE,
+        )?;
     }
     out.into_iter()
         .zip(finish)
@@ -355,30 +367,20 @@ pub fn build_batch(
 }
 
 /// Per-token log-probs `[B, Tc]` of the completion tokens (differentiable through the
-/// model's parameters) and, detached, the per-token entropy `[B, Tc]`.
+/// model's parameters) and, detached, the per-token entropy `[B, Tc]`, of a forward
+/// pass in mode `fwd` ([`Forward::training`] for the loss, [`Forward::BASE`] for the
+/// reference of a LoRA run).
 pub fn completion_logprobs(
     model: &Transformer,
     batch: &SequenceBatch,
+    fwd: Forward,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let positions = positions_from_mask(&batch.mask, &model.device)?;
-    let hidden = model.forward_hidden(&batch.ids, &positions, &batch.mask, None)?;
+    let hidden = model.forward_hidden(&batch.ids, &positions, &batch.mask, None, fwd)?;
     // Position prompt_len - 1 + t predicts completion token t.
     let h = hidden.narrow(1, batch.prompt_len - 1, batch.completion_len)?;
     let logits = model.logits(&h)?;
-    let logp = crate::fused::token_logprobs(&logits, &batch.completion_ids)?;
-    let entropy = crate::fused::entropy(&logits)?;
+    let logp = crate::vocab::token_logprobs(&logits, &batch.completion_ids)?;
+    let entropy = crate::vocab::entropy(&logits)?;
     Ok((logp, entropy))
-}
-
-/// [`completion_logprobs`] of a training forward: LoRA dropout (if configured) is on
-/// for this call only, with masks drawn from `dropout_seed`.
-pub fn training_logprobs(
-    model: &mut Transformer,
-    batch: &SequenceBatch,
-    dropout_seed: u64,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    model.dropout_seed = Some(dropout_seed);
-    let out = completion_logprobs(model, batch);
-    model.dropout_seed = None;
-    out
 }

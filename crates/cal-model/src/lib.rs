@@ -3,14 +3,16 @@
 
 pub mod attention;
 pub mod config;
-pub mod fused;
+pub mod device;
 pub mod gemv;
 pub mod model;
 pub mod ops;
 pub mod rowwise;
 pub mod tokenizer;
+pub mod vocab;
 
 pub use config::ModelConfig;
-pub use model::{KvCache, LoraConfig, Params, Transformer};
+pub use device::{DTypeSpec, DeviceSpec, Placement};
+pub use model::{Forward, KvCache, LoraConfig, Params, Transformer};
 pub mod generate;
 pub mod load;

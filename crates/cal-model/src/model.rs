@@ -117,16 +117,43 @@ impl KvCache {
     }
 }
 
+/// What one forward pass applies beyond the base weights. Passed to every call rather
+/// than stored on the model, so that no call can leave the model in another mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    /// Apply the LoRA adapters (off: the frozen base, the reference of a LoRA run).
+    pub adapters: bool,
+    /// LoRA dropout with masks drawn from this seed (training forwards only). The masks
+    /// are a pure function of the seed and the module name, so a resumed run draws
+    /// exactly the masks the uninterrupted one drew without saving any RNG state.
+    pub dropout_seed: Option<u64>,
+}
+
+impl Forward {
+    /// Adapters on (if any), no dropout: generation, old and reference log-probs.
+    pub const INFERENCE: Forward = Forward {
+        adapters: true,
+        dropout_seed: None,
+    };
+    /// The base model without adapters.
+    pub const BASE: Forward = Forward {
+        adapters: false,
+        dropout_seed: None,
+    };
+
+    /// A training forward: adapters on, LoRA dropout (if configured) seeded by `seed`.
+    pub fn training(seed: u64) -> Self {
+        Forward {
+            adapters: true,
+            dropout_seed: Some(seed),
+        }
+    }
+}
+
 pub struct Transformer {
     pub cfg: ModelConfig,
     pub params: Params,
     pub lora: Option<LoraConfig>,
-    /// Whether LoRA adapters are applied (off = the frozen base, used as reference).
-    pub lora_enabled: bool,
-    /// LoRA dropout is active only while this is set (training forwards). The masks
-    /// are a pure function of this seed and the module name, so a resumed run draws
-    /// exactly the masks the uninterrupted one drew without saving any RNG state.
-    pub dropout_seed: Option<u64>,
     /// Run candle-nn's fused inference kernels (no backward; see [`ops::Kernels`]).
     /// Set only on the generator's view: reference and old log-probs go through the
     /// very kernels of the training forward, so that at step 0 the reference log-probs
@@ -224,8 +251,6 @@ impl Transformer {
             cfg,
             params,
             lora: None,
-            lora_enabled: false,
-            dropout_seed: None,
             fast_inference: false,
             device: device.clone(),
             dtype,
@@ -260,7 +285,6 @@ impl Transformer {
             .collect::<Result<Params>>()?;
         let mut m = Self::new(self.cfg.clone(), params, &self.device)?;
         m.lora = self.lora.clone();
-        m.lora_enabled = self.lora_enabled;
         Ok(m)
     }
 
@@ -276,8 +300,6 @@ impl Transformer {
             cfg: self.cfg.clone(),
             params,
             lora: self.lora.clone(),
-            lora_enabled: self.lora_enabled,
-            dropout_seed: None,
             fast_inference: false,
             device: self.device.clone(),
             dtype: self.dtype,
@@ -324,7 +346,6 @@ impl Transformer {
             added.push(format!("{module}.lora_B"));
         }
         self.lora = Some(cfg);
-        self.lora_enabled = true;
         Ok(added)
     }
 
@@ -349,9 +370,15 @@ impl Transformer {
         &self.params[name]
     }
 
-    /// `module.weight` (+ bias, + LoRA when enabled) applied to `x`.
+    /// `module.weight` (+ bias, + LoRA when `fwd` applies adapters) applied to `x`.
     /// `decode`: this is one decoding step of a pass without gradients.
-    fn lin(&self, module: &str, x: &Tensor, decode: bool) -> candle_core::Result<Tensor> {
+    fn lin(
+        &self,
+        module: &str,
+        x: &Tensor,
+        decode: bool,
+        fwd: Forward,
+    ) -> candle_core::Result<Tensor> {
         let linear = if decode {
             ops::linear_decode
         } else {
@@ -361,13 +388,13 @@ impl Transformer {
         let y = linear(x, w, self.params.get(&format!("{module}.bias")))?;
         match (
             &self.lora,
-            self.lora_enabled,
+            fwd.adapters,
             self.params.get(&format!("{module}.lora_A")),
         ) {
             (Some(cfg), true, Some(a)) => {
                 let b = self.p(&format!("{module}.lora_B"));
                 let scale = cfg.alpha / cfg.rank as f64;
-                let x = match self.dropout_seed {
+                let x = match fwd.dropout_seed {
                     Some(seed) if cfg.dropout > 0.0 => {
                         let mask =
                             ops::dropout_mask(x.shape(), cfg.dropout, seed, module, x.device())?;
@@ -428,6 +455,7 @@ impl Transformer {
         positions: &Tensor,
         key_mask: &[Vec<u8>],
         mut cache: Option<&mut KvCache>,
+        fwd: Forward,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
@@ -456,7 +484,7 @@ impl Transformer {
         } else {
             ops::Kernels::Differentiable
         };
-        let decode = kern == ops::Kernels::Fused && t == 1;
+        let decode = kern == ops::Kernels::Inference && t == 1;
         // The decoding attention kernel reads the key mask directly: no bias tensor.
         let bias = if decode && attention::serves(&self.device, self.dtype) {
             None
@@ -484,9 +512,18 @@ impl Transformer {
             )?;
             let heads =
                 |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-            let mut q = heads(self.lin(&format!("{p}.self_attn.q_proj"), &h, decode)?, nh)?;
-            let mut k = heads(self.lin(&format!("{p}.self_attn.k_proj"), &h, decode)?, nkv)?;
-            let v = heads(self.lin(&format!("{p}.self_attn.v_proj"), &h, decode)?, nkv)?;
+            let mut q = heads(
+                self.lin(&format!("{p}.self_attn.q_proj"), &h, decode, fwd)?,
+                nh,
+            )?;
+            let mut k = heads(
+                self.lin(&format!("{p}.self_attn.k_proj"), &h, decode, fwd)?,
+                nkv,
+            )?;
+            let v = heads(
+                self.lin(&format!("{p}.self_attn.v_proj"), &h, decode, fwd)?,
+                nkv,
+            )?;
             if cfg.qk_norm {
                 q = kern.rms_norm(
                     &q,
@@ -510,17 +547,17 @@ impl Transformer {
                 None => attention::decode_attention(&q, &k, &v, &full_mask, scale)?,
             };
             let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o, decode)?)?;
+            x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o, decode, fwd)?)?;
             let h = kern.rms_norm(
                 &x,
                 self.p(&format!("{p}.post_attention_layernorm.weight")),
                 cfg.rms_norm_eps,
             )?;
             let g = self
-                .lin(&format!("{p}.mlp.gate_proj"), &h, decode)?
+                .lin(&format!("{p}.mlp.gate_proj"), &h, decode, fwd)?
                 .silu()?;
-            let u = self.lin(&format!("{p}.mlp.up_proj"), &h, decode)?;
-            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &(g * u)?, decode)?)?;
+            let u = self.lin(&format!("{p}.mlp.up_proj"), &h, decode, fwd)?;
+            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &(g * u)?, decode, fwd)?)?;
         }
         if let Some(c) = cache {
             c.last_pos = positions
@@ -555,10 +592,10 @@ impl Transformer {
         ops::linear_decode(hidden, self.lm_head(), None)
     }
 
-    /// Full forward: logits `[B, T, V]` of a right- or left-padded batch.
+    /// Full inference forward: logits `[B, T, V]` of a right- or left-padded batch.
     pub fn forward(&self, ids: &Tensor, mask: &[Vec<u8>]) -> candle_core::Result<Tensor> {
         let positions = positions_from_mask(mask, &self.device)?;
-        let h = self.forward_hidden(ids, &positions, mask, None)?;
+        let h = self.forward_hidden(ids, &positions, mask, None, Forward::INFERENCE)?;
         self.logits(&h)
     }
 }

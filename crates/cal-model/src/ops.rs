@@ -54,31 +54,31 @@ pub enum Kernels {
     /// Differentiable: [`crate::rowwise`]'s kernels with hand-written backward passes
     /// (f32/f64 CPU) or the compositions above.
     Differentiable,
-    /// candle-nn's fused inference kernels.
-    Fused,
+    /// candle-nn's fused kernels, which have no backward: inference only.
+    Inference,
 }
 
 impl Kernels {
-    /// Fused only when no parameter takes part in autograd.
+    /// Inference kernels only when no parameter takes part in autograd.
     pub fn for_params<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> Self {
         if params.into_iter().any(Tensor::track_op) {
             Kernels::Differentiable
         } else {
-            Kernels::Fused
+            Kernels::Inference
         }
     }
 
     pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Kernels::Differentiable => crate::rowwise::rms_norm(x, weight, eps),
-            Kernels::Fused => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
+            Kernels::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
         }
     }
 
     pub fn softmax_last_dim(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Kernels::Differentiable => crate::rowwise::softmax_last_dim(x),
-            Kernels::Fused => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+            Kernels::Inference => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
         }
     }
 
@@ -88,7 +88,7 @@ impl Kernels {
             // [B, 1, T, D], halves duplicated, broadcast over heads
             Kernels::Differentiable => Tensor::cat(&[angles, angles], D::Minus1)?.unsqueeze(1)?,
             // [B, T, D/2], as candle-nn's kernel wants
-            Kernels::Fused => angles.contiguous()?,
+            Kernels::Inference => angles.contiguous()?,
         };
         Ok((
             angles.cos()?.to_dtype(dtype)?,
@@ -100,7 +100,7 @@ impl Kernels {
     pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         match self {
             Kernels::Differentiable => rope(x, cos, sin),
-            Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+            Kernels::Inference => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! f64 central differences.
 
 use cal_model::generate::{build_batch, completion_logprobs};
-use cal_model::{LoraConfig, ModelConfig, Transformer};
+use cal_model::{Forward, LoraConfig, ModelConfig, Transformer};
 use candle_core::{DType, Device, Tensor, Var};
 
 fn small(arch: &str) -> ModelConfig {
@@ -28,10 +28,14 @@ fn small(arch: &str) -> ModelConfig {
 
 /// A fixed weighted sum of completion log-probs over a ragged, left-padded batch.
 fn loss(model: &Transformer) -> Tensor {
+    loss_with(model, Forward::INFERENCE)
+}
+
+fn loss_with(model: &Transformer, fwd: Forward) -> Tensor {
     let prompts = vec![vec![1, 2, 3], vec![4, 5], vec![7]];
     let completions = vec![vec![6, 7, 8, 9], vec![10, 11], vec![12, 13, 14]];
     let batch = build_batch(&prompts, &completions, 0, &model.device).unwrap();
-    let (logp, _) = completion_logprobs(model, &batch).unwrap();
+    let (logp, _) = completion_logprobs(model, &batch, fwd).unwrap();
     let (b, t) = logp.dims2().unwrap();
     let w: Vec<f64> = (0..b * t)
         .map(|i| {
@@ -107,26 +111,21 @@ fn lora_dropout_is_seeded_and_only_on_while_training() {
         m
     };
     let plain = loss(&with(0.0)).to_scalar::<f32>().unwrap();
-    let mut m = with(0.5);
+    let m = with(0.5);
     assert_eq!(
         loss(&m).to_scalar::<f32>().unwrap(),
         plain,
         "no seed = eval mode"
     );
-    m.dropout_seed = Some(1);
-    let a = loss(&m).to_scalar::<f32>().unwrap();
-    assert_eq!(
-        a,
-        loss(&m).to_scalar::<f32>().unwrap(),
-        "same seed, same masks"
-    );
+    let train = |seed| {
+        loss_with(&m, Forward::training(seed))
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let a = train(1);
+    assert_eq!(a, train(1), "same seed, same masks");
     assert_ne!(a, plain);
-    m.dropout_seed = Some(2);
-    assert_ne!(
-        a,
-        loss(&m).to_scalar::<f32>().unwrap(),
-        "another seed, other masks"
-    );
+    assert_ne!(a, train(2), "another seed, other masks");
     let err = Transformer::init_random(small("llama"), 2, DType::F32, &dev)
         .unwrap()
         .add_lora(
@@ -178,9 +177,7 @@ fn lora_gradients_reach_only_adapters() {
     let vars = m.make_trainable(|k| k.contains(".lora_")).unwrap();
     assert_eq!(vars.len(), 2 * 2 * 2);
     let before = loss(&m).to_scalar::<f32>().unwrap();
-    m.lora_enabled = false;
-    let base = loss(&m).to_scalar::<f32>().unwrap();
-    m.lora_enabled = true;
+    let base = loss_with(&m, Forward::BASE).to_scalar::<f32>().unwrap();
     assert_eq!(before, base, "B = 0: a fresh adapter is a no-op");
     let grads = loss(&m).backward().unwrap();
     for (name, v) in &vars {
@@ -290,7 +287,13 @@ fn kv_cache_does_not_hold_the_graph_of_a_trainable_policy() {
     let pos = Tensor::new(&[[0u32, 1, 2]], &dev).unwrap();
     let mut cache = cal_model::KvCache::new(2);
     let h = m
-        .forward_hidden(&ids, &pos, &[vec![1, 1, 1]], Some(&mut cache))
+        .forward_hidden(
+            &ids,
+            &pos,
+            &[vec![1, 1, 1]],
+            Some(&mut cache),
+            Forward::INFERENCE,
+        )
         .unwrap();
     assert!(h.track_op(), "the forward itself stays differentiable");
     for (k, v) in cache.layers.iter().flatten() {
@@ -302,7 +305,7 @@ fn kv_cache_does_not_hold_the_graph_of_a_trainable_policy() {
 /// (itself checked by finite differences above): values, gradients and entropy.
 #[test]
 fn fused_token_logprobs_match_the_composition() {
-    use cal_model::fused;
+    use cal_model::vocab;
     let dev = Device::Cpu;
     let (b, t, v) = (3, 5, 37);
     let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (b, t, v), &dev).unwrap())).unwrap();
@@ -311,7 +314,7 @@ fn fused_token_logprobs_match_the_composition() {
         .collect();
     let y = Tensor::from_vec(y, (b, t), &dev).unwrap();
     let w = Tensor::randn(0f32, 1.0, (b, t), &dev).unwrap();
-    let fused_lp = fused::token_logprobs(x.as_tensor(), &y).unwrap();
+    let fused_lp = vocab::token_logprobs(x.as_tensor(), &y).unwrap();
     let reference = cal_model::ops::log_softmax_last_dim(x.as_tensor())
         .unwrap()
         .gather(&y.unsqueeze(2).unwrap(), 2)
@@ -354,13 +357,13 @@ fn fused_token_logprobs_match_the_composition() {
         .neg()
         .unwrap();
     close(
-        &flat(&fused::entropy(x.as_tensor()).unwrap()),
+        &flat(&vocab::entropy(x.as_tensor()).unwrap()),
         &flat(&h_ref),
         "entropy",
     );
     // a shape mismatch is an error, not a silent broadcast
     let bad = Tensor::zeros((b, t + 1), DType::U32, &dev).unwrap();
-    assert!(fused::token_logprobs(x.as_tensor(), &bad).is_err());
+    assert!(vocab::token_logprobs(x.as_tensor(), &bad).is_err());
 }
 
 /// The inference path (candle-nn's fused RMSNorm/RoPE/softmax, the small-batch matmul)
@@ -373,7 +376,7 @@ fn fused_inference_path_matches_the_training_path() {
     for arch in ["llama", "qwen2", "qwen3"] {
         let mut m = Transformer::init_random(small(arch), 3, DType::F32, &dev).unwrap();
         set_norms_and_biases(&mut m, 1.3);
-        assert_eq!(Kernels::for_params(m.params.values()), Kernels::Fused);
+        assert_eq!(Kernels::for_params(m.params.values()), Kernels::Inference);
         let ids = Tensor::new(&[[0u32, 0, 5, 6], [1, 2, 3, 4]], &dev).unwrap();
         let mask = vec![vec![0u8, 0, 1, 1], vec![1, 1, 1, 1]];
         let exact = m.forward(&ids, &mask).unwrap();
@@ -421,7 +424,13 @@ fn fused_inference_path_matches_the_training_path() {
                     .collect();
                 let pos = Tensor::from_vec(pos, (2, 1), &dev).unwrap();
                 let h = view
-                    .forward_hidden(&step_ids, &pos, &step_mask, Some(&mut cache))
+                    .forward_hidden(
+                        &step_ids,
+                        &pos,
+                        &step_mask,
+                        Some(&mut cache),
+                        Forward::INFERENCE,
+                    )
                     .unwrap();
                 last = Some(view.logits(&h).unwrap());
             }

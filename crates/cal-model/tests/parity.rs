@@ -113,22 +113,15 @@ fn batched_left_padded_generation_equals_one_by_one() {
 }
 
 #[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh --with-model"]
 fn smollm2_gguf_matches_transformers() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        assert_ne!(
-            std::env::var("CAL_REQUIRE_ASSETS").as_deref(),
-            Ok("1"),
-            "{} missing",
-            path.display()
-        );
-        eprintln!(
-            "skipping: {} not fetched (scripts/fetch-assets.sh --with-model)",
-            path.display()
-        );
-        return;
-    }
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/fetch-assets.sh --with-model`",
+        path.display()
+    );
     let l = load::load(&path, DType::F32, &Device::Cpu).unwrap();
     let fx = json("smollm2.json");
     // the chat template renders exactly as transformers renders it

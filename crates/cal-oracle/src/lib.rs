@@ -261,35 +261,95 @@ pub async fn locate_all(
         .collect()
 }
 
-/// How to build an oracle from command-line settings.
+/// Which oracle names the first error of an incorrect rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    /// OpenAI Chat Completions or any compatible server.
+    Openai,
+    /// Google Gemini `generateContent`.
+    Gemini,
+    /// Offline: checks every arithmetic step of the response.
+    Calculator,
+    /// Offline: first step whose value is not in the reference solution.
+    Reference,
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Gemini => "gemini",
+            Self::Calculator => "calculator",
+            Self::Reference => "reference",
+        }
+    }
+
+    /// The model a provider uses when none is configured.
+    pub fn default_model(&self) -> &'static str {
+        match self {
+            Self::Openai => "gpt-4o-mini",
+            Self::Gemini => "gemini-2.0-flash",
+            Self::Calculator => "calculator",
+            Self::Reference => "reference",
+        }
+    }
+}
+
+/// How to build an oracle: the `[oracle]` section of a run configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct OracleSpec {
-    /// `calculator`, `reference`, `openai` or `gemini`.
-    pub provider: String,
-    /// Model for remote providers (ignored by offline ones).
-    pub model: String,
+    pub provider: Provider,
+    /// Model for remote providers (`None`: the provider's default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Base URL of an OpenAI-compatible server.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+    /// Stop calling a paid oracle after this many USD (estimated).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_cost: Option<f64>,
+    /// Concurrent requests.
     pub concurrency: usize,
-    pub timeout_secs: f64,
+    /// Per-request timeout in seconds.
+    pub timeout: f64,
     /// SQLite cache file for remote replies (`None`: no cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<std::path::PathBuf>,
 }
 
+impl Default for OracleSpec {
+    fn default() -> Self {
+        Self {
+            provider: Provider::Calculator,
+            model: None,
+            base_url: None,
+            max_cost: None,
+            concurrency: 8,
+            timeout: 60.0,
+            cache: None,
+        }
+    }
+}
+
 impl OracleSpec {
+    /// The model asked: the configured one or the provider's default.
+    pub fn model_name(&self) -> &str {
+        self.model
+            .as_deref()
+            .unwrap_or(self.provider.default_model())
+    }
+
     /// Builds the oracle; remote providers read their key from the environment or `.env`.
     pub fn build(&self) -> Result<std::sync::Arc<dyn Oracle>, String> {
         use remote::{Api, RemoteConfig, RemoteOracle};
-        let api = match self.provider.as_str() {
-            "calculator" => return Ok(std::sync::Arc::new(calculator::CalculatorOracle)),
-            "reference" => return Ok(std::sync::Arc::new(reference::ReferenceOracle)),
-            "openai" => Api::OpenAi,
-            "gemini" => Api::Gemini,
-            other => {
-                return Err(format!(
-                    "unknown oracle provider {other:?} (openai, gemini, calculator, reference)"
-                ))
-            }
+        let api = match self.provider {
+            Provider::Calculator => return Ok(std::sync::Arc::new(calculator::CalculatorOracle)),
+            Provider::Reference => return Ok(std::sync::Arc::new(reference::ReferenceOracle)),
+            Provider::Openai => Api::OpenAi,
+            Provider::Gemini => Api::Gemini,
         };
         let cache = match &self.cache {
             Some(p) => Some(std::sync::Arc::new(
@@ -301,13 +361,13 @@ impl OracleSpec {
             base_url: self.base_url.clone(),
             max_cost: self.max_cost,
             concurrency: self.concurrency.max(1),
-            timeout: Duration::from_secs_f64(self.timeout_secs.max(0.001)),
+            timeout: Duration::from_secs_f64(self.timeout.max(0.001)),
             ..RemoteConfig::default()
         };
         let key = remote::key_from_env(api.key_var());
         Ok(std::sync::Arc::new(RemoteOracle::new(
             api,
-            &self.model,
+            self.model_name(),
             key,
             cfg,
             cache,

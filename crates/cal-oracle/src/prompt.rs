@@ -138,7 +138,7 @@ pub fn parse_reply(raw: &str) -> Result<Verdict, String> {
         }
         // Broken JSON (e.g. truncated by the token limit after the value): keep the
         // value when its string literal is complete, else give up.
-        let key_value = regex_lite_first_error(&text[a..]);
+        let key_value = first_error_key_value(&text[a..]);
         return key_value.ok_or_else(|| format!("malformed JSON reply: {}", excerpt(text)));
     }
     // Plain text: the segment itself, fences and quotes stripped.
@@ -153,7 +153,7 @@ pub fn parse_reply(raw: &str) -> Result<Verdict, String> {
 }
 
 /// `"first_error": "<complete JSON string>"` inside broken JSON.
-fn regex_lite_first_error(s: &str) -> Option<Verdict> {
+fn first_error_key_value(s: &str) -> Option<Verdict> {
     let after_key = &s[s.find("\"first_error\"")? + "\"first_error\"".len()..];
     let rest = after_key.trim_start().strip_prefix(':')?.trim_start();
     if rest.starts_with("null") {

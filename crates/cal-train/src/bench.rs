@@ -9,6 +9,7 @@ use crate::update::{AdamW, OptimConfig};
 use anyhow::Result;
 use cal_model::generate::{build_batch, completion_logprobs, generate, SamplingConfig};
 use cal_model::tokenizer::TokenizerBundle;
+use cal_model::Forward;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use std::time::Instant;
@@ -44,11 +45,17 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// GFLOP/s of one `[m, k] × [k, n]` f32 matmul (median of `reps`).
-pub fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
-    let dev = Device::Cpu;
-    let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-    let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+/// GFLOP/s of one `[m, k] × [k, n]` matmul on `dev` in `dtype` (median of `reps`).
+pub fn matmul_gflops(
+    m: usize,
+    k: usize,
+    n: usize,
+    reps: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), dev)?.to_dtype(dtype)?;
     let _ = a.matmul(&b)?;
     let times: Vec<f64> = (0..reps)
         .map(|_| {
@@ -111,7 +118,7 @@ pub fn bench_policy(
     seq: usize,
     repeats: usize,
 ) -> Result<BenchRow> {
-    let dev = Device::Cpu;
+    let (dev, dtype) = (policy.model.device.clone(), policy.model.dtype);
     let params = policy.model.cfg.num_params();
     let h = policy.model.cfg.hidden_size;
     let prompts = vec![policy.tok.encode(GEN_PROMPT)?; batch];
@@ -146,19 +153,19 @@ pub fn bench_policy(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..repeats + 1 {
         // A/B interleaved: the matmul reference runs between the model measurements
-        let m = matmul_gflops(batch * seq, h, 4 * h, 3)?;
+        let m = matmul_gflops(batch * seq, h, 4 * h, 3, &dev, dtype)?;
         let t = Instant::now();
         let out = generate(&policy.model, &tok_no_eos, &prompts, &gen_cfg, &mut rng)?;
         let gen = t.elapsed().as_secs_f64();
         let n: usize = out.iter().map(|g| g.ids.len()).sum();
         let t = Instant::now();
-        let (lp, _) = completion_logprobs(&policy.model, &sb)?;
+        let (lp, _) = completion_logprobs(&policy.model, &sb, Forward::training(0))?;
         let loss = (lp.sum_all()? * -1e-3)?;
         let grads = loss.backward()?;
         opt.step(&grads, 1e-7)?;
         let st = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let _ = completion_logprobs(&reference, &sb)?
+        let _ = completion_logprobs(&reference, &sb, Forward::INFERENCE)?
             .0
             .to_dtype(DType::F32)?
             .sum_all()?

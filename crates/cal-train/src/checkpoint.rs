@@ -76,3 +76,43 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
     serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid checkpoint state", p.display()))
 }
+
+/// Where a resumed run continues.
+pub struct Resumed {
+    pub dir: PathBuf,
+    pub step: usize,
+    pub cursor: usize,
+    pub rng: rand_chacha::ChaCha8Rng,
+    pub skipped: usize,
+}
+
+/// Loads the latest checkpoint of `out` into the optimizer's variables and moments.
+pub fn resume(out: &Path, opt: &mut crate::update::AdamW) -> Result<Resumed> {
+    let ck = latest(out).with_context(|| {
+        format!(
+            "--resume: no checkpoint in {}",
+            checkpoints_dir(out).display()
+        )
+    })?;
+    let state = read_state(&ck)?;
+    let (dtype, device) = match opt.vars().first() {
+        Some((_, v)) => (v.dtype(), v.device().clone()),
+        None => anyhow::bail!("nothing to train: no trainable parameters"),
+    };
+    let weights =
+        cal_model::load::load_safetensors(&ck.join("weights.safetensors"), dtype, &device)?;
+    for (name, var) in opt.vars() {
+        let t = weights
+            .get(name)
+            .with_context(|| format!("{}: checkpoint lacks {name}", ck.display()))?;
+        var.set(t)?;
+    }
+    opt.load_state(&ck.join("optimizer.safetensors"), state.step)?;
+    Ok(Resumed {
+        step: state.step,
+        cursor: state.cursor,
+        rng: restore_rng(state.rng_seed, state.rng_stream, state.rng_word_pos),
+        skipped: state.counters["skipped_steps"].as_u64().unwrap_or(0) as usize,
+        dir: ck,
+    })
+}

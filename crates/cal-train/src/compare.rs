@@ -164,27 +164,6 @@ impl Comparison {
     }
 }
 
-/// Reads `eval_results.json` of a run folder (or the file itself).
-pub fn read_eval(path: &Path) -> Result<(String, Vec<GradedExample>)> {
-    let file = if path.is_dir() {
-        path.join("eval_results.json")
-    } else {
-        path.to_path_buf()
-    };
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
-    let examples: Vec<GradedExample> = serde_json::from_value(v["examples"].clone())
-        .with_context(|| format!("{}: no per-example results (`examples`)", file.display()))?;
-    let name = v["name"].as_str().map(str::to_string).unwrap_or_else(|| {
-        file.parent()
-            .and_then(|p| p.file_name())
-            .map_or("run".into(), |n| n.to_string_lossy().into_owned())
-    });
-    Ok((name, examples))
-}
-
 /// Reads one metric's curve from a run's `metrics.jsonl`.
 pub fn read_curve(run_dir: &Path, metric: &str) -> Vec<(f64, f64)> {
     let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) else {

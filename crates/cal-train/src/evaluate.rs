@@ -1,13 +1,17 @@
-//! Model-based evaluation: generate on a test split, grade, summarise.
+//! Evaluation: generate on a test split and grade ([`evaluate`]), and the one results
+//! file every command writes and `compare` reads ([`EvalReport`]).
 
 use crate::log::Progress;
 use crate::policy::Policy;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cal_core::data::Example;
 use cal_core::evaluate::{accuracy, grade_example, Accuracy, GradedExample};
 use cal_model::generate::SamplingConfig;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalConfig {
@@ -33,21 +37,144 @@ impl Default for EvalConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EvalResult {
+/// The results of one evaluation: `eval_results.json` (with the per-example rows also
+/// in `eval_examples.jsonl`), written by `eval` (model or `--predictions`), `train` and
+/// `experiment`, read by `compare` and by `experiment` when it reuses a finished arm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Label in comparisons: `baseline`, `cal`, a model or a predictions file.
+    pub name: String,
+    /// What produced the responses (a model, a predictions file or a run folder).
+    #[serde(default)]
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
     pub accuracy: Accuracy,
-    /// Fraction of questions with at least one correct sample (= accuracy when k = 1).
-    pub pass_at_k: f64,
+    /// Responses per item (k); `pass_at_k` is the fraction of items with a right one.
+    #[serde(default = "one")]
     pub samples: usize,
+    #[serde(default)]
+    pub pass_at_k: f64,
     pub examples: Vec<GradedExample>,
+    /// The configuration that produced it (a run's, or the evaluation's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
+fn one() -> usize {
+    1
+}
+
+/// Fraction of items (by dataset idx) with at least one correct response.
+pub fn pass_at_k(examples: &[GradedExample]) -> f64 {
+    let mut items: BTreeMap<u64, bool> = BTreeMap::new();
+    for e in examples {
+        *items.entry(e.idx).or_default() |= e.correct;
+    }
+    items.values().filter(|c| **c).count() as f64 / items.len().max(1) as f64
+}
+
+impl EvalReport {
+    pub const FILE: &'static str = "eval_results.json";
+    pub const EXAMPLES_FILE: &'static str = "eval_examples.jsonl";
+
+    /// A report of graded responses; accuracy, k and pass@k are derived from them.
+    pub fn new(
+        name: impl Into<String>,
+        source: impl Into<String>,
+        examples: Vec<GradedExample>,
+        dataset_size: usize,
+    ) -> Self {
+        let mut per_item: BTreeMap<u64, usize> = BTreeMap::new();
+        for e in &examples {
+            *per_item.entry(e.idx).or_default() += 1;
+        }
+        Self {
+            name: name.into(),
+            source: source.into(),
+            dataset: None,
+            accuracy: accuracy(&examples, dataset_size),
+            samples: per_item.values().copied().max().unwrap_or(1),
+            pass_at_k: pass_at_k(&examples),
+            examples,
+            config: None,
+        }
+    }
+
+    /// Writes `eval_results.json` and `eval_examples.jsonl` into `dir`; returns the
+    /// results file.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let rows = dir.join(Self::EXAMPLES_FILE);
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(&rows).with_context(|| format!("creating {}", rows.display()))?,
+        );
+        for e in &self.examples {
+            writeln!(w, "{}", serde_json::to_string(e)?)?;
+        }
+        w.flush()?;
+        let file = dir.join(Self::FILE);
+        std::fs::write(&file, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", file.display()))?;
+        Ok(file)
+    }
+
+    /// Reads a results file, or the one in a run folder (`eval_results.json`).
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join(Self::FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let mut r: Self = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not an evaluation report (write one with `cal-grpo eval`)",
+                file.display()
+            )
+        })?;
+        if r.name.is_empty() {
+            r.name = file
+                .parent()
+                .and_then(|p| p.file_name())
+                .map_or("run".into(), |n| n.to_string_lossy().into_owned());
+        }
+        Ok(r)
+    }
+
+    /// The accuracy lines printed after an evaluation.
+    pub fn summary(&self) -> String {
+        let a = &self.accuracy;
+        let mut s = format!(
+            "strict-match     {:6.2}%  ({}/{})\nflexible-extract {:6.2}%  ({}/{})",
+            100.0 * a.strict_accuracy,
+            a.strict_correct,
+            a.total,
+            100.0 * a.flexible_accuracy,
+            a.flexible_correct,
+            a.total
+        );
+        if self.samples > 1 {
+            s.push_str(&format!(
+                "\npass@{}           {:6.2}%  ({} items)",
+                self.samples,
+                100.0 * self.pass_at_k,
+                a.items_covered
+            ));
+        }
+        s
+    }
+}
+
+/// Generates `cfg.samples` responses per example (greedy or sampled) and grades them;
+/// [`EvalReport::new`] summarises.
 pub fn evaluate(
     policy: &Policy,
     examples: &[Example],
     cfg: &EvalConfig,
     label: &str,
-) -> Result<EvalResult> {
+) -> Result<Vec<GradedExample>> {
     let sampling = SamplingConfig {
         max_new_tokens: cfg.max_new_tokens,
         greedy: cfg.greedy,
@@ -59,7 +186,6 @@ pub fn evaluate(
     let mut graded = Vec::with_capacity(examples.len() * k);
     let progress = Progress::new(label, examples.len() as u64, 0);
     let bs = (cfg.batch_size / k).max(1);
-    let mut correct_any = 0;
     for (ci, chunk) in examples.chunks(bs).enumerate() {
         let prompts: Vec<Vec<u32>> = chunk
             .iter()
@@ -72,7 +198,6 @@ pub fn evaluate(
                 .iter()
                 .map(|g| grade_example(ex, &g.text))
                 .collect();
-            correct_any += usize::from(g.iter().any(|x| x.correct));
             graded.extend(g);
         }
         let done = ((ci + 1) * bs).min(examples.len());
@@ -80,10 +205,5 @@ pub fn evaluate(
         progress.update(done as u64, &format!("acc {:.1}%", 100.0 * acc));
     }
     progress.finish();
-    Ok(EvalResult {
-        accuracy: accuracy(&graded, examples.len()),
-        pass_at_k: correct_any as f64 / examples.len().max(1) as f64,
-        samples: k,
-        examples: graded,
-    })
+    Ok(graded)
 }

@@ -2,8 +2,9 @@
 //! test items, then the paired comparison. `seeds > 1` repeats and aggregates.
 
 use crate::compare::{compare, plot_curves, Comparison};
-use crate::evaluate::{evaluate, EvalConfig, EvalResult};
-use crate::grpo::{GrpoConfig, RunEnd, Trainer};
+use crate::config::RunConfig;
+use crate::evaluate::{evaluate, EvalConfig, EvalReport};
+use crate::grpo::{RunEnd, Trainer};
 use crate::policy::Policy;
 use anyhow::{bail, Result};
 use cal_core::credit::CreditMode;
@@ -21,8 +22,9 @@ pub trait PolicySource {
 pub struct ExperimentConfig {
     pub out_dir: PathBuf,
     pub seeds: Vec<u64>,
-    /// Template for both runs; `credit.mode` and `seed` are set per run.
-    pub grpo: GrpoConfig,
+    /// Template for both runs; `credit.mode`, `run.seed` and `run.output-dir` are set
+    /// per run.
+    pub run: RunConfig,
     /// The CAL run's credit mode (span unless asked otherwise).
     pub cal_mode: CreditMode,
     pub eval: EvalConfig,
@@ -45,51 +47,32 @@ fn mean_metric(dir: &Path, metric: &str) -> f64 {
     c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64
 }
 
-fn save_eval(dir: &Path, name: &str, r: &EvalResult) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let v = serde_json::json!({"name": name, "accuracy": r.accuracy, "pass_at_k": r.pass_at_k, "examples": r.examples});
-    std::fs::write(
-        dir.join("eval_results.json"),
-        serde_json::to_string_pretty(&v)?,
-    )?;
-    Ok(())
-}
-
-/// Runs (or, with `resume`, continues) one training run and evaluates it.
+/// Runs (or, with a checkpoint in `dir`, continues) one training run and evaluates it.
+/// A run that finished earlier is reused, never redone.
 pub fn train_and_eval(
     source: &dyn PolicySource,
-    cfg: GrpoConfig,
+    mut cfg: RunConfig,
     train: &[Example],
     test: &[Example],
     eval: &EvalConfig,
     dir: &Path,
     name: &str,
-) -> Result<EvalResult> {
+) -> Result<EvalReport> {
     let resume = crate::checkpoint::latest(dir).is_some();
-    if dir.join("eval_results.json").exists() && resume {
-        // finished earlier: reuse (a rerun never redoes finished work)
-        let (_, examples) = crate::compare::read_eval(dir)?;
-        let acc = cal_core::evaluate::accuracy(&examples, test.len());
-        return Ok(EvalResult {
-            pass_at_k: acc.accuracy,
-            accuracy: acc,
-            samples: 1,
-            examples,
-        });
+    if dir.join(EvalReport::FILE).exists() && resume {
+        return EvalReport::read(dir);
     }
-    let mut trainer = Trainer::new(
-        cfg,
-        source.fresh()?,
-        train.to_vec(),
-        dir.to_path_buf(),
-        resume,
-    )?;
+    cfg.run.output_dir = Some(dir.to_path_buf());
+    let config = serde_json::to_value(&cfg)?;
+    let mut trainer = Trainer::new(cfg, source.fresh()?, train.to_vec(), resume)?;
     if trainer.run()? == RunEnd::Interrupted {
         bail!("interrupted; rerun the same command to continue");
     }
-    let r = evaluate(&trainer.policy, test, eval, &format!("eval {name}"))?;
-    save_eval(dir, name, &r)?;
-    Ok(r)
+    let graded = evaluate(&trainer.policy, test, eval, &format!("eval {name}"))?;
+    let mut report = EvalReport::new(name, dir.display().to_string(), graded, test.len());
+    report.config = Some(config);
+    report.write(dir)?;
+    Ok(report)
 }
 
 pub fn run(
@@ -101,14 +84,16 @@ pub fn run(
     std::fs::create_dir_all(&cfg.out_dir)?;
     eprintln!("policy: {}", source.describe());
     let before_dir = cfg.out_dir.join("before");
-    let before = if before_dir.join("eval_results.json").exists() {
-        let (_, ex) = crate::compare::read_eval(&before_dir)?;
-        cal_core::evaluate::accuracy(&ex, test.len()).accuracy
+    let before = if before_dir.join(EvalReport::FILE).exists() {
+        EvalReport::read(&before_dir)?
     } else {
-        let r = evaluate(&source.fresh()?, test, &cfg.eval, "eval before RL")?;
-        save_eval(&before_dir, "before RL", &r)?;
-        r.accuracy.accuracy
-    };
+        let graded = evaluate(&source.fresh()?, test, &cfg.eval, "eval before RL")?;
+        let r = EvalReport::new("before RL", source.describe(), graded, test.len());
+        r.write(&before_dir)?;
+        r
+    }
+    .accuracy
+    .accuracy;
     eprintln!(
         "held-out accuracy before RL: {:.1}% ({} items)",
         100.0 * before,
@@ -117,8 +102,8 @@ pub fn run(
     let mut results = Vec::new();
     for &seed in &cfg.seeds {
         let sdir = cfg.out_dir.join(format!("seed-{seed}"));
-        let mut base_cfg = cfg.grpo.clone();
-        base_cfg.seed = seed;
+        let mut base_cfg = cfg.run.clone();
+        base_cfg.run.seed = seed;
         base_cfg.credit.mode = CreditMode::Outcome;
         let mut cal_cfg = base_cfg.clone();
         cal_cfg.credit.mode = cfg.cal_mode;

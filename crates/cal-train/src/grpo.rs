@@ -1,75 +1,36 @@
 //! The GRPO / CAL-GRPO training loop. One code path: the credit mode decides whether
 //! oracle spans are used.
 //!
-//! One step:
+//! One step, each stage a module with typed inputs and outputs:
 //!
 //! ```text
-//! prompts ─► generate (G per prompt) ─► grade ─► locate (oracle, concurrent with the
-//! reference pass) ─► map (span → tokens) ─► credit ([B, T] advantages) ─► loss ─►
-//! update ─► log, checkpoint
+//! generate (rollout) ─► score: grade ─► locate (oracle, concurrent with the reference
+//! pass) ─► map ─► credit ─► optimize: loss, accumulate, step ─► log (metrics), checkpoint
 //! ```
 
 use crate::checkpoint::{self, TrainState};
+use crate::config::RunConfig;
 use crate::log::{JsonlLog, Progress, TensorBoard};
-use crate::loss::{policy_loss, LossConfig};
+use crate::metrics::{step_metrics, Metrics, StepRecord};
+use crate::optimize::{fixed_logprobs, micro_batches, update};
 use crate::policy::Policy;
-use crate::update::{lr_at, AdamW, OptimConfig};
+use crate::rollout::{self, Rollouts};
+use crate::score::{self, Spans};
+use crate::update::{lr_at, AdamW};
 use anyhow::{bail, Context, Result};
-use cal_core::credit::{token_advantages, CreditConfig, RolloutCredit};
 use cal_core::data::Example;
-use cal_core::grade::grade;
-use cal_core::locate::LocateConfig;
-use cal_core::map::map_span;
-use cal_model::generate::{
-    build_batch, completion_logprobs, training_logprobs, Generation, SamplingConfig,
-};
-use cal_model::{LoraConfig, Transformer};
-use cal_oracle::{locate_all, Oracle, OracleRequest, OracleSpec, SpanOutcome};
-use candle_core::{DType, Tensor};
+use cal_model::Transformer;
+use cal_oracle::{locate_all, Oracle, SpanOutcome};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GrpoConfig {
-    pub steps: usize,
-    /// Prompts per step (B); each gets `num_generations` completions.
-    pub prompts_per_step: usize,
-    pub num_generations: usize,
-    pub max_new_tokens: usize,
-    pub temperature: f64,
-    pub top_p: f64,
-    pub credit: CreditConfig,
-    /// Cap on penalised span tokens (0 = none).
-    pub max_error_span: usize,
-    pub loss: LossConfig,
-    pub optim: OptimConfig,
-    /// Policy updates per generated batch (> 1 reuses stored old log-probs).
-    pub num_iterations: usize,
-    pub seed: u64,
-    /// Checkpoint every N steps (0 = only at the end).
-    pub save_every: usize,
-    pub lora: Option<LoraConfig>,
-    pub oracle: OracleSpec,
-    pub locate: LocateConfig,
-    /// Rows per generation call (memory bound).
-    pub generation_batch: usize,
-    /// Rows per forward/backward of the loss (0 = all at once); gradients are
-    /// accumulated exactly.
-    #[serde(default)]
-    pub micro_batch: usize,
-}
-
-/// Everything logged for one step.
-pub type Metrics = BTreeMap<String, f64>;
-
 pub struct Trainer {
-    pub cfg: GrpoConfig,
+    pub cfg: RunConfig,
     pub policy: Policy,
     reference: Option<Transformer>,
     opt: AdamW,
@@ -77,6 +38,8 @@ pub struct Trainer {
     cursor: usize,
     rng: rand_chacha::ChaCha8Rng,
     pub step: usize,
+    /// Optimizer steps of the whole run.
+    pub total_steps: usize,
     oracle: Arc<dyn Oracle>,
     rt: tokio::runtime::Runtime,
     pub out_dir: PathBuf,
@@ -96,28 +59,29 @@ pub enum RunEnd {
 }
 
 impl Trainer {
-    /// Builds the trainer; with `resume`, continues from the latest checkpoint in
-    /// `out_dir` (an error if there is none).
+    /// Builds the trainer for `cfg` (output in `cfg.output_dir()`); with `resume`,
+    /// continues from the latest checkpoint there (an error if there is none).
     pub fn new(
-        cfg: GrpoConfig,
+        mut cfg: RunConfig,
         mut policy: Policy,
         data: Vec<Example>,
-        out_dir: PathBuf,
         resume: bool,
     ) -> Result<Self> {
         if data.is_empty() {
             bail!("no training data");
         }
-        if cfg.num_generations < 2 {
+        if cfg.rollout.num_generations < 2 {
             bail!("num_generations must be at least 2");
         }
+        cfg.loss.max_completion_len = cfg.rollout.max_new_tokens;
+        let out_dir = cfg.output_dir();
         std::fs::create_dir_all(&out_dir)
             .with_context(|| format!("creating {}", out_dir.display()))?;
         // The reference is a real frozen copy (full fine-tuning) or the same base with
         // adapters switched off (LoRA): never the policy being trained.
-        let (reference, vars) = match &cfg.lora {
+        let (reference, vars) = match cfg.model.lora.adapters() {
             Some(l) => {
-                policy.model.add_lora(l.clone(), cfg.seed)?;
+                policy.model.add_lora(l, cfg.run.seed)?;
                 let vars = policy.model.make_trainable(|k| k.contains(".lora_"))?;
                 (None, vars)
             }
@@ -129,33 +93,12 @@ impl Trainer {
             }
         };
         let mut opt = AdamW::new(vars, cfg.optim)?;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.run.seed);
         let (mut step, mut cursor, mut skipped) = (0, 0, 0);
         if resume {
-            let ck = checkpoint::latest(&out_dir).with_context(|| {
-                format!(
-                    "--resume: no checkpoint in {}",
-                    checkpoint::checkpoints_dir(&out_dir).display()
-                )
-            })?;
-            let state = checkpoint::read_state(&ck)?;
-            let weights = cal_model::load::load_safetensors(
-                &ck.join("weights.safetensors"),
-                policy.model.dtype,
-                &policy.model.device,
-            )?;
-            for (name, var) in opt.vars() {
-                let t = weights
-                    .get(name)
-                    .with_context(|| format!("{}: checkpoint lacks {name}", ck.display()))?;
-                var.set(t)?;
-            }
-            opt.load_state(&ck.join("optimizer.safetensors"), state.step)?;
-            rng = checkpoint::restore_rng(state.rng_seed, state.rng_stream, state.rng_word_pos);
-            step = state.step;
-            cursor = state.cursor;
-            skipped = state.counters["skipped_steps"].as_u64().unwrap_or(0) as usize;
-            eprintln!("resumed from {} (step {step})", ck.display());
+            let r = checkpoint::resume(&out_dir, &mut opt)?;
+            (step, cursor, rng, skipped) = (r.step, r.cursor, r.rng, r.skipped);
+            eprintln!("resumed from {} (step {step})", r.dir.display());
         }
         let oracle = cfg.oracle.build().map_err(|e| anyhow::anyhow!(e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -164,11 +107,9 @@ impl Trainer {
             .build()?;
         let tb = TensorBoard::create(&out_dir.join("tb"))?;
         let jsonl = JsonlLog::append(&out_dir.join("metrics.jsonl"))?;
-        std::fs::write(
-            out_dir.join("train_config.json"),
-            serde_json::to_string_pretty(&cfg)?,
-        )?;
+        std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
         Ok(Self {
+            total_steps: cfg.steps(data.len()),
             cfg,
             policy,
             reference,
@@ -198,7 +139,7 @@ impl Trainer {
             if epoch != order_epoch {
                 order = (0..len).collect();
                 order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
-                    self.cfg.seed ^ (epoch as u64) << 20,
+                    self.cfg.run.seed ^ (epoch as u64) << 20,
                 ));
                 order_epoch = epoch;
             }
@@ -208,7 +149,7 @@ impl Trainer {
         out
     }
 
-    /// Runs until `cfg.steps` (or SIGINT), checkpointing as configured.
+    /// Runs until the last step (or SIGINT), checkpointing as configured.
     pub fn run(&mut self) -> Result<RunEnd> {
         let progress = Progress::new(
             if self.cfg.credit.mode.uses_spans() {
@@ -216,10 +157,10 @@ impl Trainer {
             } else {
                 "grpo"
             },
-            self.cfg.steps as u64,
+            self.total_steps as u64,
             self.step as u64,
         );
-        while self.step < self.cfg.steps {
+        while self.step < self.total_steps {
             let m = self.train_step()?;
             progress.update(
                 self.step as u64,
@@ -231,8 +172,8 @@ impl Trainer {
                     m["perf/step_seconds"]
                 ),
             );
-            let every = self.cfg.save_every;
-            if (every > 0 && self.step.is_multiple_of(every)) || self.step == self.cfg.steps {
+            let every = self.cfg.checkpoint.save_every;
+            if (every > 0 && self.step.is_multiple_of(every)) || self.step == self.total_steps {
                 self.save()?;
             }
             if INTERRUPTED.load(Ordering::SeqCst) {
@@ -260,12 +201,7 @@ impl Trainer {
             config: serde_json::to_value(&self.cfg)?,
             counters: serde_json::json!({"skipped_steps": self.skipped}),
         };
-        let weights: cal_model::Params = self
-            .opt
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let weights: cal_model::Params = self.trainable().into_iter().collect();
         checkpoint::save(&self.out_dir, &state, &weights, &self.opt.state())
     }
 
@@ -278,33 +214,14 @@ impl Trainer {
             .collect()
     }
 
-    /// One GRPO step: sample, then [`Trainer::learn`] from the samples.
+    /// One GRPO step: generate, then [`Trainer::learn`] from the samples; logged.
     pub fn train_step(&mut self) -> Result<Metrics> {
         let t0 = Instant::now();
-        let g = self.cfg.num_generations;
-        let examples = self.next_examples(self.cfg.prompts_per_step);
-        let prompts: Vec<Vec<u32>> = examples
-            .iter()
-            .flat_map(|e| std::iter::repeat_n(e, g))
-            .map(|e| self.policy.prompt_ids(&e.question))
-            .collect::<Result<_>>()?;
-
-        // generate
-        let sampling = SamplingConfig {
-            max_new_tokens: self.cfg.max_new_tokens,
-            temperature: self.cfg.temperature,
-            top_p: self.cfg.top_p,
-            ..SamplingConfig::default()
-        };
-        let gens: Vec<Generation> = self.policy.sample(
-            &prompts,
-            &sampling,
-            self.cfg.generation_batch,
-            &mut self.rng,
-        )?;
+        let examples = self.next_examples(self.cfg.rollout.prompts_per_step);
+        let rollouts = rollout::generate(&self.policy, examples, &self.cfg.rollout, &mut self.rng)?;
         let t_gen = t0.elapsed().as_secs_f64();
-        let mut m = self.learn(&examples, &prompts, &gens)?;
-        let n_tokens: usize = gens.iter().map(|x| x.ids.len()).sum();
+        let n_tokens = rollouts.completion_tokens();
+        let mut m = self.learn(&rollouts)?;
         m.insert("perf/step_seconds".into(), t0.elapsed().as_secs_f64());
         m.insert("perf/generate_seconds".into(), t_gen);
         m.insert(
@@ -318,337 +235,45 @@ impl Trainer {
         Ok(m)
     }
 
-    /// Everything after sampling: grade → locate → map → credit → loss → update.
-    /// `gens[i]` answers `examples[i / G]` with prompt `prompts[i]`. Public so that a
-    /// test can feed hand-written completions.
-    pub fn learn(
-        &mut self,
-        examples: &[Example],
-        prompts: &[Vec<u32>],
-        gens: &[Generation],
-    ) -> Result<Metrics> {
-        let g = self.cfg.num_generations;
-        if gens.len() != examples.len() * g || prompts.len() != gens.len() {
-            bail!(
-                "learn: {} completions for {} examples × {g} generations",
-                gens.len(),
-                examples.len()
-            );
-        }
-        // grade
-        let correct: Vec<bool> = gens
-            .iter()
-            .enumerate()
-            .map(|(i, gen)| grade(&gen.text, &examples[i / g].final_answer).correct)
-            .collect();
-        let rewards: Vec<f64> = correct.iter().map(|&c| f64::from(u8::from(c))).collect();
-
-        // locate: the oracle runs on the incorrect rollouts while the reference pass runs
-        let wrong: Vec<usize> = (0..gens.len()).filter(|&i| !correct[i]).collect();
-        let oracle_task = self.cfg.credit.mode.uses_spans().then(|| {
-            let reqs: Vec<OracleRequest> = wrong
-                .iter()
-                .map(|&i| OracleRequest {
-                    question: examples[i / g].question.clone(),
-                    reference: examples[i / g].answer.clone(),
-                    response: gens[i].text.clone(),
-                })
-                .collect();
+    /// Everything after sampling: score (grade → locate → map → credit), then optimize.
+    /// Public so that a test can feed hand-written completions.
+    pub fn learn(&mut self, r: &Rollouts) -> Result<Metrics> {
+        let graded = score::grade(r);
+        let wrong = graded.wrong();
+        let locating = self.cfg.credit.mode.uses_spans().then(|| {
+            let reqs = score::oracle_requests(r, &wrong);
             self.rt
                 .spawn(locate_all(self.oracle.clone(), reqs, self.cfg.locate))
         });
-        let completions: Vec<Vec<u32>> = gens.iter().map(|x| x.ids.clone()).collect();
-        let batch = build_batch(
-            prompts,
-            &completions,
-            self.policy.tok.pad_id,
-            &self.policy.model.device,
-        )?;
-        // Micro-batches bound memory (the full-vocabulary log-softmax dominates); their
-        // gradients are accumulated with weights that make the sum equal the full-batch
-        // gradient.
-        let rows = gens.len();
-        let mb = if self.cfg.micro_batch == 0 {
-            rows
-        } else {
-            self.cfg.micro_batch.min(rows)
-        };
-        let chunks: Vec<std::ops::Range<usize>> = (0..rows)
-            .step_by(mb)
-            .map(|s| s..(s + mb).min(rows))
-            .collect();
-        let micro: Vec<cal_model::generate::SequenceBatch> = if chunks.len() == 1 {
-            vec![batch.clone()]
-        } else {
-            chunks
-                .iter()
-                .map(|r| {
-                    build_batch(
-                        &prompts[r.clone()],
-                        &completions[r.clone()],
-                        self.policy.tok.pad_id,
-                        &self.policy.model.device,
-                    )
-                })
-                .collect::<Result<_>>()?
-        };
-        let ref_logp: Vec<Option<Tensor>> = micro
-            .iter()
-            .map(|m| self.reference_logprobs(m))
-            .collect::<Result<_>>()?;
-        let old_logp: Vec<Option<Tensor>> = micro
-            .iter()
-            .map(|m| -> Result<Option<Tensor>> {
-                Ok(if self.cfg.num_iterations > 1 {
-                    Some(completion_logprobs(&self.policy.model, m)?.0.detach())
-                } else {
-                    None
-                })
-            })
-            .collect::<Result<_>>()?;
-        let outcomes: Vec<SpanOutcome> = match oracle_task {
+        let mut micro = micro_batches(r, self.cfg.run.micro_batch, &self.policy, &self.cfg)?;
+        fixed_logprobs(&self.policy, self.reference.as_ref(), &mut micro, &self.cfg)?;
+        let outcomes: Vec<SpanOutcome> = match locating {
             Some(task) => self.rt.block_on(task).context("oracle task")?,
             None => Vec::new(),
         };
-
-        // map
-        let mut spans: Vec<Option<std::ops::Range<usize>>> = vec![None; gens.len()];
-        let mut om = OracleMetrics::default();
-        for (&i, outcome) in wrong.iter().zip(&outcomes) {
-            om.count(outcome);
-            if let Some(r) = outcome.range() {
-                match map_span(&gens[i].offsets, r, self.cfg.max_error_span) {
-                    Some(ts) => {
-                        om.capped += usize::from(ts.capped);
-                        om.span_tokens += ts.len();
-                        spans[i] = Some(ts.range());
-                    }
-                    None => om.unmappable += 1,
-                }
-            }
-        }
-
-        // credit
-        let rollouts: Vec<RolloutCredit> = (0..gens.len())
-            .map(|i| RolloutCredit {
-                reward: rewards[i],
-                correct: correct[i],
-                mask: batch.completion_mask[i].iter().map(|&m| m == 1).collect(),
-                span: spans[i].clone(),
-            })
-            .collect();
-        let adv = token_advantages(&rollouts, g, &self.cfg.credit)?;
-        let dev = &self.policy.model.device;
-        let dtype = self.policy.model.dtype;
-        let n_total: f64 = batch
-            .completion_mask
-            .iter()
-            .flatten()
-            .map(|&m| f64::from(m))
-            .sum::<f64>()
-            .max(1.0);
-        // per micro-batch: (advantages, mask, weight of its loss in the full-batch loss)
-        let mut parts = Vec::with_capacity(micro.len());
-        for (r, m) in chunks.iter().zip(&micro) {
-            let tc = m.completion_len;
-            let mut a = Vec::with_capacity(r.len() * tc);
-            for i in r.clone() {
-                a.extend_from_slice(&adv.row(i)[..tc]);
-            }
-            let mask_f = m.completion_mask_f32();
-            let n_mb: f64 = mask_f.iter().map(|&x| f64::from(x)).sum();
-            let weight = match self.cfg.loss.aggregation {
-                crate::loss::Aggregation::TokenMean => n_mb / n_total,
-                _ => r.len() as f64 / rows as f64,
-            };
-            parts.push((
-                Tensor::from_vec(a, (r.len(), tc), dev)?.to_dtype(dtype)?,
-                Tensor::from_vec(mask_f, (r.len(), tc), dev)?.to_dtype(dtype)?,
-                weight,
-                n_mb,
-            ));
-        }
-
-        // loss + update
-        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.steps);
-        let (mut loss_v, mut kl, mut clip, mut grad_norm, mut entropy) = (0.0, 0.0, 0.0, 0.0, 0.0);
-        let mut skipped_now = 0.0;
-        'iterations: for it in 0..self.cfg.num_iterations.max(1) {
-            let mut acc = self.opt.zero_accumulator();
-            let (mut lv_sum, mut kl_sum, mut clip_sum, mut ent_sum) = (0.0, 0.0, 0.0, 0.0);
-            for (k, m) in micro.iter().enumerate() {
-                let (adv_t, mask_t, weight, n_mb) = &parts[k];
-                // LoRA dropout masks: a pure function of (seed, step, iteration, micro-batch).
-                let seed = mix_seed(&[self.cfg.seed, self.step as u64, it as u64, k as u64]);
-                let (logp, ent) = training_logprobs(&mut self.policy.model, m, seed)?;
-                let old = old_logp[k].clone().unwrap_or_else(|| logp.detach());
-                let out = policy_loss(
-                    &logp,
-                    &old,
-                    ref_logp[k].as_ref(),
-                    adv_t,
-                    mask_t,
-                    &self.cfg.loss,
-                )?;
-                let lv = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !lv.is_finite() {
-                    self.skipped += 1;
-                    skipped_now = 1.0;
-                    tracing::warn!(step = self.step, "non-finite loss; step skipped");
-                    break 'iterations;
-                }
-                let loss = if micro.len() == 1 {
-                    out.loss
-                } else {
-                    (out.loss * *weight)?
-                };
-                self.opt.accumulate(&mut acc, &loss.backward()?)?;
-                let share = n_mb / n_total;
-                lv_sum += lv * weight;
-                kl_sum += out.kl * share;
-                clip_sum += out.clip_fraction * share;
-                ent_sum += (ent * mask_t)?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
-            grad_norm = self.opt.step_accumulated(&acc, lr)?;
-            loss_v = lv_sum;
-            kl = kl_sum;
-            clip = clip_sum;
-            entropy = ent_sum / n_total;
-        }
+        let spans: Spans = score::map_spans(r, &wrong, &outcomes, self.cfg.credit.max_error_span);
+        let adv = score::credit(r, &graded, &spans, &self.cfg.credit)?;
+        let lr = lr_at(&self.cfg.optim, self.step, self.total_steps);
+        let upd = update(
+            &mut self.policy,
+            &mut self.opt,
+            &micro,
+            &adv,
+            &self.cfg,
+            self.step,
+            lr,
+        )?;
+        self.skipped += usize::from(upd.skipped);
         self.step += 1;
-
-        // log
-        let n_tokens: usize = gens.iter().map(|x| x.ids.len()).sum();
-        let groups: Vec<&[bool]> = correct.chunks(g).collect();
-        let frac = |f: &dyn Fn(&&[bool]) -> bool| {
-            groups.iter().filter(|x| f(x)).count() as f64 / groups.len() as f64
-        };
-        let mean_r = rewards.iter().sum::<f64>() / rewards.len() as f64;
-        let std_r = (rewards.iter().map(|r| (r - mean_r).powi(2)).sum::<f64>()
-            / rewards.len() as f64)
-            .sqrt();
-        let mut m = Metrics::new();
-        m.insert("reward/mean".into(), mean_r);
-        m.insert("reward/std".into(), std_r);
-        m.insert("reward/accuracy".into(), mean_r);
-        m.insert(
-            "groups/all_wrong_frac".into(),
-            frac(&|x| x.iter().all(|c| !c)),
-        );
-        m.insert(
-            "groups/all_right_frac".into(),
-            frac(&|x| x.iter().all(|c| *c)),
-        );
-        m.insert("loss/total".into(), loss_v);
-        m.insert("loss/kl".into(), kl);
-        m.insert("loss/clip_fraction".into(), clip);
-        m.insert("policy/entropy".into(), entropy);
-        m.insert(
-            "completion/mean_length".into(),
-            n_tokens as f64 / gens.len() as f64,
-        );
-        m.insert("optim/grad_norm".into(), grad_norm);
-        m.insert("optim/lr".into(), lr);
-        m.insert("optim/skipped_steps".into(), self.skipped as f64);
-        m.insert("optim/skipped_now".into(), skipped_now);
-        m.insert("credit/fallbacks".into(), adv.fallbacks as f64);
-        m.insert("credit/span_credited".into(), adv.span_credited as f64);
-        om.write(&mut m);
-        Ok(m)
-    }
-
-    fn reference_logprobs(
-        &mut self,
-        batch: &cal_model::generate::SequenceBatch,
-    ) -> Result<Option<Tensor>> {
-        if self.cfg.loss.beta <= 0.0 {
-            return Ok(None);
-        }
-        let lp = match &self.reference {
-            Some(r) => completion_logprobs(r, batch)?.0,
-            None => {
-                // LoRA: the base model is the reference
-                self.policy.model.lora_enabled = false;
-                let out = completion_logprobs(&self.policy.model, batch);
-                self.policy.model.lora_enabled = true;
-                out?.0
-            }
-        };
-        Ok(Some(lp.detach()))
-    }
-}
-
-/// Oracle and span counters of one step.
-#[derive(Default)]
-struct OracleMetrics {
-    calls: usize,
-    cache_hits: usize,
-    failures: usize,
-    no_error: usize,
-    located: usize,
-    not_located: usize,
-    unmappable: usize,
-    capped: usize,
-    span_tokens: usize,
-    latency_ms: f64,
-    cost: f64,
-}
-
-impl OracleMetrics {
-    fn count(&mut self, o: &SpanOutcome) {
-        self.calls += 1;
-        if let Some(u) = o.usage() {
-            self.cache_hits += usize::from(u.cached);
-            self.latency_ms += u.latency.as_secs_f64() * 1e3;
-            self.cost += u.cost_usd;
-        }
-        match o {
-            SpanOutcome::Located { .. } => self.located += 1,
-            SpanOutcome::NoError { .. } => self.no_error += 1,
-            SpanOutcome::NotLocated { .. } => self.not_located += 1,
-            SpanOutcome::Failed { failure } => {
-                self.failures += 1;
-                tracing::warn!("oracle failed ({}): {failure}", failure.kind());
-            }
-        }
-    }
-
-    fn write(&self, m: &mut Metrics) {
-        let located = self.located - self.unmappable;
-        m.insert("oracle/calls".into(), self.calls as f64);
-        m.insert("oracle/cache_hits".into(), self.cache_hits as f64);
-        m.insert("oracle/failures".into(), self.failures as f64);
-        m.insert("oracle/no_error".into(), self.no_error as f64);
-        m.insert(
-            "oracle/latency_ms".into(),
-            self.latency_ms / self.calls.max(1) as f64,
-        );
-        m.insert("oracle/cost_usd".into(), self.cost);
-        m.insert("spans/located".into(), located as f64);
-        m.insert(
-            "spans/not_located".into(),
-            (self.not_located + self.unmappable) as f64,
-        );
-        m.insert("spans/capped".into(), self.capped as f64);
-        m.insert(
-            "spans/mean_tokens".into(),
-            self.span_tokens as f64 / located.max(1) as f64,
-        );
-    }
-}
-
-/// Default optimiser settings for RL fine-tuning.
-pub fn default_optim(lr: f64) -> OptimConfig {
-    OptimConfig {
-        lr,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        warmup_steps: 0,
-        min_lr_ratio: 0.1,
-        ..OptimConfig::default()
+        Ok(step_metrics(&StepRecord {
+            rollouts: r,
+            graded: &graded,
+            spans: &spans.stats,
+            advantages: &adv,
+            update: &upd,
+            lr,
+            skipped_total: self.skipped,
+        }))
     }
 }
 

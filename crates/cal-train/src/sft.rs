@@ -6,7 +6,8 @@ use crate::policy::Policy;
 use crate::update::{lr_at, AdamW, OptimConfig};
 use anyhow::{bail, Result};
 use cal_core::data::Example;
-use cal_model::generate::{build_batch, training_logprobs};
+use cal_model::generate::{build_batch, completion_logprobs};
+use cal_model::Forward;
 use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -72,7 +73,7 @@ pub fn sft(
         let targets: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].1.clone()).collect();
         let batch = build_batch(&prompts, &targets, policy.tok.pad_id, &policy.model.device)?;
         let seed = crate::grpo::mix_seed(&[cfg.seed, step as u64]);
-        let (logp, _) = training_logprobs(&mut policy.model, &batch, seed)?;
+        let (logp, _) = completion_logprobs(&policy.model, &batch, Forward::training(seed))?;
         let mask = Tensor::from_vec(batch.completion_mask_f32(), logp.shape(), logp.device())?
             .to_dtype(logp.dtype())?;
         let n = mask

@@ -123,12 +123,12 @@ pub struct TinyPolicy {
     pub sft: Option<SftReport>,
 }
 
-/// Loads the SFT-warmed tiny policy from the cache, or trains and caches it.
-pub fn tiny_policy(spec: &TinySpec, root: &Path) -> Result<TinyPolicy> {
+/// Loads the SFT-warmed tiny policy from the cache onto `dev` in `dtype`, or trains
+/// (there) and caches it.
+pub fn tiny_policy(spec: &TinySpec, root: &Path, dev: &Device, dtype: DType) -> Result<TinyPolicy> {
     let dir = root.join(format!("tiny-{}", spec.key()));
-    let dev = Device::Cpu;
     if dir.join("model.safetensors").exists() {
-        let loaded = load::load_hf(&dir, DType::F32, &dev)?;
+        let loaded = load::load_hf(&dir, dtype, dev)?;
         let mut policy = Policy::new(loaded.model, loaded.tokenizer);
         policy.style = crate::policy::PromptStyle::Plain;
         return Ok(TinyPolicy {
@@ -149,8 +149,7 @@ pub fn tiny_policy(spec: &TinySpec, root: &Path) -> Result<TinyPolicy> {
         .collect();
     let tok = tokenizer::train_tiny(corpus.into_iter(), spec.vocab_size)?;
     let vocab = tok.tokenizer.get_vocab_size(true);
-    let model =
-        Transformer::init_random(spec.model_config(vocab), spec.sft.seed, DType::F32, &dev)?;
+    let model = Transformer::init_random(spec.model_config(vocab), spec.sft.seed, dtype, dev)?;
     let mut policy = Policy::new(model, tok);
     eprintln!(
         "training the tiny policy from scratch ({} parameters, vocab {vocab}) on {} generated problems; cached in {}",

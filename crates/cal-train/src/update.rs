@@ -11,8 +11,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// AdamW and its schedule: the `[optim]` section of a run configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct OptimConfig {
+    /// Peak learning rate.
+    #[serde(rename = "learning-rate")]
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -215,33 +219,42 @@ mod tests {
     }
 
     #[test]
-    fn clipping_scales_to_max_norm() {
-        let x = Var::new(&[3.0f64, 4.0], &Device::Cpu).unwrap();
-        let cfg = OptimConfig {
-            lr: 1.0,
-            max_grad_norm: 1.0,
-            beta1: 0.0,
-            beta2: 0.0,
-            eps: 0.0,
-            ..OptimConfig::default()
+    fn clipping_scales_the_gradient_the_moments_see() {
+        // loss = x·[3, 4] → g = [3, 4], |g| = 5. Adam's first step is scale-free, so the
+        // check is on the moments it stores: m = (1 − β1)·ĝ, v = (1 − β2)·ĝ², with ĝ the
+        // gradient clipped to norm 1, i.e. [0.6, 0.8] (not [3, 4]).
+        let run = |max_grad_norm: f64| {
+            let x = Var::new(&[3.0f64, 4.0], &Device::Cpu).unwrap();
+            let cfg = OptimConfig {
+                lr: 0.1,
+                max_grad_norm,
+                ..OptimConfig::default()
+            };
+            let mut opt = AdamW::new(vec![("x".into(), x.clone())], cfg).unwrap();
+            let w = Tensor::new(&[3.0f64, 4.0], &Device::Cpu).unwrap();
+            let grads = (x.as_tensor() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let norm = opt.step(&grads, 0.1).unwrap();
+            let st = opt.state();
+            let v = |k: &str| st[k].to_vec1::<f64>().unwrap();
+            (norm, v("m.x"), v("v.x"))
         };
-        let mut opt = AdamW::new(vec![("x".into(), x.clone())], cfg).unwrap();
-        // loss = 5·(x·[0.6, 0.8]) → g = [3, 4], |g| = 5; with β = 0 the step is sign(g) either way,
-        // so check the reported pre-clip norm and that the update stays finite.
-        let w = Tensor::new(&[3.0f64, 4.0], &Device::Cpu).unwrap();
-        let grads = (x.as_tensor() * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!((opt.step(&grads, 1.0).unwrap() - 5.0).abs() < 1e-12);
-        assert!(x
-            .as_tensor()
-            .to_vec1::<f64>()
-            .unwrap()
-            .iter()
-            .all(|v| v.is_finite()));
+        let (norm, m, v) = run(1.0);
+        assert!((norm - 5.0).abs() < 1e-12, "pre-clip norm reported");
+        let (b1, b2) = (OptimConfig::default().beta1, OptimConfig::default().beta2);
+        for (i, g) in [0.6f64, 0.8].into_iter().enumerate() {
+            assert!((m[i] - (1.0 - b1) * g).abs() < 1e-6, "m {m:?}");
+            assert!((v[i] - (1.0 - b2) * g * g).abs() < 1e-6, "v {v:?}");
+        }
+        // no clipping below the threshold, and with it off
+        for off in [0.0, 10.0] {
+            let (_, m, _) = run(off);
+            assert!((m[1] - (1.0 - b1) * 4.0).abs() < 1e-12, "{off}: m {m:?}");
+        }
     }
 
     #[test]

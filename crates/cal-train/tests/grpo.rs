@@ -1,16 +1,17 @@
 //! The training loop on a small untrained `tiny`-style policy: where gradients land in
 //! each credit mode, all-wrong groups, and bit-exact kill-and-resume.
 
-use cal_core::credit::{CreditConfig, CreditMode};
+use cal_core::credit::CreditMode;
 use cal_core::data::{generate, Example, GenConfig};
-use cal_core::locate::LocateConfig;
 use cal_model::generate::{decode_with_offsets, FinishReason, Generation};
 use cal_model::{tokenizer, ModelConfig, Transformer};
-use cal_oracle::OracleSpec;
-use cal_train::grpo::{default_optim, GrpoConfig, Trainer};
+use cal_train::config::RunConfig;
+use cal_train::grpo::Trainer;
 use cal_train::loss::{policy_loss, Aggregation, Importance, LossConfig};
 use cal_train::policy::Policy;
+use cal_train::rollout::Rollouts;
 use candle_core::{DType, Device, Tensor, Var};
+use std::path::PathBuf;
 
 fn examples(n: usize) -> Vec<Example> {
     generate(n, 11, &GenConfig::default())
@@ -38,41 +39,35 @@ fn policy(seed: u64) -> Policy {
     )
 }
 
-fn config(mode: CreditMode, beta: f64) -> GrpoConfig {
-    GrpoConfig {
-        steps: 4,
-        prompts_per_step: 2,
-        num_generations: 2,
-        max_new_tokens: 12,
-        temperature: 1.0,
-        top_p: 1.0,
-        credit: CreditConfig {
-            mode,
-            ..CreditConfig::default()
-        },
-        max_error_span: 64,
-        loss: LossConfig {
-            beta,
-            ..LossConfig::default()
-        },
-        optim: default_optim(1e-3),
-        num_iterations: 1,
-        seed: 5,
-        save_every: 2,
-        lora: None,
-        oracle: OracleSpec {
-            provider: "calculator".into(),
-            model: "calculator".into(),
-            base_url: None,
-            max_cost: None,
-            concurrency: 2,
-            timeout_secs: 5.0,
-            cache: None,
-        },
-        locate: LocateConfig::default(),
-        generation_batch: 16,
-        micro_batch: 0,
-    }
+fn config(mode: CreditMode, beta: f64) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.run.steps = Some(4);
+    c.run.seed = 5;
+    c.run.micro_batch = 0;
+    c.rollout.prompts_per_step = 2;
+    c.rollout.num_generations = 2;
+    c.rollout.max_new_tokens = 12;
+    c.rollout.generation_batch = 16;
+    c.credit.mode = mode;
+    c.loss.beta = beta;
+    c.optim.lr = 1e-3;
+    c.checkpoint.save_every = 2;
+    c.oracle.concurrency = 2;
+    c.oracle.timeout = 5.0;
+    c.oracle.cache = None;
+    c
+}
+
+/// A trainer writing into `dir`.
+fn trainer(
+    mut cfg: RunConfig,
+    p: Policy,
+    data: Vec<Example>,
+    dir: PathBuf,
+    resume: bool,
+) -> anyhow::Result<Trainer> {
+    cfg.run.output_dir = Some(dir);
+    Trainer::new(cfg, p, data, resume)
 }
 
 /// A hand-written completion, tokenised with offsets like the generator's output.
@@ -189,10 +184,12 @@ fn all_wrong_group_moves_params(mode: CreditMode) -> (bool, f64) {
         completion(&p, " Mia has 3 + 4 = 9 apples.\n#### 9"),
     ];
     let mut cfg = config(mode, 0.0);
-    cfg.prompts_per_step = 1;
-    let mut t = Trainer::new(cfg, p, ex.clone(), dir.path().to_path_buf(), false).unwrap();
+    cfg.rollout.prompts_per_step = 1;
+    let mut t = trainer(cfg, p, ex.clone(), dir.path().to_path_buf(), false).unwrap();
     let before = params_snapshot(&t);
-    let m = t.learn(&ex, &prompts, &gens).unwrap();
+    let m = t
+        .learn(&Rollouts::new(ex, prompts, gens, 2).unwrap())
+        .unwrap();
     let after = params_snapshot(&t);
     (before != after, m["spans/located"])
 }
@@ -213,7 +210,7 @@ fn all_wrong_groups_learn_only_with_spans() {
 fn every_credit_mode_trains_end_to_end() {
     for mode in CreditMode::ALL {
         let dir = tempfile::tempdir().unwrap();
-        let mut t = Trainer::new(
+        let mut t = trainer(
             config(mode, 0.04),
             policy(2),
             examples(8),
@@ -247,24 +244,22 @@ fn kill_and_resume_is_bit_exact_with_lora_dropout() {
 }
 
 /// Span credit with rank-2 LoRA on q/v and the given adapter dropout.
-fn lora_config(dropout: f64) -> GrpoConfig {
+fn lora_config(dropout: f64) -> RunConfig {
     let mut cfg = config(CreditMode::Span, 0.04);
-    cfg.lora = Some(cal_model::LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout,
-        targets: vec!["q_proj".into(), "v_proj".into()],
-    });
+    cfg.model.lora.rank = 2;
+    cfg.model.lora.alpha = Some(4.0);
+    cfg.model.lora.dropout = dropout;
+    cfg.model.lora.targets = vec!["q_proj".into(), "v_proj".into()];
     cfg
 }
 
 /// Runs `cfg` uninterrupted, then again "killed" after the step-2 checkpoint and
 /// resumed, and requires bit-identical final weights.
-fn assert_resume_is_bit_exact(cfg: impl Fn() -> GrpoConfig) {
+fn assert_resume_is_bit_exact(cfg: impl Fn() -> RunConfig) {
     let data = examples(16);
     // uninterrupted
     let a = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(
+    let mut t = trainer(
         cfg(),
         policy(3),
         data.clone(),
@@ -276,7 +271,7 @@ fn assert_resume_is_bit_exact(cfg: impl Fn() -> GrpoConfig) {
     let want = params_snapshot(&t);
     // "killed" after step 2's checkpoint: the process state is dropped without a save
     let b = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(
+    let mut t = trainer(
         cfg(),
         policy(3),
         data.clone(),
@@ -289,7 +284,7 @@ fn assert_resume_is_bit_exact(cfg: impl Fn() -> GrpoConfig) {
     t.save().unwrap();
     t.train_step().unwrap(); // lost work: happened after the last checkpoint
     drop(t);
-    let mut t = Trainer::new(cfg(), policy(3), data, b.path().to_path_buf(), true).unwrap();
+    let mut t = trainer(cfg(), policy(3), data, b.path().to_path_buf(), true).unwrap();
     assert_eq!(t.step, 2);
     t.run().unwrap();
     let got = params_snapshot(&t);
@@ -306,7 +301,7 @@ fn assert_resume_is_bit_exact(cfg: impl Fn() -> GrpoConfig) {
 #[test]
 fn resume_without_checkpoint_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Trainer::new(
+    let err = trainer(
         config(CreditMode::Outcome, 0.0),
         policy(4),
         examples(4),
@@ -322,7 +317,7 @@ fn resume_without_checkpoint_is_a_clear_error() {
 fn lora_trains_only_adapters_against_the_base() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = lora_config(0.0);
-    let mut t = Trainer::new(cfg, policy(6), examples(8), dir.path().to_path_buf(), false).unwrap();
+    let mut t = trainer(cfg, policy(6), examples(8), dir.path().to_path_buf(), false).unwrap();
     let names: Vec<String> = t.trainable().into_iter().map(|(k, _)| k).collect();
     assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
     assert!(names.iter().all(|k| k.contains(".lora_")));
@@ -341,10 +336,10 @@ fn micro_batches_accumulate_to_the_full_batch_gradient() {
         let run = |micro: usize| {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(CreditMode::Span, 0.04);
-            cfg.micro_batch = micro;
+            cfg.run.micro_batch = micro;
             cfg.loss.aggregation = agg;
             let mut t =
-                Trainer::new(cfg, policy(7), examples(8), dir.path().to_path_buf(), false).unwrap();
+                trainer(cfg, policy(7), examples(8), dir.path().to_path_buf(), false).unwrap();
             let m = t.train_step().unwrap();
             (params_snapshot(&t), m["optim/grad_norm"], m["loss/total"])
         };
@@ -367,4 +362,53 @@ fn micro_batches_accumulate_to_the_full_batch_gradient() {
             assert!(d < 1e-5, "{agg:?}: {k} differs by {d}");
         }
     }
+}
+
+#[test]
+fn reused_batches_move_the_ratio_off_one() {
+    // A mixed group (one right, one wrong answer) trained twice on the same samples: the
+    // second update sees ratio ≠ 1, so at a large learning rate tokens leave the trust
+    // region (clip fraction > 0), and a wide ε_high lets the upper side stay in.
+    let run = |iterations: usize, eps_high: Option<f64>| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy(8);
+        let ex = vec![Example::new(
+            0,
+            "Mia has 3 apples. She buys 4 more apples. How many apples does Mia have now?".into(),
+            "Mia has 3 + 4 = <<3+4=7>>7 apples.\n#### 7".into(),
+        )
+        .unwrap()];
+        let prompts = vec![p.prompt_ids(&ex[0].question).unwrap(); 2];
+        let gens = vec![
+            completion(&p, " Mia has 3 + 4 = 7 apples.\n#### 7"),
+            completion(&p, " Mia has 3 + 4 = 9 apples.\n#### 9"),
+        ];
+        let mut cfg = config(CreditMode::Outcome, 0.0);
+        cfg.rollout.prompts_per_step = 1;
+        cfg.run.num_iterations = iterations;
+        cfg.optim.lr = 0.05;
+        cfg.loss.epsilon_high = eps_high;
+        let mut t = trainer(cfg, p, ex.clone(), dir.path().to_path_buf(), false).unwrap();
+        let m = t
+            .learn(&Rollouts::new(ex, prompts, gens, 2).unwrap())
+            .unwrap();
+        (m, params_snapshot(&t))
+    };
+    let (one, p1) = run(1, None);
+    assert_eq!(one["optim/iterations"], 1.0);
+    assert_eq!(
+        one["loss/clip_fraction"], 0.0,
+        "ratio is exactly 1 on fresh samples"
+    );
+    let (two, p2) = run(2, None);
+    assert_eq!(two["optim/iterations"], 2.0);
+    assert!(two["loss/clip_fraction"] > 0.0, "{two:?}");
+    assert_ne!(p1, p2);
+    let (wide, _) = run(2, Some(100.0));
+    assert!(
+        wide["loss/clip_fraction"] < two["loss/clip_fraction"],
+        "clip-higher: {} vs {}",
+        wide["loss/clip_fraction"],
+        two["loss/clip_fraction"]
+    );
 }

@@ -1,4 +1,5 @@
-//! Fused vocabulary kernels for the loss path, with hand-written backward passes.
+//! Vocabulary kernels for the loss path (token log-probs with a hand-written backward,
+//! entropy), one pass per row.
 //!
 //! Computing `log_softmax(logits).gather(targets)` by composition materialises four
 //! `[B, T, V]` tensors forward and as many again backward: for SmolLM2 (V = 49 152) that

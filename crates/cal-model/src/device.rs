@@ -1,0 +1,159 @@
+//! Device and dtype as parameters: what `--device` and `--dtype` name, parsed once and
+//! turned into candle's types where a model is loaded. Nothing below the command line
+//! assumes the CPU.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// `cpu` or `cuda[:N]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device {other:?} (cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl DeviceSpec {
+    /// The candle device; a clear error when this build or machine lacks it.
+    pub fn device(&self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => cuda_device(*n),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(n: usize) -> Result<Device> {
+    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("device cuda:{n} is not available: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(n: usize) -> Result<Device> {
+    bail!(
+        "device cuda:{n}: this build of cal-grpo has no CUDA support; build it with \
+         `cargo build --release -p cal-cli --features cuda` (needs nvcc), or use --device cpu"
+    )
+}
+
+/// Weights and activations: `f32`, `bf16` or `f16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum DTypeSpec {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeSpec {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// Device and dtype of a model, checked together: the CPU kernels of the training path
+/// (row-wise norms, vocabulary log-probs, decoding products) are written for f32, so
+/// half precision is for CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Placement {
+    pub device: DeviceSpec,
+    pub dtype: DTypeSpec,
+}
+
+impl Placement {
+    pub fn resolve(&self) -> Result<(Device, DType)> {
+        if self.device == DeviceSpec::Cpu && self.dtype != DTypeSpec::F32 {
+            bail!(
+                "--dtype {} is not supported on --device cpu (the CPU kernels are f32); \
+                 use --dtype f32, or a CUDA device",
+                self.dtype.name()
+            );
+        }
+        Ok((self.device.device()?, self.dtype.dtype()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_round_trip() {
+        for s in ["cpu", "cuda:0", "cuda:3"] {
+            assert_eq!(s.parse::<DeviceSpec>().unwrap().to_string(), s);
+        }
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn missing_cuda_is_a_clear_error() {
+        let err = DeviceSpec::Cuda(1).device().unwrap_err().to_string();
+        assert!(
+            err.contains("cuda:1") && err.contains("--features cuda"),
+            "{err}"
+        );
+        let p = Placement {
+            device: DeviceSpec::Cpu,
+            dtype: DTypeSpec::Bf16,
+        };
+        assert!(p.resolve().unwrap_err().to_string().contains("bf16"));
+    }
+}

@@ -1,0 +1,455 @@
+//! The run configuration: one nested type that is also the TOML schema.
+//!
+//! Values are layered, later layers winning: built-in defaults → the model profile
+//! (`tiny` trains from scratch and wants other rates than a pretrained model) → the
+//! `--config` TOML file → command-line flags. [`figment`] does the layering; this module
+//! only says what the layers are. `cal-grpo train --print-config` prints the result as
+//! TOML, and that file read back through `--config` gives the same configuration.
+//!
+//! ```toml
+//! [run]        seed, steps, output-dir, num-iterations, micro-batch
+//! [model]      name, device, dtype, [model.lora]
+//! [data]       dataset, eval-dataset, num-samples, eval-samples
+//! [rollout]    num-generations, prompts-per-step, max-new-tokens, temperature, top-p, ...
+//! [credit]     mode, advantage, negative-reward, prefix-reward, max-error-span, eps
+//! [oracle]     provider, model, base-url, max-cost, concurrency, timeout, cache
+//! [locate]     min-similarity, max-fuzzy-cells
+//! [loss]       beta, epsilon, epsilon-high, aggregation, importance
+//! [optim]      learning-rate, beta1, beta2, eps, weight-decay, max-grad-norm, ...
+//! [checkpoint] save-every
+//! ```
+
+use crate::loss::LossConfig;
+use crate::update::OptimConfig;
+use anyhow::{bail, Context, Result};
+use cal_core::credit::CreditConfig;
+use cal_core::locate::LocateConfig;
+use cal_model::{DTypeSpec, DeviceSpec, LoraConfig, Placement};
+use cal_oracle::OracleSpec;
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything a GRPO / CAL-GRPO run needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub rollout: RolloutConfig,
+    pub credit: CreditConfig,
+    pub oracle: OracleSpec,
+    pub locate: LocateConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+    pub checkpoint: CheckpointSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Data order, sampling, initialisation.
+    pub seed: u64,
+    /// Optimizer steps (`None`: one pass over the training problems).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Checkpoints, logs, results, exported model (`None`: `runs/<baseline|cal>-seed<SEED>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<PathBuf>,
+    /// Policy updates per generated batch (> 1 reuses stored old log-probs).
+    pub num_iterations: usize,
+    /// Rows per loss forward/backward, gradients accumulated exactly (0 = all at once).
+    pub micro_batch: usize,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            steps: None,
+            output_dir: None,
+            num_iterations: 1,
+            micro_batch: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// `tiny` (embedded), a Hugging Face folder or a `.gguf` file.
+    pub name: String,
+    pub device: DeviceSpec,
+    pub dtype: DTypeSpec,
+    pub lora: LoraSection,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            name: "tiny".into(),
+            device: DeviceSpec::Cpu,
+            dtype: DTypeSpec::F32,
+            lora: LoraSection::default(),
+        }
+    }
+}
+
+impl ModelSection {
+    pub fn placement(&self) -> Placement {
+        Placement {
+            device: self.device,
+            dtype: self.dtype,
+        }
+    }
+}
+
+/// LoRA instead of full fine-tuning when `rank > 0`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub rank: usize,
+    /// `None`: 2 × rank.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Dropout on the LoRA input in training forwards, in [0, 1).
+    pub dropout: f64,
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            alpha: None,
+            dropout: 0.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+impl LoraSection {
+    /// The adapters to add, or `None` for full fine-tuning.
+    pub fn adapters(&self) -> Option<LoraConfig> {
+        (self.rank > 0).then(|| LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(2.0 * self.rank as f64),
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DataSection {
+    /// `generated` (embedded problems) or a GSM8K `.jsonl` / `.parquet` file.
+    pub dataset: String,
+    /// Held-out data (`None`: the generated held-out split, or `test.jsonl` beside
+    /// the dataset file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_dataset: Option<String>,
+    /// Training problems (-1 = all).
+    pub num_samples: i64,
+    /// Held-out problems evaluated (-1 = all).
+    pub eval_samples: i64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            dataset: "generated".into(),
+            eval_dataset: None,
+            num_samples: -1,
+            eval_samples: -1,
+        }
+    }
+}
+
+/// How completions are sampled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// Completions per prompt: the GRPO group size G (≥ 2).
+    pub num_generations: usize,
+    /// Prompts per step (each gets `num_generations` completions).
+    pub prompts_per_step: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// Rows per generation call (bounds memory).
+    pub generation_batch: usize,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            num_generations: 4,
+            prompts_per_step: 8,
+            max_new_tokens: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            generation_batch: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self { save_every: 10 }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            run: RunSection::default(),
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            rollout: RolloutConfig::default(),
+            credit: CreditConfig::default(),
+            oracle: OracleSpec {
+                cache: Some(crate::tiny::cache_root().join("oracle-cache.sqlite")),
+                ..OracleSpec::default()
+            },
+            locate: LocateConfig::default(),
+            loss: LossConfig::default(),
+            optim: OptimConfig::default(),
+            checkpoint: CheckpointSection::default(),
+        }
+    }
+}
+
+/// The model profile: what differs between the embedded `tiny` model (trained from
+/// scratch, short answers, small enough for one batch) and a pretrained model.
+/// The defaults above are the pretrained profile.
+pub fn profile(model: &str) -> serde_json::Value {
+    if model == "tiny" {
+        serde_json::json!({
+            "optim": {"learning-rate": 3e-5},
+            "rollout": {"max-new-tokens": 96},
+            "run": {"micro-batch": 0},
+        })
+    } else {
+        serde_json::json!({})
+    }
+}
+
+impl RunConfig {
+    /// Layers defaults → model profile → `file` → `flags` (a partial configuration in
+    /// the same nested shape), then checks the result and fills derived values.
+    pub fn resolve(file: Option<&Path>, flags: &serde_json::Value) -> Result<Self> {
+        Self::resolve_layers(file, &serde_json::json!({}), flags)
+    }
+
+    /// [`RunConfig::resolve`] with a command's own defaults (e.g. `experiment`'s sample
+    /// count) between the model profile and the file.
+    pub fn resolve_layers(
+        file: Option<&Path>,
+        command_defaults: &serde_json::Value,
+        flags: &serde_json::Value,
+    ) -> Result<Self> {
+        let layers = |profile: &serde_json::Value| {
+            let mut fig = Figment::from(Serialized::defaults(RunConfig::default()))
+                .merge(Serialized::defaults(profile))
+                .merge(Serialized::defaults(command_defaults));
+            if let Some(p) = file {
+                fig = fig.merge(Toml::file_exact(p));
+            }
+            fig.merge(Serialized::defaults(flags))
+        };
+        let context = || match file {
+            Some(p) => format!("config {}", p.display()),
+            None => "configuration".into(),
+        };
+        if let Some(p) = file {
+            if !p.is_file() {
+                bail!("config {}: no such file", p.display());
+            }
+        }
+        // The model decides the profile, and the model may come from any layer.
+        let model: String = layers(&serde_json::json!({}))
+            .extract_inner("model.name")
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(context)?;
+        let mut cfg: RunConfig = layers(&profile(&model))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(context)?;
+        cfg.finish().with_context(context)?;
+        Ok(cfg)
+    }
+
+    /// Consistency checks, and the values that derive from others written out, so
+    /// that the printed configuration says exactly what runs.
+    fn finish(&mut self) -> Result<()> {
+        let r = &self.rollout;
+        if r.num_generations < 2 {
+            bail!(
+                "rollout.num-generations must be at least 2 (GRPO compares completions within a group), got {}",
+                r.num_generations
+            );
+        }
+        if r.prompts_per_step == 0 {
+            bail!("rollout.prompts-per-step must be at least 1");
+        }
+        if !(r.top_p > 0.0 && r.top_p <= 1.0) {
+            bail!("rollout.top-p must be in (0, 1], got {}", r.top_p);
+        }
+        let d = &self.data;
+        for (name, n) in [
+            ("data.num-samples", d.num_samples),
+            ("data.eval-samples", d.eval_samples),
+        ] {
+            if n < -1 || n == 0 {
+                bail!("{name} must be -1 (all) or a positive count, got {n}");
+            }
+        }
+        if !self.credit.negative_reward.is_finite() || !self.credit.prefix_reward.is_finite() {
+            bail!("credit.negative-reward and credit.prefix-reward must be finite");
+        }
+        if !(0.0..1.0).contains(&self.model.lora.dropout) {
+            bail!(
+                "model.lora.dropout must be in [0, 1), got {}",
+                self.model.lora.dropout
+            );
+        }
+        self.run.num_iterations = self.run.num_iterations.max(1);
+        if self.oracle.model.is_none() {
+            self.oracle.model = Some(self.oracle.provider.default_model().into());
+        }
+        if self.loss.epsilon_high.is_none() {
+            self.loss.epsilon_high = Some(self.loss.epsilon);
+        }
+        if self.model.lora.rank > 0 && self.model.lora.alpha.is_none() {
+            self.model.lora.alpha = Some(2.0 * self.model.lora.rank as f64);
+        }
+        if self.run.output_dir.is_none() {
+            self.run.output_dir = Some(PathBuf::from(format!(
+                "runs/{}-seed{}",
+                self.kind(),
+                self.run.seed
+            )));
+        }
+        Ok(())
+    }
+
+    /// `cal` when the credit mode uses oracle spans, else `baseline`.
+    pub fn kind(&self) -> &'static str {
+        if self.credit.mode.uses_spans() {
+            "cal"
+        } else {
+            "baseline"
+        }
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        self.run
+            .output_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("runs/{}-seed{}", self.kind(), self.run.seed)))
+    }
+
+    /// Optimizer steps for `n_train` problems: as configured, or one pass.
+    pub fn steps(&self, n_train: usize) -> usize {
+        self.run
+            .steps
+            .unwrap_or_else(|| n_train.div_ceil(self.rollout.prompts_per_step).max(1))
+    }
+
+    /// The configuration as TOML (what `--print-config` prints and a run saves).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_defaults_profile_file_flags() {
+        let c = RunConfig::resolve(None, &serde_json::json!({})).unwrap();
+        assert_eq!(c.optim.lr, 3e-5, "tiny profile");
+        assert_eq!(c.rollout.max_new_tokens, 96);
+        let c =
+            RunConfig::resolve(None, &serde_json::json!({"model": {"name": "m.gguf"}})).unwrap();
+        assert_eq!(
+            (c.optim.lr, c.run.micro_batch),
+            (1e-6, 2),
+            "pretrained profile"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[optim]\nlearning-rate = 1e-4\n[rollout]\nnum-generations = 8\n",
+        )
+        .unwrap();
+        let flags = serde_json::json!({"rollout": {"num-generations": 6}});
+        let c = RunConfig::resolve(Some(&p), &flags).unwrap();
+        assert_eq!((c.optim.lr, c.rollout.num_generations), (1e-4, 6));
+    }
+
+    #[test]
+    fn printed_config_round_trips() {
+        let flags = serde_json::json!({
+            "model": {"lora": {"rank": 4}},
+            "credit": {"mode": "prefix", "prefix-reward": 0.25},
+            "oracle": {"provider": "gemini"},
+            "loss": {"epsilon": 0.1, "importance": "sequence"},
+            "run": {"steps": 7},
+        });
+        let c = RunConfig::resolve(None, &flags).unwrap();
+        assert_eq!(c.oracle.model.as_deref(), Some("gemini-2.0-flash"));
+        assert_eq!(c.model.lora.alpha, Some(8.0));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("printed.toml");
+        std::fs::write(&p, c.to_toml().unwrap()).unwrap();
+        let back = RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, "[rollout]\nnum-generationz = 8\n").unwrap();
+        let err = format!(
+            "{:#}",
+            RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap_err()
+        );
+        assert!(
+            err.contains("bad.toml") && err.contains("num-generationz"),
+            "{err}"
+        );
+        std::fs::write(&p, "[rollout]\nnum-generations = \"eight\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap_err()
+        );
+        assert!(
+            err.contains("bad.toml") && err.contains("num-generations"),
+            "{err}"
+        );
+        std::fs::write(&p, "[rollout]\nnum-generations = 1\n").unwrap();
+        let err = format!(
+            "{:#}",
+            RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap_err()
+        );
+        assert!(err.contains("num-generations"), "{err}");
+        let missing = dir.path().join("nope.toml");
+        assert!(RunConfig::resolve(Some(&missing), &serde_json::json!({})).is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! Score: grade → locate → map → credit. Everything between the samples and the loss,
+//! as pure functions of the rollouts (the oracle call itself runs in
+//! [`crate::grpo::Trainer`], concurrently with the reference pass).
+
+use crate::rollout::Rollouts;
+use anyhow::Result;
+use cal_core::credit::{token_advantages, AdvantageMatrix, CreditConfig, RolloutCredit};
+use cal_core::grade::grade as grade_answer;
+use cal_core::map::map_span;
+use cal_oracle::{OracleRequest, SpanOutcome};
+use std::ops::Range;
+
+/// Outcome of each rollout.
+pub struct Graded {
+    pub correct: Vec<bool>,
+    /// 1.0 for a right final answer, else 0.0.
+    pub rewards: Vec<f64>,
+}
+
+impl Graded {
+    /// Rows whose final answer is wrong: the ones the oracle is asked about.
+    pub fn wrong(&self) -> Vec<usize> {
+        (0..self.correct.len())
+            .filter(|&i| !self.correct[i])
+            .collect()
+    }
+}
+
+/// Grade: compares each completion's final answer with its problem's.
+pub fn grade(r: &Rollouts) -> Graded {
+    let correct: Vec<bool> = (0..r.len())
+        .map(|i| grade_answer(&r.gens[i].text, &r.example(i).final_answer).correct)
+        .collect();
+    let rewards = correct.iter().map(|&c| f64::from(u8::from(c))).collect();
+    Graded { correct, rewards }
+}
+
+/// Locate: one oracle request per row in `rows`.
+pub fn oracle_requests(r: &Rollouts, rows: &[usize]) -> Vec<OracleRequest> {
+    rows.iter()
+        .map(|&i| OracleRequest {
+            question: r.example(i).question.clone(),
+            reference: r.example(i).answer.clone(),
+            response: r.gens[i].text.clone(),
+        })
+        .collect()
+}
+
+/// Counters of the locate and map stages of one step.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SpanStats {
+    pub calls: usize,
+    pub cache_hits: usize,
+    pub failures: usize,
+    pub no_error: usize,
+    /// The oracle's segment was found in the response and covers at least one token.
+    pub located: usize,
+    /// The segment was not found, or covers no token.
+    pub not_located: usize,
+    pub capped: usize,
+    pub span_tokens: usize,
+    pub latency_ms: f64,
+    pub cost_usd: f64,
+}
+
+/// Token spans of the first errors, by row (`None`: correct, or no usable span).
+pub struct Spans {
+    pub spans: Vec<Option<Range<usize>>>,
+    pub stats: SpanStats,
+}
+
+/// Map: each located segment (a byte range of the response) → the completion tokens
+/// it covers, capped at `max_error_span` tokens. `outcomes[k]` answers row `rows[k]`.
+pub fn map_spans(
+    r: &Rollouts,
+    rows: &[usize],
+    outcomes: &[SpanOutcome],
+    max_error_span: usize,
+) -> Spans {
+    let mut spans = vec![None; r.len()];
+    let mut s = SpanStats::default();
+    for (&i, outcome) in rows.iter().zip(outcomes) {
+        s.calls += 1;
+        if let Some(u) = outcome.usage() {
+            s.cache_hits += usize::from(u.cached);
+            s.latency_ms += u.latency.as_secs_f64() * 1e3;
+            s.cost_usd += u.cost_usd;
+        }
+        match outcome {
+            SpanOutcome::Located { .. } => {}
+            SpanOutcome::NoError { .. } => s.no_error += 1,
+            SpanOutcome::NotLocated { .. } => s.not_located += 1,
+            SpanOutcome::Failed { failure } => {
+                s.failures += 1;
+                tracing::warn!("oracle failed ({}): {failure}", failure.kind());
+            }
+        }
+        let Some(bytes) = outcome.range() else {
+            continue;
+        };
+        match map_span(&r.gens[i].offsets, bytes, max_error_span) {
+            Some(ts) => {
+                s.located += 1;
+                s.capped += usize::from(ts.capped);
+                s.span_tokens += ts.len();
+                spans[i] = Some(ts.range());
+            }
+            None => s.not_located += 1,
+        }
+    }
+    Spans { spans, stats: s }
+}
+
+/// Credit: outcome rewards and spans → the `[B, T]` token advantages, `T` the longest
+/// completion of the step (completions are right-padded, as in the loss batches).
+pub fn credit(
+    r: &Rollouts,
+    graded: &Graded,
+    spans: &Spans,
+    cfg: &CreditConfig,
+) -> Result<AdvantageMatrix> {
+    let width = r.gens.iter().map(|g| g.ids.len()).max().unwrap_or(0).max(1);
+    let rollouts: Vec<RolloutCredit> = (0..r.len())
+        .map(|i| {
+            let n = r.gens[i].ids.len();
+            RolloutCredit {
+                reward: graded.rewards[i],
+                correct: graded.correct[i],
+                mask: (0..width).map(|t| t < n).collect(),
+                span: spans.spans[i].clone(),
+            }
+        })
+        .collect();
+    Ok(token_advantages(&rollouts, r.group, cfg)?)
+}
