@@ -425,30 +425,23 @@ mod tests {
     fn bad_files_name_the_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.toml");
-        std::fs::write(&p, "[rollout]\nnum-generationz = 8\n").unwrap();
-        let err = format!(
-            "{:#}",
-            RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap_err()
-        );
-        assert!(
-            err.contains("bad.toml") && err.contains("num-generationz"),
-            "{err}"
-        );
-        std::fs::write(&p, "[rollout]\nnum-generations = \"eight\"\n").unwrap();
-        let err = format!(
-            "{:#}",
-            RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap_err()
-        );
-        assert!(
-            err.contains("bad.toml") && err.contains("num-generations"),
-            "{err}"
-        );
-        std::fs::write(&p, "[rollout]\nnum-generations = 1\n").unwrap();
-        let err = format!(
-            "{:#}",
-            RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap_err()
-        );
-        assert!(err.contains("num-generations"), "{err}");
+        for (text, key) in [
+            ("[rollout]\nnum-generationz = 8\n", "num-generationz"),
+            (
+                "[rollout]\nnum-generations = \"eight\"\n",
+                "num-generations",
+            ),
+            ("[rollout]\nnum-generations = 1\n", "num-generations"),
+            ("num-generations = 8\n", "num-generations"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let err = RunConfig::resolve(Some(&p), &serde_json::json!({})).unwrap_err();
+            let err = format!("{err:#}");
+            assert!(
+                err.contains("bad.toml") && err.contains(key),
+                "{text}: {err}"
+            );
+        }
         let missing = dir.path().join("nope.toml");
         assert!(RunConfig::resolve(Some(&missing), &serde_json::json!({})).is_err());
     }

@@ -190,6 +190,11 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Gradients of `sum(y)`.
+    fn grads_of(y: Tensor) -> GradStore {
+        y.sum_all().unwrap().backward().unwrap()
+    }
+
     #[test]
     fn first_adamw_step_moves_by_lr_times_sign() {
         // After one step the bias-corrected ratio m̂/√v̂ is g/|g|: θ ← θ(1 − lr·wd) − lr·sign(g).
@@ -201,14 +206,7 @@ mod tests {
             ..OptimConfig::default()
         };
         let mut opt = AdamW::new(vec![("x".into(), x.clone())], cfg).unwrap();
-        let grads = x
-            .as_tensor()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = grads_of(x.as_tensor().sqr().unwrap());
         let norm = opt.step(&grads, 0.1).unwrap();
         assert!((norm - (4.0f64 + 16.0 + 1.0).sqrt()).abs() < 1e-12);
         let got = x.as_tensor().to_vec1::<f64>().unwrap();
@@ -232,12 +230,7 @@ mod tests {
             };
             let mut opt = AdamW::new(vec![("x".into(), x.clone())], cfg).unwrap();
             let w = Tensor::new(&[3.0f64, 4.0], &Device::Cpu).unwrap();
-            let grads = (x.as_tensor() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = grads_of((x.as_tensor() * &w).unwrap());
             let norm = opt.step(&grads, 0.1).unwrap();
             let st = opt.state();
             let v = |k: &str| st[k].to_vec1::<f64>().unwrap();

@@ -167,11 +167,9 @@ fn params_snapshot(t: &Trainer) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// Feeds an all-wrong group whose answers contain arithmetic slips, plus a mixed
-/// group, and reports whether the policy's parameters moved.
-fn all_wrong_group_moves_params(mode: CreditMode) -> (bool, f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = policy(1);
+/// One problem (3 + 4 apples) and a group of two hand-written answers that compute
+/// `3 + 4 = <answer>`.
+fn mia(p: &Policy, answers: [&str; 2]) -> (Vec<Example>, Rollouts) {
     let ex = vec![Example::new(
         0,
         "Mia has 3 apples. She buys 4 more apples. How many apples does Mia have now?".into(),
@@ -179,17 +177,25 @@ fn all_wrong_group_moves_params(mode: CreditMode) -> (bool, f64) {
     )
     .unwrap()];
     let prompts = vec![p.prompt_ids(&ex[0].question).unwrap(); 2];
-    let gens = vec![
-        completion(&p, " Mia has 3 + 4 = 8 apples.\n#### 8"),
-        completion(&p, " Mia has 3 + 4 = 9 apples.\n#### 9"),
-    ];
+    let gens = answers
+        .iter()
+        .map(|a| completion(p, &format!(" Mia has 3 + 4 = {a} apples.\n#### {a}")))
+        .collect();
+    let r = Rollouts::new(ex.clone(), prompts, gens, 2).unwrap();
+    (ex, r)
+}
+
+/// Feeds an all-wrong group whose answers contain arithmetic slips, plus a mixed
+/// group, and reports whether the policy's parameters moved.
+fn all_wrong_group_moves_params(mode: CreditMode) -> (bool, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(1);
+    let (ex, rollouts) = mia(&p, ["8", "9"]);
     let mut cfg = config(mode, 0.0);
     cfg.rollout.prompts_per_step = 1;
     let mut t = trainer(cfg, p, ex.clone(), dir.path().to_path_buf(), false).unwrap();
     let before = params_snapshot(&t);
-    let m = t
-        .learn(&Rollouts::new(ex, prompts, gens, 2).unwrap())
-        .unwrap();
+    let m = t.learn(&rollouts).unwrap();
     let after = params_snapshot(&t);
     (before != after, m["spans/located"])
 }
@@ -372,26 +378,14 @@ fn reused_batches_move_the_ratio_off_one() {
     let run = |iterations: usize, eps_high: Option<f64>| {
         let dir = tempfile::tempdir().unwrap();
         let p = policy(8);
-        let ex = vec![Example::new(
-            0,
-            "Mia has 3 apples. She buys 4 more apples. How many apples does Mia have now?".into(),
-            "Mia has 3 + 4 = <<3+4=7>>7 apples.\n#### 7".into(),
-        )
-        .unwrap()];
-        let prompts = vec![p.prompt_ids(&ex[0].question).unwrap(); 2];
-        let gens = vec![
-            completion(&p, " Mia has 3 + 4 = 7 apples.\n#### 7"),
-            completion(&p, " Mia has 3 + 4 = 9 apples.\n#### 9"),
-        ];
+        let (ex, rollouts) = mia(&p, ["7", "9"]);
         let mut cfg = config(CreditMode::Outcome, 0.0);
         cfg.rollout.prompts_per_step = 1;
         cfg.run.num_iterations = iterations;
         cfg.optim.lr = 0.05;
         cfg.loss.epsilon_high = eps_high;
         let mut t = trainer(cfg, p, ex.clone(), dir.path().to_path_buf(), false).unwrap();
-        let m = t
-            .learn(&Rollouts::new(ex, prompts, gens, 2).unwrap())
-            .unwrap();
+        let m = t.learn(&rollouts).unwrap();
         (m, params_snapshot(&t))
     };
     let (one, p1) = run(1, None);
