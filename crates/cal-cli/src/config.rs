@@ -188,6 +188,17 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0 = only at the end).
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Reward functions and weights: `correctness=1.0,format=0.2` (correctness, format,
+    /// length).
+    #[arg(long)]
+    pub reward: Option<String>,
+    /// Tokens a completion may use before the `length` reward penalises it.
+    #[arg(long)]
+    pub length_budget: Option<usize>,
+    /// Evaluate held-out accuracy (greedy) every N steps and at the last (0 = only after
+    /// training); logged as eval/* in TensorBoard and metrics.jsonl.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
     /// LoRA rank (0 = full fine-tuning).
     #[arg(long)]
     pub lora_rank: Option<usize>,
@@ -255,6 +266,9 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("weight_decay", "optim.weight-decay"),
     ("max_grad_norm", "optim.max-grad-norm"),
     ("save_every", "checkpoint.save-every"),
+    ("reward", "reward.functions"),
+    ("length_budget", "reward.length-budget"),
+    ("eval_every", "eval.every"),
 ];
 
 /// Sets `path` (dotted) in a nested JSON object.
@@ -466,6 +480,23 @@ mod tests {
         assert!(parse(&["--credit", "nope"]).is_err());
         assert!(parse(&["--device", "tpu"]).is_err());
         assert!(parse(&["--loss-aggregation", "sum"]).is_err());
+        let err = format!(
+            "{:#}",
+            parse(&["--reward", "correctness=1,nope=2"]).unwrap_err()
+        );
+        assert!(
+            err.contains("reward.functions") && err.contains("nope"),
+            "{err}"
+        );
+        let c = parse(&[
+            "--reward",
+            "correctness=1.0,format=0.2",
+            "--eval-every",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(c.reward.functions().unwrap().fns.len(), 2);
+        assert_eq!(c.eval.every, 5);
     }
 
     #[test]

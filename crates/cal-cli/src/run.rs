@@ -151,7 +151,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let name = cfg.kind();
     let config = serde_json::to_value(&cfg)?;
     let eval = eval_config(&cfg);
-    let mut trainer = Trainer::new(cfg, source.fresh()?, train, args.resume)?;
+    let mut trainer = Trainer::new(cfg, source.fresh()?, train, args.resume)?
+        .with_held_out(test.clone(), eval.clone());
     if trainer.run()? == RunEnd::Interrupted {
         std::process::exit(130);
     }
@@ -194,6 +195,7 @@ pub fn experiment(args: &ExperimentArgs) -> Result<()> {
         "data": {"num-samples": 192},
         "run": {"output-dir": "runs/experiment"},
         "credit": {"mode": "span"},
+        "eval": {"every": 4},
     }))?;
     if args.train.print_config {
         return print_config(&cfg);
@@ -277,9 +279,26 @@ pub fn compare(runs: &[PathBuf], out: Option<&Path>) -> Result<()> {
     let png = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| db.join("comparison_curves.png"));
-    match cal_train::compare::plot_curves(&[(na, da), (nb, db)], "reward/accuracy", &png) {
+    let runs = [(na, da), (nb, db)];
+    match cal_train::compare::plot_curves(&runs, "reward/accuracy", &png) {
         Ok(()) => println!("training curves: {}", png.display()),
         Err(e) => eprintln!("plot skipped: {e:#}"),
+    }
+    // held-out accuracy during training, when both runs logged it (--eval-every)
+    let per_step = ra
+        .config
+        .as_ref()
+        .and_then(|c| serde_json::from_value::<RunConfig>(c.clone()).ok())
+        .map_or(0, |c| {
+            c.rollout.prompts_per_step * c.rollout.num_generations
+        });
+    let arms: Vec<(String, Vec<PathBuf>)> = runs
+        .iter()
+        .map(|(n, d)| (n.clone(), vec![d.clone()]))
+        .collect();
+    let held_out = png.with_file_name("held_out_curves.png");
+    if cal_train::compare::plot_held_out(&arms, per_step, &held_out).is_ok() {
+        println!("held-out accuracy curves: {}", held_out.display());
     }
     Ok(())
 }

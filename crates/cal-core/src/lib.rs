@@ -16,3 +16,4 @@ pub mod evaluate;
 pub mod grade;
 pub mod locate;
 pub mod map;
+pub mod reward;

@@ -186,62 +186,58 @@ fn font_bytes() -> Option<&'static [u8]> {
     Some(Box::leak(bytes.into_boxed_slice()))
 }
 
-/// Draws the moving-average training accuracy of each run to `out` (PNG).
-pub fn plot_curves(runs: &[(String, PathBuf)], metric: &str, out: &Path) -> Result<()> {
+/// One line of a plot.
+struct Series {
+    name: Option<String>,
+    points: Vec<(f64, f64)>,
+    color: usize,
+    width: u32,
+}
+
+/// Draws `series` to `out` (PNG).
+fn draw(series: &[Series], caption: &str, x_desc: &str, y_desc: &str, out: &Path) -> Result<()> {
     use plotters::prelude::*;
     let font =
         font_bytes().context("no TrueType font found for the plot (install fonts-dejavu-core)")?;
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("cannot register font"))?;
-    let curves: Vec<(String, Vec<(f64, f64)>)> = runs
+    let max_x = series
         .iter()
-        .map(|(name, dir)| {
-            let raw = read_curve(dir, metric);
-            // moving average over 5 steps: single steps are noisy
-            let smooth: Vec<(f64, f64)> = (0..raw.len())
-                .map(|i| {
-                    let w = &raw[i.saturating_sub(4)..=i];
-                    (
-                        raw[i].0,
-                        w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
-                    )
-                })
-                .collect();
-            (name.clone(), smooth)
-        })
-        .collect();
-    let max_x = curves
-        .iter()
-        .flat_map(|c| c.1.iter().map(|p| p.0))
+        .flat_map(|c| c.points.iter().map(|p| p.0))
         .fold(1.0, f64::max);
-    let max_y = curves
+    let max_y = series
         .iter()
-        .flat_map(|c| c.1.iter().map(|p| p.1))
+        .flat_map(|c| c.points.iter().map(|p| p.1))
         .fold(0.05, f64::max)
         * 1.1;
     let root = BitMapBackend::new(out, (900, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{metric} (5-step moving average)"),
-            ("sans-serif", 22),
-        )
+        .caption(caption, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
         .build_cartesian_2d(0.0..max_x, 0.0..max_y)?;
     chart
         .configure_mesh()
-        .x_desc("step")
-        .y_desc(metric)
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .draw()?;
     let colors = [BLUE, RED, GREEN, MAGENTA];
-    for (i, (name, pts)) in curves.iter().enumerate() {
-        let c = colors[i % colors.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    for s in series {
+        let c = colors[s.color % colors.len()];
+        let style = if s.width > 1 {
+            c.stroke_width(s.width)
+        } else {
+            c.mix(0.35).stroke_width(1)
+        };
+        let drawn = chart.draw_series(LineSeries::new(s.points.iter().copied(), style))?;
+        if let Some(name) = &s.name {
+            let w = s.width;
+            drawn.label(name.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(w))
+            });
+        }
     }
     chart
         .configure_series_labels()
@@ -250,6 +246,99 @@ pub fn plot_curves(runs: &[(String, PathBuf)], metric: &str, out: &Path) -> Resu
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Draws the 5-step moving average of a per-step training metric of each run.
+pub fn plot_curves(runs: &[(String, PathBuf)], metric: &str, out: &Path) -> Result<()> {
+    let series: Vec<Series> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dir))| {
+            let raw = read_curve(dir, metric);
+            // moving average over 5 steps: single steps are noisy
+            let points = (0..raw.len())
+                .map(|i| {
+                    let w = &raw[i.saturating_sub(4)..=i];
+                    (
+                        raw[i].0,
+                        w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
+                    )
+                })
+                .collect();
+            Series {
+                name: Some(name.clone()),
+                points,
+                color: i,
+                width: 2,
+            }
+        })
+        .collect();
+    let caption = format!("{metric} (5-step moving average)");
+    draw(&series, &caption, "step", metric, out)
+}
+
+/// Mean over runs of a curve logged at the same steps (steps every run has).
+pub fn mean_curve(curves: &[Vec<(f64, f64)>]) -> Vec<(f64, f64)> {
+    let Some(first) = curves.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .filter_map(|&(step, _)| {
+            let ys: Vec<f64> = curves
+                .iter()
+                .filter_map(|c| c.iter().find(|p| p.0 == step).map(|p| p.1))
+                .collect();
+            (ys.len() == curves.len()).then(|| (step, ys.iter().sum::<f64>() / ys.len() as f64))
+        })
+        .collect()
+}
+
+/// Held-out accuracy (`eval/accuracy`, logged with `--eval-every`) against step for
+/// each arm: one thin line per seed (run folder) and the mean in bold.
+/// `rollouts_per_step` labels the axis in rollouts too. Returns the mean curves.
+pub fn plot_held_out(
+    arms: &[(String, Vec<PathBuf>)],
+    rollouts_per_step: usize,
+    out: &Path,
+) -> Result<Vec<(String, Vec<(f64, f64)>)>> {
+    let mut series = Vec::new();
+    let mut means = Vec::new();
+    for (color, (arm, dirs)) in arms.iter().enumerate() {
+        let curves: Vec<Vec<(f64, f64)>> = dirs
+            .iter()
+            .map(|d| read_curve(d, "eval/accuracy"))
+            .filter(|c| !c.is_empty())
+            .collect();
+        if curves.is_empty() {
+            bail!("no eval/accuracy logged for {arm} (train with --eval-every N)");
+        }
+        for c in &curves {
+            series.push(Series {
+                name: None,
+                points: c.clone(),
+                color,
+                width: 1,
+            });
+        }
+        let mean = mean_curve(&curves);
+        series.push(Series {
+            name: Some(format!("{arm} (mean of {})", curves.len())),
+            points: mean.clone(),
+            color,
+            width: 3,
+        });
+        means.push((arm.clone(), mean));
+    }
+    let x = format!("step ({rollouts_per_step} rollouts per step)");
+    draw(
+        &series,
+        "held-out accuracy (greedy)",
+        &x,
+        "eval/accuracy",
+        out,
+    )?;
+    Ok(means)
 }
 
 #[cfg(test)]
@@ -265,6 +354,14 @@ mod tests {
         // large n: symmetric and small for a lopsided split
         assert!(mcnemar_exact(100, 160) < 0.001);
         assert!((mcnemar_exact(100, 160) - mcnemar_exact(160, 100)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn mean_curve_keeps_common_steps() {
+        let a = vec![(0.0, 0.1), (4.0, 0.3), (8.0, 0.5)];
+        let b = vec![(0.0, 0.3), (4.0, 0.5)];
+        assert_eq!(mean_curve(&[a, b]), vec![(0.0, 0.2), (4.0, 0.4)]);
+        assert!(mean_curve(&[]).is_empty());
     }
 
     #[test]

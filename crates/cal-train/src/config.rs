@@ -11,11 +11,13 @@
 //! [model]      name, device, dtype, [model.lora]
 //! [data]       dataset, eval-dataset, num-samples, eval-samples
 //! [rollout]    num-generations, prompts-per-step, max-new-tokens, temperature, top-p, ...
+//! [reward]     functions (`correctness=1.0,format=0.2`), length-budget
 //! [credit]     mode, advantage, negative-reward, prefix-reward, max-error-span, eps
 //! [oracle]     provider, model, base-url, max-cost, concurrency, timeout, cache
 //! [locate]     min-similarity, max-fuzzy-cells
 //! [loss]       beta, epsilon, epsilon-high, aggregation, importance
 //! [optim]      learning-rate, beta1, beta2, eps, weight-decay, max-grad-norm, ...
+//! [eval]       every
 //! [checkpoint] save-every
 //! ```
 
@@ -24,6 +26,7 @@ use crate::update::OptimConfig;
 use anyhow::{bail, Context, Result};
 use cal_core::credit::CreditConfig;
 use cal_core::locate::LocateConfig;
+use cal_core::reward::RewardFns;
 use cal_model::{DTypeSpec, DeviceSpec, LoraConfig, Placement};
 use cal_oracle::OracleSpec;
 use figment::providers::{Format, Serialized, Toml};
@@ -39,11 +42,13 @@ pub struct RunConfig {
     pub model: ModelSection,
     pub data: DataSection,
     pub rollout: RolloutConfig,
+    pub reward: RewardSection,
     pub credit: CreditConfig,
     pub oracle: OracleSpec,
     pub locate: LocateConfig,
     pub loss: LossConfig,
     pub optim: OptimConfig,
+    pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
 }
 
@@ -198,6 +203,47 @@ impl Default for RolloutConfig {
     }
 }
 
+/// What a rollout scores: named reward functions, weighted ([`cal_core::reward`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RewardSection {
+    /// `name=weight,...` of `correctness`, `format`, `length`.
+    pub functions: String,
+    /// Tokens a completion may use before `length` penalises it.
+    pub length_budget: usize,
+}
+
+impl Default for RewardSection {
+    fn default() -> Self {
+        Self {
+            functions: "correctness=1.0".into(),
+            length_budget: 64,
+        }
+    }
+}
+
+impl RewardSection {
+    pub fn functions(&self) -> Result<RewardFns> {
+        RewardFns::parse(&self.functions, self.length_budget)
+            .map_err(|e| anyhow::anyhow!("reward.functions: {e}"))
+    }
+}
+
+/// Held-out evaluation during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Evaluate held-out accuracy (greedy) every N steps and at the last (0 = only after
+    /// training). The held-out set is `data.eval-samples` problems.
+    pub every: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self { every: 0 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct CheckpointSection {
@@ -218,6 +264,7 @@ impl Default for RunConfig {
             model: ModelSection::default(),
             data: DataSection::default(),
             rollout: RolloutConfig::default(),
+            reward: RewardSection::default(),
             credit: CreditConfig::default(),
             oracle: OracleSpec {
                 cache: Some(crate::tiny::cache_root().join("oracle-cache.sqlite")),
@@ -226,6 +273,7 @@ impl Default for RunConfig {
             locate: LocateConfig::default(),
             loss: LossConfig::default(),
             optim: OptimConfig::default(),
+            eval: EvalSection::default(),
             checkpoint: CheckpointSection::default(),
         }
     }
@@ -325,6 +373,7 @@ impl RunConfig {
                 self.model.lora.dropout
             );
         }
+        self.reward.functions()?;
         self.run.num_iterations = self.run.num_iterations.max(1);
         if self.oracle.model.is_none() {
             self.oracle.model = Some(self.oracle.provider.default_model().into());

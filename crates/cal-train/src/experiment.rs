@@ -1,7 +1,7 @@
 //! Baseline GRPO vs CAL-GRPO at equal compute: same seed, data, steps, generations and
 //! test items, then the paired comparison. `seeds > 1` repeats and aggregates.
 
-use crate::compare::{compare, plot_curves, Comparison};
+use crate::compare::{compare, plot_curves, plot_held_out, Comparison};
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::grpo::{RunEnd, Trainer};
@@ -64,7 +64,8 @@ pub fn train_and_eval(
     }
     cfg.run.output_dir = Some(dir.to_path_buf());
     let config = serde_json::to_value(&cfg)?;
-    let mut trainer = Trainer::new(cfg, source.fresh()?, train.to_vec(), resume)?;
+    let mut trainer = Trainer::new(cfg, source.fresh()?, train.to_vec(), resume)?
+        .with_held_out(test.to_vec(), eval.clone());
     if trainer.run()? == RunEnd::Interrupted {
         bail!("interrupted; rerun the same command to continue");
     }
@@ -153,6 +154,21 @@ pub fn run(
         cfg.out_dir.join("summary.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
+    if cfg.run.eval.every > 0 {
+        let arm = |name: &str| {
+            let dirs = cfg
+                .seeds
+                .iter()
+                .map(|s| cfg.out_dir.join(format!("seed-{s}/{name}")));
+            (name.to_string(), dirs.collect::<Vec<_>>())
+        };
+        let png = cfg.out_dir.join("eval_curves.png");
+        let per_step = cfg.run.rollout.prompts_per_step * cfg.run.rollout.num_generations;
+        match plot_held_out(&[arm("baseline"), arm("cal")], per_step, &png) {
+            Ok(_) => eprintln!("held-out accuracy curves: {}", png.display()),
+            Err(e) => eprintln!("plot skipped: {e:#}"),
+        }
+    }
     Ok(results)
 }
 

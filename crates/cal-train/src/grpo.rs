@@ -10,6 +10,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
+use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::log::{JsonlLog, Progress, TensorBoard};
 use crate::metrics::{step_metrics, Metrics, StepRecord};
 use crate::optimize::{fixed_logprobs, micro_batches, update};
@@ -19,6 +20,7 @@ use crate::score::{self, Spans};
 use crate::update::{lr_at, AdamW};
 use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
+use cal_core::reward::RewardFns;
 use cal_model::Transformer;
 use cal_oracle::{locate_all, Oracle, SpanOutcome};
 use candle_core::Tensor;
@@ -46,6 +48,9 @@ pub struct Trainer {
     tb: TensorBoard,
     jsonl: JsonlLog,
     skipped: usize,
+    rewards: RewardFns,
+    /// Held-out problems evaluated every `cfg.eval.every` steps.
+    held_out: Option<(Vec<Example>, EvalConfig)>,
 }
 
 /// Set by SIGINT: the loop saves a checkpoint and stops after the current step.
@@ -100,6 +105,7 @@ impl Trainer {
             (step, cursor, rng, skipped) = (r.step, r.cursor, r.rng, r.skipped);
             eprintln!("resumed from {} (step {step})", r.dir.display());
         }
+        let rewards = cfg.reward.functions()?;
         let oracle = cfg.oracle.build().map_err(|e| anyhow::anyhow!(e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -124,7 +130,50 @@ impl Trainer {
             tb,
             jsonl,
             skipped,
+            rewards,
+            held_out: None,
         })
+    }
+
+    /// Replaces the configured reward functions (a library user's own [`Reward`]s).
+    ///
+    /// [`Reward`]: cal_core::reward::Reward
+    pub fn with_rewards(mut self, rewards: RewardFns) -> Self {
+        self.rewards = rewards;
+        self
+    }
+
+    /// Evaluates `test` with `eval` every `cfg.eval.every` steps and at the last step
+    /// (when `every > 0`), logged as `eval/*`.
+    pub fn with_held_out(mut self, test: Vec<Example>, eval: EvalConfig) -> Self {
+        self.held_out = Some((test, eval));
+        self
+    }
+
+    /// Held-out accuracy now, logged at the current step.
+    pub fn evaluate_held_out(&mut self) -> Result<Option<Metrics>> {
+        let Some((test, eval)) = &self.held_out else {
+            return Ok(None);
+        };
+        let graded = evaluate(&self.policy, test, eval, &format!("eval @{}", self.step))?;
+        let a = EvalReport::new("", "", graded, test.len()).accuracy;
+        let m: Metrics = [
+            ("eval/accuracy", a.accuracy),
+            ("eval/strict_accuracy", a.strict_accuracy),
+            ("eval/flexible_accuracy", a.flexible_accuracy),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        self.log(&m)?;
+        Ok(Some(m))
+    }
+
+    fn log(&mut self, m: &Metrics) -> Result<()> {
+        self.tb.scalars(self.step as i64, m)?;
+        let mut row = serde_json::to_value(m)?;
+        row["step"] = serde_json::json!(self.step);
+        self.jsonl.write(&row)
     }
 
     /// The next `n` examples: a seeded shuffle per epoch, so the order depends only on
@@ -160,6 +209,9 @@ impl Trainer {
             self.total_steps as u64,
             self.step as u64,
         );
+        if self.cfg.eval.every > 0 && self.step == 0 {
+            self.evaluate_held_out()?; // the curve starts at the policy RL starts from
+        }
         while self.step < self.total_steps {
             let m = self.train_step()?;
             progress.update(
@@ -172,8 +224,13 @@ impl Trainer {
                     m["perf/step_seconds"]
                 ),
             );
+            let last = self.step == self.total_steps;
+            let every = self.cfg.eval.every;
+            if every > 0 && (self.step.is_multiple_of(every) || last) {
+                self.evaluate_held_out()?;
+            }
             let every = self.cfg.checkpoint.save_every;
-            if (every > 0 && self.step.is_multiple_of(every)) || self.step == self.total_steps {
+            if (every > 0 && self.step.is_multiple_of(every)) || last {
                 self.save()?;
             }
             if INTERRUPTED.load(Ordering::SeqCst) {
@@ -228,17 +285,14 @@ impl Trainer {
             "perf/tokens_per_second".into(),
             n_tokens as f64 / t_gen.max(1e-9),
         );
-        self.tb.scalars(self.step as i64, &m)?;
-        let mut row = serde_json::to_value(&m)?;
-        row["step"] = serde_json::json!(self.step);
-        self.jsonl.write(&row)?;
+        self.log(&m)?;
         Ok(m)
     }
 
     /// Everything after sampling: score (grade → locate → map → credit), then optimize.
     /// Public so that a test can feed hand-written completions.
     pub fn learn(&mut self, r: &Rollouts) -> Result<Metrics> {
-        let graded = score::grade(r);
+        let graded = score::grade(r, &self.rewards);
         let wrong = graded.wrong();
         let locating = self.cfg.credit.mode.uses_spans().then(|| {
             let reqs = score::oracle_requests(r, &wrong);

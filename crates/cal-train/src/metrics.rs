@@ -32,6 +32,9 @@ pub fn step_metrics(s: &StepRecord) -> Metrics {
     let var = r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / r.len().max(1) as f64;
     put("reward/mean", mean);
     put("reward/std", var.sqrt());
+    for (name, v) in &s.graded.by_function {
+        put(&format!("reward/{name}"), *v);
+    }
     let correct = &s.graded.correct;
     put(
         "reward/accuracy",

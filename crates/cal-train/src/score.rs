@@ -1,4 +1,4 @@
-//! Score: grade → locate → map → credit. Everything between the samples and the loss,
+//! Score: grade (and reward) → locate → map → credit. Everything between the samples and the loss,
 //! as pure functions of the rollouts (the oracle call itself runs in
 //! [`crate::grpo::Trainer`], concurrently with the reference pass).
 
@@ -7,14 +7,18 @@ use anyhow::Result;
 use cal_core::credit::{token_advantages, AdvantageMatrix, CreditConfig, RolloutCredit};
 use cal_core::grade::grade as grade_answer;
 use cal_core::map::map_span;
+use cal_core::reward::{Completion, RewardFns};
 use cal_oracle::{OracleRequest, SpanOutcome};
 use std::ops::Range;
 
 /// Outcome of each rollout.
 pub struct Graded {
+    /// Whether the final answer is right: what the oracle is asked about.
     pub correct: Vec<bool>,
-    /// 1.0 for a right final answer, else 0.0.
+    /// The weighted sum of the reward functions (correctness alone by default).
     pub rewards: Vec<f64>,
+    /// Each reward function's name and its mean score over the step.
+    pub by_function: Vec<(&'static str, f64)>,
 }
 
 impl Graded {
@@ -26,13 +30,39 @@ impl Graded {
     }
 }
 
-/// Grade: compares each completion's final answer with its problem's.
-pub fn grade(r: &Rollouts) -> Graded {
+/// Grade: compares each completion's final answer with its problem's, and scores it
+/// with the reward functions.
+pub fn grade(r: &Rollouts, fns: &RewardFns) -> Graded {
     let correct: Vec<bool> = (0..r.len())
         .map(|i| grade_answer(&r.gens[i].text, &r.example(i).final_answer).correct)
         .collect();
-    let rewards = correct.iter().map(|&c| f64::from(u8::from(c))).collect();
-    Graded { correct, rewards }
+    let mut sums = vec![0.0; fns.fns.len()];
+    let rewards = (0..r.len())
+        .map(|i| {
+            let c = Completion {
+                text: &r.gens[i].text,
+                tokens: r.gens[i].ids.len(),
+                gold: &r.example(i).final_answer,
+            };
+            let scores = fns.scores(&c);
+            for (s, x) in sums.iter_mut().zip(&scores) {
+                *s += x;
+            }
+            scores.iter().zip(&fns.fns).map(|(x, (_, w))| w * x).sum()
+        })
+        .collect();
+    let n = r.len().max(1) as f64;
+    let by_function = fns
+        .fns
+        .iter()
+        .zip(sums)
+        .map(|((f, _), s)| (f.name(), s / n))
+        .collect();
+    Graded {
+        correct,
+        rewards,
+        by_function,
+    }
 }
 
 /// Locate: one oracle request per row in `rows`.
