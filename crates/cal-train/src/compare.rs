@@ -277,6 +277,9 @@ pub fn plot_curves(runs: &[(String, PathBuf)], metric: &str, out: &Path) -> Resu
     draw(&series, &caption, "step", metric, out)
 }
 
+/// `(step, value)` points.
+pub type Curve = Vec<(f64, f64)>;
+
 /// Mean over runs of a curve logged at the same steps (steps every run has).
 pub fn mean_curve(curves: &[Vec<(f64, f64)>]) -> Vec<(f64, f64)> {
     let Some(first) = curves.first() else {
@@ -301,7 +304,7 @@ pub fn plot_held_out(
     arms: &[(String, Vec<PathBuf>)],
     rollouts_per_step: usize,
     out: &Path,
-) -> Result<Vec<(String, Vec<(f64, f64)>)>> {
+) -> Result<Vec<(String, Curve)>> {
     let mut series = Vec::new();
     let mut means = Vec::new();
     for (color, (arm, dirs)) in arms.iter().enumerate() {

@@ -230,18 +230,12 @@ impl RewardSection {
 }
 
 /// Held-out evaluation during training.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct EvalSection {
     /// Evaluate held-out accuracy (greedy) every N steps and at the last (0 = only after
     /// training). The held-out set is `data.eval-samples` problems.
     pub every: usize,
-}
-
-impl Default for EvalSection {
-    fn default() -> Self {
-        Self { every: 0 }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
