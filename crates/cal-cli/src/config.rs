@@ -134,6 +134,12 @@ pub struct TrainArgs {
     /// Evaluate on at most this many held-out problems (-1 = all).
     #[arg(long, allow_negative_numbers = true)]
     pub eval_samples: Option<i64>,
+    /// Wording of the generated problems (and of tiny's SFT data).
+    #[arg(long, value_enum)]
+    pub style: Option<cal_core::data::Style>,
+    /// Arithmetic steps per generated problem [default: 2 or 3].
+    #[arg(long)]
+    pub chain_steps: Option<usize>,
     /// Optimizer steps [default: one pass over the training problems].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -238,6 +244,8 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("eval_dataset", "data.eval-dataset"),
     ("num_samples", "data.num-samples"),
     ("eval_samples", "data.eval-samples"),
+    ("style", "data.style"),
+    ("chain_steps", "data.steps"),
     ("num_generations", "rollout.num-generations"),
     ("prompts_per_step", "rollout.prompts-per-step"),
     ("max_new_tokens", "rollout.max-new-tokens"),
@@ -352,7 +360,13 @@ pub fn annotate_defaults(mut cmd: Command) -> Command {
     for (id, path) in FLAGS {
         if matches!(
             *id,
-            "output_dir" | "cal_model" | "lora_alpha" | "epsilon_high" | "steps" | "credit"
+            "output_dir"
+                | "cal_model"
+                | "lora_alpha"
+                | "epsilon_high"
+                | "steps"
+                | "credit"
+                | "chain_steps"
         ) {
             continue; // derived from other values; their help says how
         }

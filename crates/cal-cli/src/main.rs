@@ -94,6 +94,9 @@ enum Command {
         /// Largest multiplier / divisor.
         #[arg(long, default_value_t = GenConfig::default().max_factor)]
         max_factor: u64,
+        /// Wording: `story` (GSM8K-like word problems) or `chain` (bare steps).
+        #[arg(long, value_enum, default_value = "story")]
+        style: data::Style,
         /// Output file (default: stdout).
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -139,6 +142,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_steps,
             max_operand,
             max_factor,
+            style,
             output,
         } => {
             anyhow::ensure!(
@@ -151,6 +155,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_operand,
                 max_factor,
                 mul_div: true,
+                style,
             };
             let mut out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(

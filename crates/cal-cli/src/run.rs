@@ -55,16 +55,25 @@ impl PolicySource for Source {
 
 impl Source {
     pub fn new(model: &str, placement: Placement) -> Self {
+        Self::with_spec(model, placement, TinySpec::default())
+    }
+
+    fn with_spec(model: &str, placement: Placement, spec: TinySpec) -> Self {
         let kind = if model == "tiny" {
-            SourceKind::Tiny(TinySpec::default())
+            SourceKind::Tiny(spec)
         } else {
             SourceKind::Path(PathBuf::from(model))
         };
         Self { kind, placement }
     }
 
+    /// The run's model; `tiny` is trained on the run's generated benchmark.
     pub fn of(cfg: &RunConfig) -> Self {
-        Self::new(&cfg.model.name, cfg.model.placement())
+        Self::with_spec(
+            &cfg.model.name,
+            cfg.model.placement(),
+            TinySpec::for_data(&cfg.data),
+        )
     }
 
     /// Makes sure the tiny policy exists (trains it on first use) and reports how good
@@ -88,7 +97,7 @@ impl Source {
 pub fn datasets(cfg: &RunConfig) -> Result<(Vec<Example>, Vec<Example>)> {
     let d = &cfg.data;
     let (train, test) = if d.dataset == "generated" {
-        TinySpec::default().splits()
+        TinySpec::for_data(d).splits()
     } else {
         let p = PathBuf::from(&d.dataset);
         let train = data::load(&p)?;

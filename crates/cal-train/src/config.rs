@@ -25,6 +25,7 @@ use crate::loss::LossConfig;
 use crate::update::OptimConfig;
 use anyhow::{bail, Context, Result};
 use cal_core::credit::CreditConfig;
+use cal_core::data::Style;
 use cal_core::locate::LocateConfig;
 use cal_core::reward::RewardFns;
 use cal_model::{DTypeSpec, DeviceSpec, LoraConfig, Placement};
@@ -162,6 +163,12 @@ pub struct DataSection {
     pub num_samples: i64,
     /// Held-out problems evaluated (-1 = all).
     pub eval_samples: i64,
+    /// Wording of the generated problems (`dataset = "generated"`; the `tiny` model is
+    /// trained on the same): `story` or `chain`.
+    pub style: Style,
+    /// Arithmetic steps per generated problem (`None`: 2 or 3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
 }
 
 impl Default for DataSection {
@@ -171,6 +178,8 @@ impl Default for DataSection {
             eval_dataset: None,
             num_samples: -1,
             eval_samples: -1,
+            style: Style::Story,
+            steps: None,
         }
     }
 }
@@ -368,6 +377,9 @@ impl RunConfig {
             );
         }
         self.reward.functions()?;
+        if self.data.steps == Some(0) {
+            bail!("data.steps must be at least 1");
+        }
         self.run.num_iterations = self.run.num_iterations.max(1);
         if self.oracle.model.is_none() {
             self.oracle.model = Some(self.oracle.provider.default_model().into());

@@ -55,6 +55,10 @@ pub struct EvalReport {
     pub samples: usize,
     #[serde(default)]
     pub pass_at_k: f64,
+    /// Fraction of the responses' arithmetic statements (`a op b = c`) that hold: the
+    /// per-step accuracy of multi-step problems. `None` when no response has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_accuracy: Option<f64>,
     pub examples: Vec<GradedExample>,
     /// The configuration that produced it (a run's, or the evaluation's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +76,19 @@ pub fn pass_at_k(examples: &[GradedExample]) -> f64 {
         *items.entry(e.idx).or_default() |= e.correct;
     }
     items.values().filter(|c| **c).count() as f64 / items.len().max(1) as f64
+}
+
+/// Fraction of the arithmetic statements in the responses that hold (see
+/// [`cal_oracle::arith::claims`]).
+pub fn step_accuracy(examples: &[GradedExample]) -> Option<f64> {
+    let (mut holds, mut total) = (0usize, 0usize);
+    for e in examples {
+        for c in cal_oracle::arith::claims(&e.response) {
+            total += 1;
+            holds += usize::from(c.holds);
+        }
+    }
+    (total > 0).then(|| holds as f64 / total as f64)
 }
 
 impl EvalReport {
@@ -96,6 +113,7 @@ impl EvalReport {
             accuracy: accuracy(&examples, dataset_size),
             samples: per_item.values().copied().max().unwrap_or(1),
             pass_at_k: pass_at_k(&examples),
+            step_accuracy: step_accuracy(&examples),
             examples,
             config: None,
         }
@@ -155,6 +173,9 @@ impl EvalReport {
             a.flexible_correct,
             a.total
         );
+        if let Some(st) = self.step_accuracy {
+            s.push_str(&format!("\narithmetic steps {:6.2}%  right", 100.0 * st));
+        }
         if self.samples > 1 {
             s.push_str(&format!(
                 "\npass@{}           {:6.2}%  ({} items)",

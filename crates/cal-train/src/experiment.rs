@@ -92,14 +92,17 @@ pub fn run(
         let r = EvalReport::new("before RL", source.describe(), graded, test.len());
         r.write(&before_dir)?;
         r
-    }
-    .accuracy
-    .accuracy;
+    };
     eprintln!(
-        "held-out accuracy before RL: {:.1}% ({} items)",
-        100.0 * before,
-        test.len()
+        "held-out accuracy before RL: {:.1}% ({} items){}",
+        100.0 * before.accuracy.accuracy,
+        test.len(),
+        before.step_accuracy.map_or(String::new(), |s| format!(
+            "; {:.1}% of the arithmetic steps right",
+            100.0 * s
+        ))
     );
+    let before = before.accuracy.accuracy;
     let mut results = Vec::new();
     for &seed in &cfg.seeds {
         let sdir = cfg.out_dir.join(format!("seed-{seed}"));

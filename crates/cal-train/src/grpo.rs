@@ -156,8 +156,9 @@ impl Trainer {
             return Ok(None);
         };
         let graded = evaluate(&self.policy, test, eval, &format!("eval @{}", self.step))?;
-        let a = EvalReport::new("", "", graded, test.len()).accuracy;
-        let m: Metrics = [
+        let r = EvalReport::new("", "", graded, test.len());
+        let a = &r.accuracy;
+        let mut m: Metrics = [
             ("eval/accuracy", a.accuracy),
             ("eval/strict_accuracy", a.strict_accuracy),
             ("eval/flexible_accuracy", a.flexible_accuracy),
@@ -165,6 +166,9 @@ impl Trainer {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if let Some(st) = r.step_accuracy {
+            m.insert("eval/step_accuracy".into(), st);
+        }
         self.log(&m)?;
         Ok(Some(m))
     }

@@ -6,7 +6,7 @@ use crate::policy::Policy;
 use crate::sft::{sft, SftConfig, SftReport};
 use crate::update::OptimConfig;
 use anyhow::{Context, Result};
-use cal_core::data::{generate, Example, GenConfig};
+use cal_core::data::{generate, Example, GenConfig, Style};
 use cal_model::{load, tokenizer, ModelConfig, Transformer};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,7 @@ impl Default for TinySpec {
                 max_operand: 20,
                 max_factor: 5,
                 mul_div: true,
+                style: Style::Story,
             },
             train_problems: 4000,
             test_problems: 200,
@@ -70,6 +71,22 @@ impl Default for TinySpec {
 }
 
 impl TinySpec {
+    /// The embedded benchmark of a run's `[data]`: the generator's wording and steps.
+    pub fn for_data(data: &crate::config::DataSection) -> Self {
+        let mut spec = Self::default();
+        spec.generator.style = data.style;
+        if data.style == Style::Chain {
+            // A chain problem is about a third of a story's tokens: three times the SFT
+            // steps fit the same time, and the arithmetic needs them.
+            spec.sft.steps *= 3;
+        }
+        if let Some(k) = data.steps {
+            spec.generator.min_steps = k;
+            spec.generator.max_steps = k;
+        }
+        spec
+    }
+
     pub fn model_config(&self, vocab: usize) -> ModelConfig {
         let head_dim = self.hidden_size / self.heads;
         ModelConfig {

@@ -22,6 +22,27 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// How a problem is worded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Style {
+    /// A GSM8K-like word problem ("Mia has 7 apples. She buys 5 more apples. ...") with
+    /// `<<a+b=c>>` notes in the solution.
+    #[default]
+    Story,
+    /// The bare chain ("Start with 7. Add 5. Multiply by 3. What is the result?"), one
+    /// `a op b = c` line per step: few tokens per step, so a small model's capacity and
+    /// a short SFT go to the arithmetic.
+    Chain,
+}
+
+impl Style {
+    fn is_story(&self) -> bool {
+        *self == Style::Story
+    }
+}
+
 /// Difficulty knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GenConfig {
@@ -34,6 +55,10 @@ pub struct GenConfig {
     pub max_factor: u64,
     /// Allow multiplication and division steps.
     pub mul_div: bool,
+    /// Wording; not serialised when `story`, so that specs (and caches keyed by them)
+    /// written before it existed keep their identity.
+    #[serde(default, skip_serializing_if = "Style::is_story")]
+    pub style: Style,
 }
 
 impl Default for GenConfig {
@@ -44,6 +69,7 @@ impl Default for GenConfig {
             max_operand: 20,
             max_factor: 5,
             mul_div: true,
+            style: Style::Story,
         }
     }
 }
@@ -90,7 +116,12 @@ fn generate_one(index: u64, seed: u64, cfg: &GenConfig) -> Example {
     let steps = rng.random_range(cfg.min_steps.max(1)..=cfg.max_steps.max(cfg.min_steps.max(1)));
 
     let mut cur = rng.random_range(2..=max_operand);
-    let mut question = vec![format!("{name} has {cur} {items}.")];
+    let chain = cfg.style == Style::Chain;
+    let mut question = vec![if chain {
+        format!("Start with {cur}.")
+    } else {
+        format!("{name} has {cur} {items}.")
+    }];
     let mut solution = Vec::new();
     for _ in 0..steps {
         let divisors: Vec<u64> = (2..=max_factor)
@@ -140,13 +171,28 @@ fn generate_one(index: u64, seed: u64, cfg: &GenConfig) -> Example {
                 (k, cur / k, '/', q, "keeps")
             }
         };
-        question.push(q);
-        solution.push(format!(
-            "{name} {verb} {cur} {sym} {k} = <<{cur}{sym}{k}={new}>>{new} {items}."
-        ));
+        if chain {
+            let q = match op {
+                Op::Add => format!("Add {k}."),
+                Op::Sub => format!("Subtract {k}."),
+                Op::Mul => format!("Multiply by {k}."),
+                Op::Div => format!("Divide by {k}."),
+            };
+            question.push(q);
+            solution.push(format!("{cur} {sym} {k} = {new}"));
+        } else {
+            question.push(q);
+            solution.push(format!(
+                "{name} {verb} {cur} {sym} {k} = <<{cur}{sym}{k}={new}>>{new} {items}."
+            ));
+        }
         cur = new;
     }
-    question.push(format!("How many {items} does {name} have now?"));
+    question.push(if chain {
+        "What is the result?".to_string()
+    } else {
+        format!("How many {items} does {name} have now?")
+    });
     solution.push(format!("#### {cur}"));
     Example::new(index, question.join(" "), solution.join("\n"))
         .expect("generated answers end in #### N")
@@ -169,6 +215,7 @@ mod tests {
                 max_operand: 99,
                 max_factor: 9,
                 mul_div: true,
+                style: Style::Story,
             },
             GenConfig {
                 mul_div: false,
@@ -207,6 +254,41 @@ mod tests {
                 assert_eq!(parse_number(&ex.final_answer), Some(last.unwrap() as f64));
             }
         }
+    }
+
+    #[test]
+    fn chain_style_states_each_step_once() {
+        let re = Regex::new(r"(?m)^(\d+) ([-+*/]) (\d+) = (\d+)$").unwrap();
+        let cfg = GenConfig {
+            min_steps: 4,
+            max_steps: 4,
+            style: Style::Chain,
+            ..GenConfig::default()
+        };
+        let story = generate(
+            50,
+            3,
+            &GenConfig {
+                style: Style::Story,
+                ..cfg
+            },
+        );
+        for (ex, st) in generate(50, 3, &cfg).iter().zip(&story) {
+            assert!(
+                ex.question.starts_with("Start with ")
+                    && ex.question.ends_with("What is the result?")
+            );
+            assert_eq!(re.captures_iter(&ex.answer).count(), 4, "{}", ex.answer);
+            assert!(!ex.answer.contains("<<"));
+            // the same numbers as the story wording of the same (seed, index)
+            assert_eq!(ex.final_answer, st.final_answer);
+        }
+        // the default style is not serialised: specs written before it keep their form
+        let json = serde_json::to_string(&GenConfig::default()).unwrap();
+        assert!(!json.contains("style"), "{json}");
+        assert!(serde_json::to_string(&cfg)
+            .unwrap()
+            .contains("\"style\":\"chain\""));
     }
 
     #[test]

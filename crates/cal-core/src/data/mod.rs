@@ -3,5 +3,5 @@
 pub mod generator;
 pub mod gsm8k;
 
-pub use generator::{generate, GenConfig};
+pub use generator::{generate, GenConfig, Style};
 pub use gsm8k::{load, select, DataError, Example};
