@@ -332,11 +332,24 @@ impl TrainArgs {
     }
 }
 
-/// Appends each train flag's default (from the run configuration) to its help, so
-/// that `--help` shows defaults that are written once, in `cal_train::config`.
-pub fn annotate_defaults(mut cmd: Command) -> Command {
-    let tiny = RunConfig::resolve(None, &json!({})).ok();
-    let other = RunConfig::resolve(None, &json!({"model": {"name": "other"}})).ok();
+/// `experiment`'s own defaults: they sit below a `--config` file.
+pub fn experiment_defaults() -> Value {
+    json!({
+        "data": {"num-samples": 192},
+        "run": {"output-dir": "runs/experiment"},
+        "credit": {"mode": "span"},
+        "eval": {"every": 4},
+    })
+}
+
+/// Appends each train flag's default (from the run configuration, with the command's
+/// own defaults) to its help, so that `--help` shows defaults written once.
+pub fn annotate_defaults(mut cmd: Command, command_defaults: &Value) -> Command {
+    let flags = json!({});
+    let tiny = RunConfig::resolve_layers(None, command_defaults, &flags).ok();
+    let other =
+        RunConfig::resolve_layers(None, command_defaults, &json!({"model": {"name": "other"}}))
+            .ok();
     let (Some(tiny), Some(other)) = (tiny, other) else {
         return cmd;
     };

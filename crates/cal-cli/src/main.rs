@@ -214,8 +214,12 @@ fn main() -> ExitCode {
     // `train` and `experiment` show each flag's default and configuration key, taken
     // from the run configuration itself.
     let cmd = Cli::command()
-        .mut_subcommand("train", config::annotate_defaults)
-        .mut_subcommand("experiment", config::annotate_defaults);
+        .mut_subcommand("train", |c| {
+            config::annotate_defaults(c, &serde_json::json!({}))
+        })
+        .mut_subcommand("experiment", |c| {
+            config::annotate_defaults(c, &config::experiment_defaults())
+        });
     let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

@@ -12,7 +12,6 @@ use cal_train::grpo::{RunEnd, Trainer};
 use cal_train::policy::Policy;
 use cal_train::tiny::{self, TinySpec};
 use clap::Args;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 
 /// The starting policy: the embedded tiny model or a model path, and where it runs.
@@ -200,12 +199,7 @@ pub fn experiment(args: &ExperimentArgs) -> Result<()> {
     targs.num_samples = args.num_samples_pos.or(targs.num_samples);
     targs.num_generations = args.num_generations_pos.or(targs.num_generations);
     // experiment's own defaults, below a --config file
-    let cfg = targs.resolve_with(json!({
-        "data": {"num-samples": 192},
-        "run": {"output-dir": "runs/experiment"},
-        "credit": {"mode": "span"},
-        "eval": {"every": 4},
-    }))?;
+    let cfg = targs.resolve_with(crate::config::experiment_defaults())?;
     if args.train.print_config {
         return print_config(&cfg);
     }
