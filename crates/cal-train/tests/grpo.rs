@@ -1,43 +1,19 @@
 //! The training loop on a small untrained `tiny`-style policy: where gradients land in
 //! each credit mode, all-wrong groups, and bit-exact kill-and-resume.
 
+mod common;
+
 use cal_core::credit::CreditMode;
-use cal_core::data::{generate, Example, GenConfig};
+use cal_core::data::Example;
 use cal_model::generate::{decode_with_offsets, FinishReason, Generation};
-use cal_model::{tokenizer, ModelConfig, Transformer};
 use cal_train::config::RunConfig;
 use cal_train::grpo::Trainer;
 use cal_train::loss::{policy_loss, Aggregation, Importance, LossConfig};
 use cal_train::policy::Policy;
 use cal_train::rollout::Rollouts;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
+use common::{examples, policy};
 use std::path::PathBuf;
-
-fn examples(n: usize) -> Vec<Example> {
-    generate(n, 11, &GenConfig::default())
-}
-
-fn policy(seed: u64) -> Policy {
-    let corpus: Vec<String> = examples(200)
-        .iter()
-        .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer))
-        .collect();
-    let tok = tokenizer::train_tiny(corpus.into_iter(), 300).unwrap();
-    let vocab = tok.tokenizer.get_vocab_size(true);
-    let cfg = ModelConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 16,
-        ..ModelConfig::tiny(vocab)
-    };
-    Policy::new(
-        Transformer::init_random(cfg, seed, DType::F32, &Device::Cpu).unwrap(),
-        tok,
-    )
-}
 
 fn config(mode: CreditMode, beta: f64) -> RunConfig {
     let mut c = RunConfig::default();

@@ -3,39 +3,12 @@
 //! detached graph all leave the reward where it started (or lower it), so the
 //! threshold below catches each of them.
 
-use cal_core::data::{generate, Example, GenConfig};
+mod common;
+
 use cal_core::reward::{Completion, Reward, RewardFns};
-use cal_model::{tokenizer, ModelConfig, Transformer};
 use cal_train::config::RunConfig;
 use cal_train::grpo::Trainer;
-use cal_train::policy::Policy;
-use candle_core::{DType, Device};
-
-fn examples(n: usize) -> Vec<Example> {
-    generate(n, 11, &GenConfig::default())
-}
-
-fn policy(seed: u64) -> Policy {
-    let corpus: Vec<String> = examples(200)
-        .iter()
-        .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer))
-        .collect();
-    let tok = tokenizer::train_tiny(corpus.into_iter(), 300).unwrap();
-    let vocab = tok.tokenizer.get_vocab_size(true);
-    let cfg = ModelConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 16,
-        ..ModelConfig::tiny(vocab)
-    };
-    Policy::new(
-        Transformer::init_random(cfg, seed, DType::F32, &Device::Cpu).unwrap(),
-        tok,
-    )
-}
+use common::{examples, policy};
 
 /// Fraction of the completion's characters that are digits: every random completion
 /// has some, in varying amounts, so the group advantages are never all zero.

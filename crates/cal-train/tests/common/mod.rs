@@ -1,0 +1,34 @@
+//! A small untrained `tiny`-style policy and generated problems, shared by the
+//! training-loop tests.
+
+use cal_core::data::{generate, Example, GenConfig};
+use cal_model::{tokenizer, ModelConfig, Transformer};
+use cal_train::policy::Policy;
+use candle_core::{DType, Device};
+
+pub fn examples(n: usize) -> Vec<Example> {
+    generate(n, 11, &GenConfig::default())
+}
+
+/// 2 layers, hidden 32, a 300-token BPE trained on the generated problems.
+pub fn policy(seed: u64) -> Policy {
+    let corpus: Vec<String> = examples(200)
+        .iter()
+        .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer))
+        .collect();
+    let tok = tokenizer::train_tiny(corpus.into_iter(), 300).unwrap();
+    let vocab = tok.tokenizer.get_vocab_size(true);
+    let cfg = ModelConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 16,
+        ..ModelConfig::tiny(vocab)
+    };
+    Policy::new(
+        Transformer::init_random(cfg, seed, DType::F32, &Device::Cpu).unwrap(),
+        tok,
+    )
+}
