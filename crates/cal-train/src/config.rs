@@ -390,13 +390,7 @@ impl RunConfig {
         if self.model.lora.rank > 0 && self.model.lora.alpha.is_none() {
             self.model.lora.alpha = Some(2.0 * self.model.lora.rank as f64);
         }
-        if self.run.output_dir.is_none() {
-            self.run.output_dir = Some(PathBuf::from(format!(
-                "runs/{}-seed{}",
-                self.kind(),
-                self.run.seed
-            )));
-        }
+        self.run.output_dir = Some(self.output_dir());
         Ok(())
     }
 
@@ -409,6 +403,7 @@ impl RunConfig {
         }
     }
 
+    /// Where the run writes: as configured, or `runs/<baseline|cal>-seed<SEED>`.
     pub fn output_dir(&self) -> PathBuf {
         self.run
             .output_dir
