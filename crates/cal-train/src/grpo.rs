@@ -10,7 +10,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
-use crate::evaluate::{evaluate, EvalConfig, EvalReport};
+use crate::evaluate::{evaluate, step_accuracy, EvalConfig};
 use crate::log::{JsonlLog, Progress, TensorBoard};
 use crate::metrics::{step_metrics, Metrics, StepRecord};
 use crate::optimize::{fixed_logprobs, micro_batches, update};
@@ -20,6 +20,7 @@ use crate::score::{self, Spans};
 use crate::update::{lr_at, AdamW};
 use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
+use cal_core::evaluate::accuracy;
 use cal_core::reward::RewardFns;
 use cal_model::Transformer;
 use cal_oracle::{locate_all, Oracle, SpanOutcome};
@@ -156,8 +157,7 @@ impl Trainer {
             return Ok(None);
         };
         let graded = evaluate(&self.policy, test, eval, &format!("eval @{}", self.step))?;
-        let r = EvalReport::new("", "", graded, test.len());
-        let a = &r.accuracy;
+        let a = accuracy(&graded, test.len());
         let mut m: Metrics = [
             ("eval/accuracy", a.accuracy),
             ("eval/strict_accuracy", a.strict_accuracy),
@@ -166,7 +166,7 @@ impl Trainer {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        if let Some(st) = r.step_accuracy {
+        if let Some(st) = step_accuracy(&graded) {
             m.insert("eval/step_accuracy".into(), st);
         }
         self.log(&m)?;
