@@ -140,6 +140,13 @@ pub struct TrainArgs {
     /// Arithmetic steps per generated problem [default: 2 or 3].
     #[arg(long)]
     pub chain_steps: Option<usize>,
+    /// SFT steps of tiny's warm start [default: 400 for stories, 1200 for chains]
+    /// (a new value trains and caches a new tiny model).
+    #[arg(long)]
+    pub sft_steps: Option<usize>,
+    /// Generated training problems for tiny's SFT and RL [default: 4000].
+    #[arg(long)]
+    pub train_problems: Option<usize>,
     /// Optimizer steps [default: one pass over the training problems].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -246,6 +253,8 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("eval_samples", "data.eval-samples"),
     ("style", "data.style"),
     ("chain_steps", "data.steps"),
+    ("sft_steps", "model.tiny.sft-steps"),
+    ("train_problems", "model.tiny.train-problems"),
     ("num_generations", "rollout.num-generations"),
     ("prompts_per_step", "rollout.prompts-per-step"),
     ("max_new_tokens", "rollout.max-new-tokens"),
@@ -380,6 +389,8 @@ pub fn annotate_defaults(mut cmd: Command, command_defaults: &Value) -> Command 
                 | "steps"
                 | "credit"
                 | "chain_steps"
+                | "sft_steps"
+                | "train_problems"
         ) {
             continue; // derived from other values; their help says how
         }

@@ -94,6 +94,9 @@ enum Command {
         /// Largest multiplier / divisor.
         #[arg(long, default_value_t = GenConfig::default().max_factor)]
         max_factor: u64,
+        /// Largest intermediate value [default: bounded by --max-operand and --max-factor].
+        #[arg(long)]
+        max_value: Option<u64>,
         /// Wording: `story` (GSM8K-like word problems) or `chain` (bare steps).
         #[arg(long, value_enum, default_value = "story")]
         style: data::Style,
@@ -142,6 +145,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_steps,
             max_operand,
             max_factor,
+            max_value,
             style,
             output,
         } => {
@@ -156,6 +160,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_factor,
                 mul_div: true,
                 style,
+                max_value,
             };
             let mut out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(

@@ -71,7 +71,7 @@ impl Source {
         Self::with_spec(
             &cfg.model.name,
             cfg.model.placement(),
-            TinySpec::for_data(&cfg.data),
+            TinySpec::for_run(&cfg.model.tiny, &cfg.data),
         )
     }
 
@@ -96,7 +96,7 @@ impl Source {
 pub fn datasets(cfg: &RunConfig) -> Result<(Vec<Example>, Vec<Example>)> {
     let d = &cfg.data;
     let (train, test) = if d.dataset == "generated" {
-        TinySpec::for_data(d).splits()
+        TinySpec::for_run(&cfg.model.tiny, d).splits()
     } else {
         let p = PathBuf::from(&d.dataset);
         let train = data::load(&p)?;

@@ -90,6 +90,7 @@ pub struct ModelSection {
     pub device: DeviceSpec,
     pub dtype: DTypeSpec,
     pub lora: LoraSection,
+    pub tiny: TinySection,
 }
 
 impl Default for ModelSection {
@@ -99,8 +100,38 @@ impl Default for ModelSection {
             device: DeviceSpec::Cpu,
             dtype: DTypeSpec::F32,
             lora: LoraSection::default(),
+            tiny: TinySection::default(),
         }
     }
+}
+
+/// The recipe of the embedded `tiny` model (`name = "tiny"`): its size and its SFT warm
+/// start. Unset fields keep the recipe's defaults ([`crate::tiny::TinySpec`]); each
+/// distinct recipe is trained once and cached under its own key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct TinySection {
+    /// SFT steps of the warm start (`None`: the recipe's, by wording).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sft_steps: Option<usize>,
+    /// Peak SFT learning rate (`None`: the recipe's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sft_learning_rate: Option<f64>,
+    /// Generated training problems, shared by SFT and RL (`None`: the recipe's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_problems: Option<usize>,
+    /// Width and depth (`None`: the recipe's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<usize>,
+    /// Chance that a carrying or borrowing step of an SFT demonstration shows its
+    /// classic misconception (`None`: the recipe's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub misconception_rate: Option<f64>,
+    /// Largest intermediate value of the generated problems (`None`: the recipe's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_value: Option<u64>,
 }
 
 impl ModelSection {

@@ -6,9 +6,10 @@ use crate::policy::Policy;
 use crate::sft::{sft, SftConfig, SftReport};
 use crate::update::OptimConfig;
 use anyhow::{Context, Result};
-use cal_core::data::{generate, Example, GenConfig, Style};
+use cal_core::data::{generate, misconception, Example, GenConfig, Style};
 use cal_model::{load, tokenizer, ModelConfig, Transformer};
 use candle_core::{DType, Device};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -31,7 +32,15 @@ pub struct TinySpec {
     /// Train on solutions without `<<a*b=c>>` notes: 40% fewer tokens, and the
     /// calculator oracle checks the visible `a * b = c` statements just as well.
     pub strip_notes: bool,
+    /// Chance that an SFT demonstration step that carries or borrows is worked with
+    /// its classic misconception ([`cal_core::data::misconception`]); 0 = clean data.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub misconception_rate: f64,
     pub sft: SftConfig,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for TinySpec {
@@ -44,6 +53,7 @@ impl Default for TinySpec {
                 max_factor: 5,
                 mul_div: true,
                 style: Style::Story,
+                max_value: None,
             },
             train_problems: 4000,
             test_problems: 200,
@@ -54,6 +64,7 @@ impl Default for TinySpec {
             heads: 4,
             kv_heads: 2,
             strip_notes: false,
+            misconception_rate: 0.0,
             sft: SftConfig {
                 steps: 400,
                 batch_size: 32,
@@ -71,6 +82,34 @@ impl Default for TinySpec {
 }
 
 impl TinySpec {
+    /// The embedded benchmark of a run: `[data]`'s wording and steps, `[model.tiny]`'s
+    /// overrides of the recipe.
+    pub fn for_run(tiny: &crate::config::TinySection, data: &crate::config::DataSection) -> Self {
+        let mut spec = Self::for_data(data);
+        if let Some(n) = tiny.sft_steps {
+            spec.sft.steps = n;
+        }
+        if let Some(lr) = tiny.sft_learning_rate {
+            spec.sft.optim.lr = lr;
+        }
+        if let Some(n) = tiny.train_problems {
+            spec.train_problems = n;
+        }
+        if let Some(h) = tiny.hidden_size {
+            spec.hidden_size = h;
+        }
+        if let Some(l) = tiny.layers {
+            spec.layers = l;
+        }
+        if let Some(r) = tiny.misconception_rate {
+            spec.misconception_rate = r;
+        }
+        if let Some(v) = tiny.max_value {
+            spec.generator.max_value = Some(v);
+        }
+        spec
+    }
+
     /// The embedded benchmark of a run's `[data]`: the generator's wording and steps.
     pub fn for_data(data: &crate::config::DataSection) -> Self {
         let mut spec = Self::default();
@@ -158,6 +197,12 @@ pub fn tiny_policy(spec: &TinySpec, root: &Path, dev: &Device, dtype: DType) -> 
     if spec.strip_notes {
         for e in train.iter_mut() {
             e.answer = cal_core::data::gsm8k::strip_notes(&e.answer);
+        }
+    }
+    if spec.misconception_rate > 0.0 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.sft.seed ^ 0xb065);
+        for e in train.iter_mut() {
+            *e = misconception::demonstrate(e, spec.misconception_rate, &mut rng);
         }
     }
     let corpus: Vec<String> = train

@@ -59,6 +59,11 @@ pub struct GenConfig {
     /// written before it existed keep their identity.
     #[serde(default, skip_serializing_if = "Style::is_story")]
     pub style: Style,
+    /// Largest intermediate value (`None`: only `max_operand` and `max_factor` bound
+    /// them, up to `max_operand × max_factor²`). Two-digit chains keep the arithmetic
+    /// within what a small model learns in minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_value: Option<u64>,
 }
 
 impl Default for GenConfig {
@@ -70,6 +75,7 @@ impl Default for GenConfig {
             max_factor: 5,
             mul_div: true,
             style: Style::Story,
+            max_value: None,
         }
     }
 }
@@ -127,11 +133,18 @@ fn generate_one(index: u64, seed: u64, cfg: &GenConfig) -> Example {
         let divisors: Vec<u64> = (2..=max_factor)
             .filter(|k| cur % k == 0 && cur / k >= 1)
             .collect();
-        let mut ops = vec![Op::Add];
+        let cap = cfg.max_value.map_or(u64::MAX, |v| v.max(max_operand));
+        let mut ops = Vec::new();
+        if cur < cap {
+            ops.push(Op::Add);
+        }
         if cur >= 2 {
             ops.push(Op::Sub);
         }
-        if cfg.mul_div && cur * max_factor <= max_operand * max_factor * max_factor {
+        if cfg.mul_div
+            && cur * max_factor <= max_operand * max_factor * max_factor
+            && cur * 2 <= cap
+        {
             ops.push(Op::Mul);
         }
         if cfg.mul_div && !divisors.is_empty() {
@@ -140,7 +153,7 @@ fn generate_one(index: u64, seed: u64, cfg: &GenConfig) -> Example {
         let op = ops[rng.random_range(0..ops.len())];
         let (k, new, sym, q, verb) = match op {
             Op::Add => {
-                let k = rng.random_range(1..=max_operand);
+                let k = rng.random_range(1..=max_operand.min(cap - cur));
                 let q = match rng.random_range(0..3) {
                     0 => format!("{pron} buys {k} more {items}."),
                     1 => format!("{pron} finds {k} more {items}."),
@@ -158,7 +171,7 @@ fn generate_one(index: u64, seed: u64, cfg: &GenConfig) -> Example {
                 (k, cur - k, '-', q, "has")
             }
             Op::Mul => {
-                let k = rng.random_range(2..=max_factor);
+                let k = rng.random_range(2..=max_factor.min(cap / cur));
                 let q =
                     format!("Then the number of {items} {name} has becomes {k} times as large.");
                 (k, cur * k, '*', q, "has")
@@ -216,9 +229,16 @@ mod tests {
                 max_factor: 9,
                 mul_div: true,
                 style: Style::Story,
+                max_value: None,
             },
             GenConfig {
                 mul_div: false,
+                ..Default::default()
+            },
+            GenConfig {
+                min_steps: 6,
+                max_steps: 6,
+                max_value: Some(99),
                 ..Default::default()
             },
         ] {
@@ -246,6 +266,9 @@ mod tests {
                     }
                     if !cfg.mul_div {
                         assert!(matches!(&c[2], "+" | "-"));
+                    }
+                    if let Some(cap) = cfg.max_value {
+                        assert!(r <= cap, "{r} over the cap {cap}: {}", ex.answer);
                     }
                     last = Some(r);
                     n += 1;

@@ -2,6 +2,7 @@
 
 pub mod generator;
 pub mod gsm8k;
+pub mod misconception;
 
 pub use generator::{generate, GenConfig, Style};
 pub use gsm8k::{load, select, DataError, Example};
