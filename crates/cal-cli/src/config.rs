@@ -137,7 +137,7 @@ pub struct TrainArgs {
     /// Wording of the generated problems (and of tiny's SFT data).
     #[arg(long, value_enum)]
     pub style: Option<cal_core::data::Style>,
-    /// Arithmetic steps per generated problem [default: 2 or 3].
+    /// Arithmetic steps per generated problem [default: 2 or 3; experiment: 3].
     #[arg(long)]
     pub chain_steps: Option<usize>,
     /// SFT steps of tiny's warm start [default: 400 for stories, 1200 for chains]
@@ -344,10 +344,11 @@ impl TrainArgs {
 /// `experiment`'s own defaults: they sit below a `--config` file.
 pub fn experiment_defaults() -> Value {
     json!({
-        "data": {"num-samples": 192},
+        "data": {"num-samples": 960, "style": "chain", "steps": 3},
+        "rollout": {"num-generations": 8},
         "run": {"output-dir": "runs/experiment"},
         "credit": {"mode": "span"},
-        "eval": {"every": 4},
+        "eval": {"every": 20},
     })
 }
 

@@ -182,16 +182,26 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct ExperimentArgs {
-    /// Training problems per run (the original's NUM_SAMPLES; -1 = all) [default: 192].
+    /// Training problems per run (the original's NUM_SAMPLES; -1 = all) [default: 960].
     #[arg(allow_negative_numbers = true)]
     pub num_samples_pos: Option<i64>,
     /// Completions per prompt (the original's NUM_GENERATIONS).
     pub num_generations_pos: Option<usize>,
-    /// Number of seeds (42, 43, ...); each runs baseline and CAL.
-    #[arg(long, default_value_t = 1)]
-    pub seeds: usize,
+    /// Number of seeds (42, 43, ...); each runs baseline and CAL [default: 1; study: 5].
+    #[arg(long)]
+    pub seeds: Option<usize>,
+    /// `quick` (one seed, runs/experiment) or `study` (five seeds in runs/study, with
+    /// means, 95% intervals and the sample-efficiency ratio over seeds).
+    #[arg(long, value_enum, default_value = "quick")]
+    pub preset: Preset,
     #[command(flatten)]
     pub train: TrainArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    Quick,
+    Study,
 }
 
 pub fn experiment(args: &ExperimentArgs) -> Result<()> {
@@ -199,7 +209,15 @@ pub fn experiment(args: &ExperimentArgs) -> Result<()> {
     targs.num_samples = args.num_samples_pos.or(targs.num_samples);
     targs.num_generations = args.num_generations_pos.or(targs.num_generations);
     // experiment's own defaults, below a --config file
-    let cfg = targs.resolve_with(crate::config::experiment_defaults())?;
+    let mut defaults = crate::config::experiment_defaults();
+    let n_seeds = match args.preset {
+        Preset::Quick => args.seeds.unwrap_or(1),
+        Preset::Study => {
+            defaults["run"]["output-dir"] = "runs/study".into();
+            args.seeds.unwrap_or(5)
+        }
+    };
+    let cfg = targs.resolve_with(defaults)?;
     if args.train.print_config {
         return print_config(&cfg);
     }
@@ -210,7 +228,7 @@ pub fn experiment(args: &ExperimentArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     source.prepare()?;
     let (train, test) = datasets(&cfg)?;
-    let seeds: Vec<u64> = (0..args.seeds.max(1) as u64)
+    let seeds: Vec<u64> = (0..n_seeds.max(1) as u64)
         .map(|i| cfg.run.seed + i)
         .collect();
     eprintln!(

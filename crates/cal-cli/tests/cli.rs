@@ -399,14 +399,14 @@ fn devices_and_dtypes_are_flags_with_clear_errors() {
         "{text}"
     );
     assert!(
-        text.contains("[default: 3e-5 for tiny, 1e-6 otherwise] [config: optim.learning-rate]"),
+        text.contains("[default: 1e-4 for tiny, 1e-6 otherwise] [config: optim.learning-rate]"),
         "{text}"
     );
     // experiment's own defaults show in its help
     let help = bin().args(["experiment", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(
-        text.contains("[default: 192] [config: data.num-samples]"),
+        text.contains("[default: 960] [config: data.num-samples]"),
         "{text}"
     );
 }

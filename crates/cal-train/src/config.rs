@@ -319,7 +319,7 @@ impl Default for RunConfig {
 pub fn profile(model: &str) -> serde_json::Value {
     if model == "tiny" {
         serde_json::json!({
-            "optim": {"learning-rate": 3e-5},
+            "optim": {"learning-rate": 1e-4},
             "rollout": {"max-new-tokens": 96},
             "run": {"micro-batch": 0},
         })
@@ -462,7 +462,7 @@ mod tests {
     #[test]
     fn layers_defaults_profile_file_flags() {
         let c = RunConfig::resolve(None, &serde_json::json!({})).unwrap();
-        assert_eq!(c.optim.lr, 3e-5, "tiny profile");
+        assert_eq!(c.optim.lr, 1e-4, "tiny profile");
         assert_eq!(c.rollout.max_new_tokens, 96);
         let c =
             RunConfig::resolve(None, &serde_json::json!({"model": {"name": "m.gguf"}})).unwrap();

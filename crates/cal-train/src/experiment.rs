@@ -6,6 +6,7 @@ use crate::config::RunConfig;
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::grpo::{RunEnd, Trainer};
 use crate::policy::Policy;
+use crate::study;
 use anyhow::{bail, Result};
 use cal_core::credit::CreditMode;
 use cal_core::data::Example;
@@ -40,6 +41,10 @@ pub struct SeedResult {
     pub baseline_all_wrong_frac: f64,
     pub cal_all_wrong_frac: f64,
     pub cal_spans_located_frac: f64,
+    /// Steps for CAL to reach the baseline's final held-out accuracy over the
+    /// baseline's steps (`None` without `eval.every`; infinite: never reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub efficiency_ratio: Option<f64>,
 }
 
 fn mean_metric(dir: &Path, metric: &str) -> f64 {
@@ -150,6 +155,10 @@ pub fn run(
             baseline_all_wrong_frac: mean_metric(&sdir.join("baseline"), "groups/all_wrong_frac"),
             cal_all_wrong_frac: mean_metric(&sdir.join("cal"), "groups/all_wrong_frac"),
             cal_spans_located_frac: if calls > 0.0 { located / calls } else { 0.0 },
+            efficiency_ratio: study::efficiency_ratio(
+                &crate::compare::read_curve(&sdir.join("baseline"), "eval/accuracy"),
+                &crate::compare::read_curve(&sdir.join("cal"), "eval/accuracy"),
+            ),
             comparison,
         });
     }
@@ -198,17 +207,43 @@ pub fn summary_table(results: &[SeedResult]) -> String {
         ));
     }
     if results.len() > 1 {
-        let d: Vec<f64> = results.iter().map(|r| r.comparison.diff_points).collect();
-        let mean = d.iter().sum::<f64>() / d.len() as f64;
-        let sd = (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (d.len() - 1) as f64).sqrt();
-        s.push_str(&format!(
-            "\nMean CAL − baseline over {} seeds: {mean:+.1} points (sd {sd:.1}).\n",
-            d.len()
-        ));
+        s.push_str(&across_seeds(results));
     }
     for r in results {
         s.push_str(&format!("\nseed {}: {}", r.seed, r.comparison.verdict));
     }
     s.push('\n');
+    s
+}
+
+/// Means over seeds with 95% t intervals (gains over the SFT start, CAL − baseline) and
+/// the median sample-efficiency ratio with a bootstrap interval.
+pub fn across_seeds(results: &[SeedResult]) -> String {
+    let pts = |f: &dyn Fn(&SeedResult) -> f64| -> Vec<f64> { results.iter().map(f).collect() };
+    let line = |name: &str, xs: Vec<f64>| match study::mean_ci95(&xs) {
+        Some((m, lo, hi)) => format!("| {name} | {m:+.1} | [{lo:+.1}, {hi:+.1}] |\n"),
+        None => String::new(),
+    };
+    let mut s = format!(
+        "\nOver {} seeds (mean, 95% t interval, in points):\n\n| | mean | 95% CI |\n|---|---|---|\n",
+        results.len()
+    );
+    s += &line(
+        "baseline − before RL",
+        pts(&|r| 100.0 * (r.baseline - r.before)),
+    );
+    s += &line("CAL − before RL", pts(&|r| 100.0 * (r.cal - r.before)));
+    s += &line("CAL − baseline", pts(&|r| r.comparison.diff_points));
+    let ratios: Vec<f64> = results.iter().filter_map(|r| r.efficiency_ratio).collect();
+    if let Some((m, lo, hi)) = study::median_ci95(&ratios, 10_000, 0) {
+        let each: Vec<String> = ratios.iter().map(|&x| study::show_ratio(x)).collect();
+        s += &format!(
+            "\nSample efficiency (steps for CAL to reach the baseline's final held-out accuracy / the baseline's steps; < 1: CAL needs fewer rollouts): median {} [95% bootstrap CI {}, {}]; per seed {}.\n",
+            study::show_ratio(m),
+            study::show_ratio(lo),
+            study::show_ratio(hi),
+            each.join(", ")
+        );
+    }
     s
 }

@@ -19,5 +19,6 @@ pub mod policy;
 pub mod rollout;
 pub mod score;
 pub mod sft;
+pub mod study;
 pub mod tiny;
 pub mod update;

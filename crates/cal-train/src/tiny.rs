@@ -118,6 +118,12 @@ impl TinySpec {
             // A chain problem is about a third of a story's tokens: three times the SFT
             // steps fit the same time, and the arithmetic needs them.
             spec.sft.steps *= 3;
+            // Two-digit values keep the arithmetic learnable in minutes; demonstrations
+            // that show a classic carry/borrow misconception on 60% of the steps where
+            // it can show give a warm start that has both the bug and the rule, which
+            // is what RL can act on (DESIGN §7; measured in the README).
+            spec.generator.max_value = Some(99);
+            spec.misconception_rate = 0.6;
         }
         if let Some(k) = data.steps {
             spec.generator.min_steps = k;
