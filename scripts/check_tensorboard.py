@@ -1,7 +1,8 @@
 """Reads a cal-grpo TensorBoard log with TensorBoard's own reader and checks scalars.
 
-usage: python scripts/check_tensorboard.py LOGDIR TAG=STEP:VALUE ...
-Exits non-zero (with a message) when a tag, step or value is missing or wrong.
+usage: python scripts/check_tensorboard.py LOGDIR TAG=STEP:VALUE ... [TAG=STEP:none ...]
+Exits non-zero (with a message) when a tag, step or value is missing or wrong, when a
+step expected absent (`none`) is there, or when a tag holds one step twice.
 """
 import sys
 
@@ -17,8 +18,17 @@ def main() -> int:
     for exp in expectations:
         tag, rest = exp.rsplit("=", 1)
         step, value = rest.split(":")
+        steps = [e.step for e in acc.Scalars(tag)]
+        if len(steps) != len(set(steps)):
+            print(f"{tag}: a step is logged twice: {steps}")
+            return 1
         events = {e.step: e.value for e in acc.Scalars(tag)}
         got = events.get(int(step))
+        if value == "none":
+            if got is not None:
+                print(f"{tag} at step {step}: expected nothing, found {got} (all: {events})")
+                return 1
+            continue
         if got is None or abs(got - float(value)) > 1e-4 * max(1.0, abs(float(value))):
             print(f"{tag} at step {step}: expected {value}, found {got} (all: {events})")
             return 1

@@ -80,9 +80,15 @@ pub struct TrainArgs {
     pub print_config: bool,
 
     /// Continue from the latest checkpoint in --output-dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     #[serde(skip)]
     pub resume: bool,
+
+    /// Start over in an --output-dir that holds another run: that run is moved to
+    /// `<output-dir>.replaced-<time>` first (nothing is deleted).
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
 
     /// Use CAL: ask the oracle for the first error of each wrong answer and penalise
     /// only those tokens (`--credit span` unless --credit names another span mode).
@@ -321,6 +327,16 @@ fn flag_layer(flags: &impl Serialize) -> Result<Value> {
 }
 
 impl TrainArgs {
+    /// How the run starts on its output folder (`--resume`, `--overwrite` or fresh).
+    pub fn start(&self) -> cal_train::rundir::Start {
+        use cal_train::rundir::Start;
+        match (self.resume, self.overwrite) {
+            (true, _) => Start::Resume,
+            (false, true) => Start::Overwrite,
+            (false, false) => Start::Fresh,
+        }
+    }
+
     /// Defaults → model profile → `command_defaults` → `--config` → flags.
     pub fn resolve_with(&self, command_defaults: Value) -> Result<RunConfig> {
         let mut layer = flag_layer(self)?;
@@ -503,7 +519,8 @@ mod tests {
             );
         }
         for id in &ids {
-            let special = ["config", "print_config", "resume", "use_cal"].contains(&id.as_str());
+            let special =
+                ["config", "print_config", "resume", "overwrite", "use_cal"].contains(&id.as_str());
             assert!(
                 special || FLAGS.iter().any(|(f, _)| f == id),
                 "flag {id} has no key"

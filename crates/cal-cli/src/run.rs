@@ -159,7 +159,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let name = cfg.kind();
     let config = serde_json::to_value(&cfg)?;
     let eval = eval_config(&cfg);
-    let mut trainer = Trainer::new(cfg, source.fresh()?, train, args.resume)?
+    let mut trainer = Trainer::new(cfg, source.fresh()?, train, args.start())?
         .with_held_out(test.clone(), eval.clone());
     if trainer.run()? == RunEnd::Interrupted {
         std::process::exit(130);
@@ -357,6 +357,8 @@ pub struct SftArgs {
 
 pub fn sft(args: &SftArgs) -> Result<()> {
     let placement = args.placement.placement();
+    // One writer per output folder (the export is written file by file).
+    let _lock = cal_train::rundir::RunLock::acquire(&args.output_dir)?;
     if args.model == "tiny" {
         let (dev, dtype) = placement.resolve()?;
         let tp = tiny::tiny_policy(&TinySpec::default(), &tiny::cache_root(), &dev, dtype)?;

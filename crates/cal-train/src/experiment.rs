@@ -6,6 +6,7 @@ use crate::config::RunConfig;
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::grpo::{RunEnd, Trainer};
 use crate::policy::Policy;
+use crate::rundir::{RunLock, Start};
 use crate::study;
 use anyhow::{bail, Result};
 use cal_core::credit::CreditMode;
@@ -69,7 +70,14 @@ pub fn train_and_eval(
     }
     cfg.run.output_dir = Some(dir.to_path_buf());
     let config = serde_json::to_value(&cfg)?;
-    let mut trainer = Trainer::new(cfg, source.fresh()?, train.to_vec(), resume)?
+    // An arm killed before its first checkpoint starts over; its partial logs are
+    // moved aside rather than mixed into the new ones.
+    let start = if resume {
+        Start::Resume
+    } else {
+        Start::Overwrite
+    };
+    let mut trainer = Trainer::new(cfg, source.fresh()?, train.to_vec(), start)?
         .with_held_out(test.to_vec(), eval.clone());
     if trainer.run()? == RunEnd::Interrupted {
         bail!("interrupted; rerun the same command to continue");
@@ -87,7 +95,8 @@ pub fn run(
     train: &[Example],
     test: &[Example],
 ) -> Result<Vec<SeedResult>> {
-    std::fs::create_dir_all(&cfg.out_dir)?;
+    // One experiment per folder at a time; each arm's trainer also locks its own.
+    let _lock = RunLock::acquire(&cfg.out_dir)?;
     eprintln!("policy: {}", source.describe());
     let before_dir = cfg.out_dir.join("before");
     let before = if before_dir.join(EvalReport::FILE).exists() {

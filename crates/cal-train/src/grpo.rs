@@ -16,6 +16,7 @@ use crate::metrics::{step_metrics, Metrics, StepRecord};
 use crate::optimize::{fixed_logprobs, micro_batches, update};
 use crate::policy::Policy;
 use crate::rollout::{self, Rollouts};
+use crate::rundir::{self, RunLock, Start};
 use crate::score::{self, Spans};
 use crate::update::{lr_at, AdamW};
 use anyhow::{bail, Context, Result};
@@ -52,6 +53,8 @@ pub struct Trainer {
     rewards: RewardFns,
     /// Held-out problems evaluated every `cfg.eval.every` steps.
     held_out: Option<(Vec<Example>, EvalConfig)>,
+    /// This process's exclusive right to `out_dir`, released when the trainer drops.
+    _lock: RunLock,
 }
 
 /// Set by SIGINT: the loop saves a checkpoint and stops after the current step.
@@ -65,14 +68,18 @@ pub enum RunEnd {
 }
 
 impl Trainer {
-    /// Builds the trainer for `cfg` (output in `cfg.output_dir()`); with `resume`,
-    /// continues from the latest checkpoint there (an error if there is none).
+    /// Builds the trainer for `cfg` (output in `cfg.output_dir()`, locked for the
+    /// trainer's life). `start` is a [`Start`] or the seed's `resume` boolean: `Resume`
+    /// continues from the latest checkpoint there (an error if there is none) with the
+    /// logs cut back to it; `Fresh` refuses a folder holding another run; `Overwrite`
+    /// moves that run aside first.
     pub fn new(
         mut cfg: RunConfig,
         mut policy: Policy,
         data: Vec<Example>,
-        resume: bool,
+        start: impl Into<Start>,
     ) -> Result<Self> {
+        let start = start.into();
         if data.is_empty() {
             bail!("no training data");
         }
@@ -81,8 +88,8 @@ impl Trainer {
         }
         cfg.loss.max_completion_len = cfg.rollout.max_new_tokens;
         let out_dir = cfg.output_dir();
-        std::fs::create_dir_all(&out_dir)
-            .with_context(|| format!("creating {}", out_dir.display()))?;
+        let lock = RunLock::acquire(&out_dir)?;
+        rundir::prepare(&out_dir, start)?;
         // The reference is a real frozen copy (full fine-tuning) or the same base with
         // adapters switched off (LoRA): never the policy being trained.
         let (reference, vars) = match cfg.model.lora.adapters() {
@@ -101,7 +108,7 @@ impl Trainer {
         let mut opt = AdamW::new(vars, cfg.optim)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.run.seed);
         let (mut step, mut cursor, mut skipped) = (0, 0, 0);
-        if resume {
+        if start == Start::Resume {
             let r = checkpoint::resume(&out_dir, &mut opt)?;
             (step, cursor, rng, skipped) = (r.step, r.cursor, r.rng, r.skipped);
             eprintln!("resumed from {} (step {step})", r.dir.display());
@@ -112,8 +119,17 @@ impl Trainer {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let tb = TensorBoard::create(&out_dir.join("tb"))?;
-        let jsonl = JsonlLog::append(&out_dir.join("metrics.jsonl"))?;
+        let mut tb = TensorBoard::create(&out_dir.join("tb"))?;
+        let metrics_path = out_dir.join("metrics.jsonl");
+        if start == Start::Resume {
+            // What the killed run logged after its checkpoint is logged again below.
+            let dropped = rundir::truncate_jsonl_after(&metrics_path, step)?;
+            if dropped > 0 {
+                eprintln!("dropped {dropped} metrics rows past step {step} (logged again)");
+            }
+            tb.session_start(step as i64 + 1)?;
+        }
+        let jsonl = JsonlLog::append(&metrics_path)?;
         std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
         Ok(Self {
             total_steps: cfg.steps(data.len()),
@@ -133,6 +149,7 @@ impl Trainer {
             skipped,
             rewards,
             held_out: None,
+            _lock: lock,
         })
     }
 

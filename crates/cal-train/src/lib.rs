@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod optimize;
 pub mod policy;
 pub mod rollout;
+pub mod rundir;
 pub mod score;
 pub mod sft;
 pub mod study;

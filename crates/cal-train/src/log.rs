@@ -85,6 +85,19 @@ impl TensorBoard {
         Ok(())
     }
 
+    /// Marks a restart at `step` (an `Event.session_log` with status START): TensorBoard
+    /// then purges the events of earlier files at `step` and later, which a killed run
+    /// wrote after its last checkpoint and the resumed run writes again.
+    pub fn session_start(&mut self, step: i64) -> Result<()> {
+        let ev = event(now(), step, |e| {
+            let start = [0x08, 0x01]; // SessionLog field 1 (status), varint START = 1
+            len_delimited(7, &start, e);
+        });
+        self.record(&ev)?;
+        self.out.flush()?;
+        Ok(())
+    }
+
     /// Writes every scalar of `metrics` at `step` as one event.
     pub fn scalars(&mut self, step: i64, metrics: &BTreeMap<String, f64>) -> Result<()> {
         let ev = event(now(), step, |e| {

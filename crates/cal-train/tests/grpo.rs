@@ -13,7 +13,7 @@ use cal_train::policy::Policy;
 use cal_train::rollout::Rollouts;
 use candle_core::{Device, Tensor, Var};
 use common::{examples, policy};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn config(mode: CreditMode, beta: f64) -> RunConfig {
     let mut c = RunConfig::default();
@@ -266,9 +266,39 @@ fn assert_resume_is_bit_exact(cfg: impl Fn() -> RunConfig) {
     t.save().unwrap();
     t.train_step().unwrap(); // lost work: happened after the last checkpoint
     drop(t);
+    // a second writer is refused while one holds the folder, and a fresh run is
+    // refused where a run already is
+    let holder = trainer(cfg(), policy(3), data.clone(), b.path().to_path_buf(), true).unwrap();
+    let busy = trainer(cfg(), policy(3), data.clone(), b.path().to_path_buf(), true)
+        .err()
+        .unwrap();
+    assert!(format!("{busy:#}").contains("in use"), "{busy:#}");
+    drop(holder);
+    let taken = trainer(
+        cfg(),
+        policy(3),
+        data.clone(),
+        b.path().to_path_buf(),
+        false,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{taken:#}").contains("--resume"), "{taken:#}");
     let mut t = trainer(cfg(), policy(3), data, b.path().to_path_buf(), true).unwrap();
     assert_eq!(t.step, 2);
     t.run().unwrap();
+    // the resumed run's log is the uninterrupted one's: each step once, same values
+    let rows = |d: &Path| -> Vec<(u64, Option<f64>)> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss/total"].as_f64())
+            })
+            .collect()
+    };
+    assert_eq!(rows(a.path()), rows(b.path()));
     let got = params_snapshot(&t);
     assert_eq!(want.len(), got.len());
     for ((ka, va), (kb, vb)) in want.iter().zip(&got) {

@@ -20,6 +20,32 @@ fn write_three_steps(dir: &Path) -> PathBuf {
     tb.path.clone()
 }
 
+/// A run killed after logging step 4 (and an evaluation at step 4) whose last
+/// checkpoint was step 2, then resumed: the new writer marks a restart at step 3 and
+/// logs steps 3 to 5 with other values (evaluation at 5 only).
+fn write_killed_and_resumed(dir: &Path) -> (PathBuf, PathBuf) {
+    let one = |tag: &str, v: f64| BTreeMap::from([(tag.to_string(), v)]);
+    let mut killed = TensorBoard::create(dir).unwrap();
+    for step in 1..=4i64 {
+        killed
+            .scalars(step, &one("reward/accuracy", 0.25 * step as f64))
+            .unwrap();
+    }
+    killed.scalars(2, &one("eval/accuracy", 0.5)).unwrap();
+    killed.scalars(4, &one("eval/accuracy", 0.75)).unwrap();
+    let first = killed.path.clone();
+    drop(killed);
+    let mut resumed = TensorBoard::create(dir).unwrap();
+    resumed.session_start(3).unwrap();
+    for step in 3..=5i64 {
+        resumed
+            .scalars(step, &one("reward/accuracy", 10.0 + step as f64))
+            .unwrap();
+    }
+    resumed.scalars(5, &one("eval/accuracy", 0.9)).unwrap();
+    (first, resumed.path.clone())
+}
+
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), one bit at a time.
 fn crc32c_bitwise(data: &[u8]) -> u32 {
     let mut crc = !0u32;
@@ -160,4 +186,52 @@ fn tensorboard_reads_our_scalars() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("2 scalar tags"), "{stdout}");
+}
+
+#[test]
+fn a_resumed_writer_marks_the_restart_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, resumed) = write_killed_and_resumed(dir.path());
+    let bytes = std::fs::read(resumed).unwrap();
+    let recs = records(&bytes);
+    // Skip a possible header of the killed run (same second, same file).
+    let start = recs
+        .iter()
+        .map(|r| fields(r))
+        .find(|ev| ev.iter().any(|f| f.0 == 7))
+        .expect("a session_log event");
+    assert_eq!(start.iter().find(|f| f.0 == 2).unwrap().3, 3, "at step 3");
+    let log = fields(&start.iter().find(|f| f.0 == 7).unwrap().2);
+    assert_eq!((log[0].0, log[0].3), (1, 1), "SessionLog.status = START");
+}
+
+#[test]
+#[ignore = "needs CAL_TB_PYTHON: a Python with the tensorboard package"]
+fn tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint() {
+    let python = std::env::var("CAL_TB_PYTHON")
+        .expect("set CAL_TB_PYTHON to a Python with `tensorboard` installed (see .ci/run)");
+    let dir = tempfile::tempdir().unwrap();
+    write_killed_and_resumed(dir.path());
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_tensorboard.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(dir.path())
+        .args([
+            "reward/accuracy=2:0.5",
+            "reward/accuracy=3:13",
+            "reward/accuracy=4:14",
+            "reward/accuracy=5:15",
+            "eval/accuracy=2:0.5",
+            "eval/accuracy=4:none",
+            "eval/accuracy=5:0.9",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
