@@ -46,6 +46,9 @@ pub struct SeedResult {
     /// baseline's steps (`None` without `eval.every`; infinite: never reached).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub efficiency_ratio: Option<f64>,
+    /// Held-out accuracy (step, accuracy) during training, when `eval.every` is set.
+    pub baseline_curve: Vec<(f64, f64)>,
+    pub cal_curve: Vec<(f64, f64)>,
 }
 
 fn mean_metric(dir: &Path, metric: &str) -> f64 {
@@ -154,6 +157,8 @@ pub fn run(
         )
         .map_err(|e| eprintln!("plot skipped: {e:#}"));
         std::fs::write(sdir.join("comparison.md"), comparison.table())?;
+        let baseline_curve = crate::compare::read_curve(&sdir.join("baseline"), "eval/accuracy");
+        let cal_curve = crate::compare::read_curve(&sdir.join("cal"), "eval/accuracy");
         let calls = mean_metric(&sdir.join("cal"), "oracle/calls");
         let located = mean_metric(&sdir.join("cal"), "spans/located");
         results.push(SeedResult {
@@ -164,10 +169,9 @@ pub fn run(
             baseline_all_wrong_frac: mean_metric(&sdir.join("baseline"), "groups/all_wrong_frac"),
             cal_all_wrong_frac: mean_metric(&sdir.join("cal"), "groups/all_wrong_frac"),
             cal_spans_located_frac: if calls > 0.0 { located / calls } else { 0.0 },
-            efficiency_ratio: study::efficiency_ratio(
-                &crate::compare::read_curve(&sdir.join("baseline"), "eval/accuracy"),
-                &crate::compare::read_curve(&sdir.join("cal"), "eval/accuracy"),
-            ),
+            efficiency_ratio: study::efficiency_ratio(&baseline_curve, &cal_curve),
+            baseline_curve,
+            cal_curve,
             comparison,
         });
     }
@@ -243,6 +247,7 @@ pub fn across_seeds(results: &[SeedResult]) -> String {
     );
     s += &line("CAL − before RL", pts(&|r| 100.0 * (r.cal - r.before)));
     s += &line("CAL − baseline", pts(&|r| r.comparison.diff_points));
+    s += &curves_over_seeds(results);
     let ratios: Vec<f64> = results.iter().filter_map(|r| r.efficiency_ratio).collect();
     if let Some((m, lo, hi)) = study::median_ci95(&ratios, 10_000, 0) {
         let each: Vec<String> = ratios.iter().map(|&x| study::show_ratio(x)).collect();
@@ -255,4 +260,36 @@ pub fn across_seeds(results: &[SeedResult]) -> String {
         );
     }
     s
+}
+
+/// Held-out accuracy at each evaluated step, mean over seeds for both arms, and the
+/// paired CAL − baseline difference with a 95% t interval. One interval per step:
+/// read them as a curve, not as independent tests.
+pub fn curves_over_seeds(results: &[SeedResult]) -> String {
+    let at = |c: &[(f64, f64)], step: f64| c.iter().find(|p| p.0 == step).map(|p| p.1);
+    let Some(first) = results.first() else {
+        return String::new();
+    };
+    let mut rows = String::new();
+    for &(step, _) in &first.baseline_curve {
+        let pairs: Option<Vec<(f64, f64)>> = results
+            .iter()
+            .map(|r| Some((at(&r.baseline_curve, step)?, at(&r.cal_curve, step)?)))
+            .collect();
+        let Some(pairs) = pairs else { continue };
+        let n = pairs.len() as f64;
+        let mb = 100.0 * pairs.iter().map(|p| p.0).sum::<f64>() / n;
+        let mc = 100.0 * pairs.iter().map(|p| p.1).sum::<f64>() / n;
+        let d: Vec<f64> = pairs.iter().map(|p| 100.0 * (p.1 - p.0)).collect();
+        let ci = study::mean_ci95(&d).map_or(String::new(), |(m, lo, hi)| {
+            format!("{m:+.1} [{lo:+.1}, {hi:+.1}]")
+        });
+        rows += &format!("| {step} | {mb:.1}% | {mc:.1}% | {ci} |\n");
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "\nHeld-out accuracy during training (mean over seeds; one interval per evaluated step, not corrected for looking at several):\n\n| step | baseline | CAL | CAL − baseline (95% t CI) |\n|---|---|---|---|\n{rows}"
+    )
 }
