@@ -232,8 +232,42 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let full = std::env::var("CAL_GRPO_BACKTRACE").is_ok_and(|v| v != "0");
+            eprintln!("error: {}", user_message(&format!("{e:#}"), full));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error as a user should read it. candle appends a backtrace to its errors
+/// whenever `RUST_BACKTRACE` is set, which many environments export globally; those
+/// frames say nothing to a user whose file is bad, so they are cut unless
+/// `CAL_GRPO_BACKTRACE=1` asks for them.
+fn user_message(text: &str, full: bool) -> String {
+    if full {
+        return text.to_string();
+    }
+    let is_frame = |l: &str| {
+        let t = l.trim_start();
+        let digits = t.chars().take_while(|c| c.is_ascii_digit()).count();
+        (digits > 0 && t[digits..].starts_with(": ")) || t.starts_with("at ")
+    };
+    let kept: Vec<&str> = text.lines().filter(|l| !is_frame(l)).collect();
+    kept.join("\n").trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backtrace_frames_are_cut_from_user_errors() {
+        let text = "m.gguf: not a GGUF file: unknown magic 0x64ce0daa\n   0: candle_core::error::Error::bt\n   1: cal_model::load::load_gguf\n             at ./csu/libc-start.c:360:3\n  12: _start\n";
+        assert_eq!(
+            super::user_message(text, false),
+            "m.gguf: not a GGUF file: unknown magic 0x64ce0daa"
+        );
+        assert_eq!(super::user_message(text, true), text);
+        // a message that merely contains digits and colons is kept
+        let plain = "data.jsonl: line 12: missing field `question`";
+        assert_eq!(super::user_message(plain, false), plain);
     }
 }

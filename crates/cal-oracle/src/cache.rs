@@ -47,8 +47,36 @@ pub fn key(
 }
 
 impl Cache {
-    /// Opens (creating if needed) the cache database at `path`.
+    /// Opens (creating if needed) the cache database at `path`. A file there that is
+    /// not a usable cache (corrupt, truncated, another kind of file) is moved aside to
+    /// `<path>.corrupt-<unix time>` with a warning and a fresh cache is started: a lost
+    /// cache costs repeated oracle calls, never a run.
     pub fn open(path: &Path) -> Result<Self, CacheError> {
+        match Self::open_once(path) {
+            Ok(c) => Ok(c),
+            Err(e) if path.is_file() => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = path.with_extension(format!("sqlite.corrupt-{stamp}"));
+                if std::fs::rename(path, &aside).is_err() {
+                    return Err(e);
+                }
+                for ext in ["-wal", "-shm"] {
+                    let side = format!("{}{ext}", path.display());
+                    let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
+                }
+                eprintln!(
+                    "warning: {e}; moved it to {} and started a new cache",
+                    aside.display()
+                );
+                Self::open_once(path)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Self, CacheError> {
         let err = |source| CacheError {
             path: path.display().to_string(),
             source,
@@ -130,5 +158,35 @@ impl Cache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_cache_is_moved_aside_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("oracle-cache.sqlite");
+        let garbage =
+            b"this is not an SQLite database, it was truncated by a full disk".repeat(100);
+        std::fs::write(&db, &garbage).unwrap();
+        let cache = Cache::open(&db).expect("a corrupt cache must not stop a run");
+        assert_eq!(cache.len(), 0);
+        let reply = OracleReply {
+            verdict: crate::Verdict::NoError,
+            raw: "ok".into(),
+            usage: crate::Usage::default(),
+        };
+        cache.put("k", "p", "m", "v1", &reply);
+        assert!(cache.get("k").is_some());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the bad file is kept aside");
+        assert_eq!(std::fs::read(aside[0].path()).unwrap(), garbage);
     }
 }

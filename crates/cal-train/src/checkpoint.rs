@@ -116,3 +116,57 @@ pub fn resume(out: &Path, opt: &mut crate::update::AdamW) -> Result<Resumed> {
         dir: ck,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn state(step: usize) -> TrainState {
+        let (rng_seed, rng_stream, rng_word_pos) =
+            rng_state(&rand::SeedableRng::seed_from_u64(step as u64));
+        TrainState {
+            step,
+            cursor: step * 8,
+            rng_seed,
+            rng_stream,
+            rng_word_pos,
+            config: serde_json::json!({}),
+            counters: serde_json::json!({"skipped_steps": 0}),
+        }
+    }
+
+    fn weights(x: f32) -> cal_model::Params {
+        let t = Tensor::new(&[x, x + 1.0], &Device::Cpu).unwrap();
+        cal_model::Params::from([("w".to_string(), t)])
+    }
+
+    /// A save that fails half-way (an injected fault at each of its two commit points)
+    /// leaves the previous checkpoint as the one `--resume` finds.
+    #[test]
+    fn a_failed_save_leaves_the_previous_checkpoint_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        save(out, &state(2), &weights(2.0), &weights(0.0)).unwrap();
+        let root = checkpoints_dir(out);
+        // fault 1: the step's folder cannot be staged (something sits where it goes)
+        std::fs::write(root.join(".step-000004.tmp"), b"in the way").unwrap();
+        assert!(save(out, &state(4), &weights(4.0), &weights(0.0)).is_err());
+        // fault 2: the data is written but the `latest` pointer cannot be replaced
+        std::fs::create_dir_all(root.join(".latest.tmp")).unwrap();
+        assert!(save(out, &state(6), &weights(6.0), &weights(0.0)).is_err());
+        let ck = latest(out).expect("a checkpoint");
+        assert_eq!(read_state(&ck).unwrap().step, 2);
+        let w = cal_model::load::load_safetensors(
+            &ck.join("weights.safetensors"),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(w["w"].to_vec1::<f32>().unwrap(), vec![2.0, 3.0]);
+        // once the way is clear, saving works again
+        std::fs::remove_dir_all(root.join(".latest.tmp")).unwrap();
+        save(out, &state(8), &weights(8.0), &weights(0.0)).unwrap();
+        assert_eq!(read_state(&latest(out).unwrap()).unwrap().step, 8);
+    }
+}
