@@ -160,30 +160,39 @@ fn event_records_read_back_with_crcs_and_values() {
     assert!(std::panic::catch_unwind(|| records(&bad)).is_err());
 }
 
-#[test]
-#[ignore = "needs CAL_TB_PYTHON: a Python with the tensorboard package"]
-fn tensorboard_reads_our_scalars() {
+/// Runs TensorBoard's own reader (`scripts/check_tensorboard.py`) on `dir` with the
+/// given expectations; returns its output, panicking with it when a check fails.
+fn check_with_tensorboard(dir: &Path, expectations: &[&str]) -> String {
     let python = std::env::var("CAL_TB_PYTHON")
         .expect("set CAL_TB_PYTHON to a Python with `tensorboard` installed (see .ci/run)");
-    let dir = tempfile::tempdir().unwrap();
-    write_three_steps(dir.path());
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_tensorboard.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_tensorboard.py");
     let out = std::process::Command::new(python)
         .arg(script)
-        .arg(dir.path())
-        .args([
-            "reward/accuracy=1:0.25",
-            "reward/accuracy=3:0.75",
-            "loss/kl=2:0.002",
-        ])
+        .arg(dir)
+        .args(expectations)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+#[ignore = "needs CAL_TB_PYTHON: a Python with the tensorboard package"]
+fn tensorboard_reads_our_scalars() {
+    let dir = tempfile::tempdir().unwrap();
+    write_three_steps(dir.path());
+    let stdout = check_with_tensorboard(
+        dir.path(),
+        &[
+            "reward/accuracy=1:0.25",
+            "reward/accuracy=3:0.75",
+            "loss/kl=2:0.002",
+        ],
     );
     assert!(stdout.contains("2 scalar tags"), "{stdout}");
 }
@@ -208,16 +217,11 @@ fn a_resumed_writer_marks_the_restart_step() {
 #[test]
 #[ignore = "needs CAL_TB_PYTHON: a Python with the tensorboard package"]
 fn tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint() {
-    let python = std::env::var("CAL_TB_PYTHON")
-        .expect("set CAL_TB_PYTHON to a Python with `tensorboard` installed (see .ci/run)");
     let dir = tempfile::tempdir().unwrap();
     write_killed_and_resumed(dir.path());
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_tensorboard.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(dir.path())
-        .args([
+    check_with_tensorboard(
+        dir.path(),
+        &[
             "reward/accuracy=2:0.5",
             "reward/accuracy=3:13",
             "reward/accuracy=4:14",
@@ -225,13 +229,6 @@ fn tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint() {
             "eval/accuracy=2:0.5",
             "eval/accuracy=4:none",
             "eval/accuracy=5:0.9",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
 }
