@@ -39,7 +39,8 @@ impl From<bool> for Start {
 /// The exclusive right to write into a run folder; released on drop (or death).
 #[derive(Debug)]
 pub struct RunLock {
-    _file: File,
+    /// Holds the OS lock; emptied on drop to mark a clean exit.
+    file: File,
     pub path: PathBuf,
     /// The PID of an earlier holder that died without removing its lock file.
     pub took_over_from: Option<String>,
@@ -92,7 +93,7 @@ impl RunLock {
         writeln!(file, "pid {}\nstarted {}", std::process::id(), unix_now())?;
         file.flush()?;
         Ok(Self {
-            _file: file,
+            file,
             path,
             took_over_from,
         })
@@ -102,7 +103,7 @@ impl RunLock {
 impl Drop for RunLock {
     fn drop(&mut self) {
         // An empty lock file marks a clean exit; a killed holder leaves its PID behind.
-        let _ = self._file.set_len(0);
+        let _ = self.file.set_len(0);
     }
 }
 
