@@ -85,9 +85,10 @@ impl ModelConfig {
         };
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
-        let head_dim = v["head_dim"]
-            .as_u64()
-            .map_or(hidden_size / num_attention_heads, |x| x as usize);
+        let head_dim = v["head_dim"].as_u64().map_or(
+            hidden_size.checked_div(num_attention_heads).unwrap_or(0),
+            |x| x as usize,
+        );
         let (mut rope_scaling, mut rope_linear_factor) = (None, None);
         if let Some(rs) = v.get("rope_scaling").filter(|r| !r.is_null()) {
             let kind = rs["rope_type"]
@@ -114,7 +115,7 @@ impl ModelConfig {
                 ),
             }
         }
-        Ok(Self {
+        let cfg = Self {
             architecture: architecture.into(),
             vocab_size: req("vocab_size")?,
             hidden_size,
@@ -135,7 +136,65 @@ impl ModelConfig {
                 .as_bool()
                 .unwrap_or(architecture == "qwen2"),
             qk_norm: architecture == "qwen3",
-        })
+        };
+        cfg.check().with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Rejects shapes no model can have (zero sizes, heads that do not group, an odd
+    /// head size for RoPE, sizes whose products overflow), so that a damaged header is
+    /// a clear error here rather than a division by zero or an absurd allocation later.
+    pub fn check(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                bail!("{name} is 0");
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            );
+        }
+        // Every weight matrix's element count must fit comfortably in memory arithmetic.
+        let fits = |a: usize, b: usize| a.checked_mul(b).is_some_and(|n| n < 1 << 40);
+        let q = self.num_attention_heads.checked_mul(self.head_dim);
+        if !(fits(self.vocab_size, self.hidden_size)
+            && fits(self.hidden_size, self.intermediate_size)
+            && q.is_some_and(|q| fits(q, self.hidden_size)))
+        {
+            bail!("layer sizes are too large to be a real model");
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            bail!(
+                "rms_norm_eps must be finite and non-negative, got {}",
+                self.rms_norm_eps
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "rope_theta must be finite and positive, got {}",
+                self.rope_theta
+            );
+        }
+        Ok(())
     }
 
     /// Writes a Hugging Face `config.json` for this architecture.
@@ -216,5 +275,44 @@ impl ModelConfig {
             + self.num_hidden_layers * layer
             + h
             + if self.tie_word_embeddings { 0 } else { v * h }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impossible_shapes_are_errors_naming_the_file() {
+        let base = ModelConfig::tiny(64).to_hf_json();
+        let p = Path::new("m/config.json");
+        let ok = ModelConfig::from_hf_json(&base.to_string(), p).unwrap();
+        assert_eq!(ok, ModelConfig::tiny(64));
+        for (key, value, want) in [
+            (
+                "num_attention_heads",
+                serde_json::json!(0),
+                "num_attention_heads is 0",
+            ),
+            (
+                "num_key_value_heads",
+                serde_json::json!(3),
+                "not a multiple",
+            ),
+            ("head_dim", serde_json::json!(7), "must be even"),
+            ("vocab_size", serde_json::json!(u64::MAX), "too large"),
+            ("rope_theta", serde_json::json!(-1.0), "rope_theta"),
+        ] {
+            let mut v = base.clone();
+            v[key] = value;
+            let err = format!(
+                "{:#}",
+                ModelConfig::from_hf_json(&v.to_string(), p).unwrap_err()
+            );
+            assert!(
+                err.starts_with("m/config.json") && err.contains(want),
+                "{key}: {err}"
+            );
+        }
     }
 }

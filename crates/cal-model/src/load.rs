@@ -159,48 +159,74 @@ fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, inp))?)
 }
 
-/// GGUF: weights dequantized to `dtype`, tokenizer and chat template from metadata.
-pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow!("{}: not a GGUF file: {e}", path.display()))?;
+/// What a GGUF file says before its tensor data: the architecture, the tokenizer and
+/// where each tensor lies. Reading it touches only the header and metadata.
+pub struct GgufHeader {
+    pub config: ModelConfig,
+    pub tokenizer: TokenizerBundle,
+    /// Llama GGUFs store q/k rows permuted for llama.cpp's RoPE; undone on load.
+    pub permuted: bool,
+    pub content: gguf_file::Content,
+}
+
+/// Reads and checks a GGUF header and metadata from `reader`; `label` (the file name)
+/// starts every error. Damaged input is an error, never a panic: this is what
+/// `fuzz/fuzz_targets/gguf_header.rs` exercises.
+pub fn read_gguf_header<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+    label: &str,
+) -> Result<GgufHeader> {
+    let start = reader.stream_position()?;
+    if let Some(a) = gguf_alignment(reader).ok().flatten() {
+        // candle divides by it; llama.cpp requires a power of two.
+        if !a.is_power_of_two() {
+            bail!("{label}: general.alignment is {a}, not a power of two");
+        }
+    }
+    reader.seek(std::io::SeekFrom::Start(start))?;
+    let content =
+        gguf_file::Content::read(reader).map_err(|e| anyhow!("{label}: not a GGUF file: {e}"))?;
+    check_tensor_extents(&content, reader, label)?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
         .and_then(|v| v.to_string().ok().cloned())
-        .ok_or_else(|| anyhow!("{}: no general.architecture", path.display()))?;
+        .ok_or_else(|| anyhow!("{label}: no general.architecture"))?;
     let (architecture, permuted) = match arch.as_str() {
         "llama" => ("llama", true),
         "qwen2" => ("qwen2", false),
         "qwen3" => ("qwen3", false),
-        other => bail!(
-            "{}: unsupported GGUF architecture {other:?} (llama, qwen2, qwen3)",
-            path.display()
-        ),
+        other => bail!("{label}: unsupported GGUF architecture {other:?} (llama, qwen2, qwen3)"),
     };
     let u = |k: &str| -> Result<usize> {
-        md.get(&format!("{arch}.{k}"))
-            .ok_or_else(|| anyhow!("{}: metadata {arch}.{k} missing", path.display()))?
-            .to_u64()
-            .or_else(|_| md[&format!("{arch}.{k}")].to_u32().map(u64::from))
-            .map(|x| x as usize)
-            .map_err(|e| anyhow!("{arch}.{k}: {e}"))
+        let key = format!("{arch}.{k}");
+        let v = md
+            .get(&key)
+            .ok_or_else(|| anyhow!("{label}: metadata {key} missing"))?;
+        v.to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .ok()
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or_else(|| anyhow!("{label}: metadata {key} is not an unsigned integer"))
     };
     let f = |k: &str, default: f64| -> f64 {
         md.get(&format!("{arch}.{k}"))
             .and_then(|v| v.to_f32().ok())
             .map_or(default, f64::from)
     };
-    let tokenizer =
-        tokenizer::from_gguf(md).with_context(|| format!("{}: tokenizer", path.display()))?;
+    let tokenizer = tokenizer::from_gguf(md).with_context(|| format!("{label}: tokenizer"))?;
     let hidden_size = u("embedding_length")?;
     let num_attention_heads = u("attention.head_count")?;
-    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-    let tie = !names.iter().any(|n| n == "output.weight");
-    let vocab_size = content.tensor_infos["token_embd.weight"].shape.dims()[0];
-    let head_dim = u("attention.key_length").unwrap_or(hidden_size / num_attention_heads);
-    let cfg = ModelConfig {
+    let names: Vec<&String> = content.tensor_infos.keys().collect();
+    let tie = !names.iter().any(|n| *n == "output.weight");
+    let vocab_size = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|t| t.shape.dims().first().copied())
+        .ok_or_else(|| anyhow!("{label}: no token_embd.weight tensor"))?;
+    let head_dim = u("attention.key_length")
+        .unwrap_or_else(|_| hidden_size.checked_div(num_attention_heads).unwrap_or(0));
+    let config = ModelConfig {
         architecture: architecture.into(),
         vocab_size,
         hidden_size,
@@ -218,6 +244,181 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         attention_bias: names.iter().any(|n| n.ends_with("attn_q.bias")),
         qk_norm: names.iter().any(|n| n.ends_with("attn_q_norm.weight")),
     };
+    config
+        .check()
+        .with_context(|| format!("{label}: model header"))?;
+    Ok(GgufHeader {
+        config,
+        tokenizer,
+        permuted,
+        content,
+    })
+}
+
+/// The integer value of `general.alignment`, found by skimming the metadata without
+/// allocating. `Ok(None)` when absent; any malformation is left for candle's reader to
+/// report (`Err` here only stops the skim).
+fn gguf_alignment<R: std::io::Read + std::io::Seek>(r: &mut R) -> std::io::Result<Option<u64>> {
+    use std::io::{Error, SeekFrom};
+    fn u32_of<R: std::io::Read>(r: &mut R) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64_of<R: std::io::Read>(r: &mut R) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    let bad = || Error::other("malformed");
+    if u32_of(r)? != 0x4655_4747 {
+        return Err(bad());
+    }
+    let v1 = match u32_of(r)? {
+        1 => true,
+        2 | 3 => false,
+        _ => return Err(bad()),
+    };
+    let len = |r: &mut R| {
+        if v1 {
+            u32_of(r).map(u64::from)
+        } else {
+            u64_of(r)
+        }
+    };
+    let _tensors = len(r)?;
+    let kvs = len(r)?;
+    // Fixed sizes of the scalar value types, by type id.
+    let size = |t: u32| match t {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    };
+    fn skip_value<R: std::io::Read + std::io::Seek>(
+        r: &mut R,
+        t: u32,
+        depth: usize,
+        len: &dyn Fn(&mut R) -> std::io::Result<u64>,
+        size: &dyn Fn(u32) -> Option<i64>,
+    ) -> std::io::Result<()> {
+        if depth > 8 {
+            return Err(Error::other("nested too deep"));
+        }
+        if let Some(n) = size(t) {
+            r.seek(SeekFrom::Current(n))?;
+            return Ok(());
+        }
+        match t {
+            8 => {
+                let n = i64::try_from(len(r)?).map_err(Error::other)?;
+                r.seek(SeekFrom::Current(n))?;
+            }
+            9 => {
+                let et = u32_of(r)?;
+                let n = len(r)?;
+                if let Some(sz) = size(et) {
+                    let bytes = i64::try_from(n).ok().and_then(|n| n.checked_mul(sz));
+                    r.seek(SeekFrom::Current(
+                        bytes.ok_or_else(|| Error::other("array"))?,
+                    ))?;
+                } else {
+                    for _ in 0..n {
+                        skip_value(r, et, depth + 1, len, size)?;
+                    }
+                }
+            }
+            _ => return Err(Error::other("unknown type")),
+        }
+        Ok(())
+    }
+    let file_size = r.seek(SeekFrom::End(0))?;
+    r.seek(SeekFrom::Start(if v1 { 16 } else { 24 }))?;
+    for _ in 0..kvs {
+        let key_len = len(r)?;
+        if key_len > 256 {
+            return Err(bad());
+        }
+        let mut key = vec![0u8; key_len as usize];
+        r.read_exact(&mut key)?;
+        let t = u32_of(r)?;
+        if key == b"general.alignment" {
+            let v = match t {
+                0 | 1 => {
+                    let mut b = [0u8; 1];
+                    r.read_exact(&mut b)?;
+                    u64::from(b[0])
+                }
+                2 | 3 => {
+                    let mut b = [0u8; 2];
+                    r.read_exact(&mut b)?;
+                    u64::from(u16::from_le_bytes(b))
+                }
+                4 | 5 => u64::from(u32_of(r)?),
+                _ => return Ok(None),
+            };
+            return Ok(Some(v));
+        }
+        skip_value(r, t, 0, &len, &|t| size(t))?;
+        if r.stream_position()? > file_size {
+            return Err(bad());
+        }
+    }
+    Ok(None)
+}
+
+/// Every tensor's element count must not overflow and its bytes must lie inside the
+/// file, so that a damaged header is refused before any tensor buffer is allocated.
+fn check_tensor_extents<R: std::io::Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    label: &str,
+) -> Result<()> {
+    let file_size = reader.seek(std::io::SeekFrom::End(0))?;
+    for (name, info) in &content.tensor_infos {
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(*d));
+        let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        let bytes = elems
+            .filter(|n| n % block == 0)
+            .and_then(|n| (n / block).checked_mul(size))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{label}: tensor {name}: shape {:?} is not a valid {:?} tensor",
+                    info.shape.dims(),
+                    info.ggml_dtype
+                )
+            })?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes as u64));
+        if end.is_none_or(|end| end > file_size) {
+            bail!(
+                "{label}: tensor {name} ({bytes} bytes at data offset {}) lies past the end of the file ({file_size} bytes); truncated download?",
+                info.offset
+            );
+        }
+    }
+    Ok(())
+}
+
+/// GGUF: weights dequantized to `dtype`, tokenizer and chat template from metadata.
+pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let label = path.display().to_string();
+    let GgufHeader {
+        config: cfg,
+        tokenizer,
+        permuted,
+        content,
+    } = read_gguf_header(&mut file, &label)?;
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     let mut params = Params::new();
     for name in &names {
         let q = content
@@ -341,4 +542,132 @@ pub fn export_hf(model: &Transformer, tok: &TokenizerBundle, dir: &Path) -> Resu
         serde_json::to_string_pretty(&serde_json::json!({"eos_token_id": tok.eos_ids}))?,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{gguf_file::Value, QTensor};
+    use std::io::Cursor;
+
+    /// Written by llama.cpp's own `gguf` package (`fuzz/seeds/make_seeds.py`).
+    fn reference_seed() -> Vec<u8> {
+        let p =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/gguf_header/llama.gguf");
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn reads_a_header_written_by_the_reference_writer() {
+        let h = read_gguf_header(&mut Cursor::new(reference_seed()), "seed.gguf").unwrap();
+        let c = &h.config;
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_hidden_layers
+            ),
+            (8, 8, 16, 1)
+        );
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (2, 1, 4)
+        );
+        assert!(c.tie_word_embeddings && h.permuted);
+        assert_eq!(h.tokenizer.eos_ids, vec![7]);
+    }
+
+    /// A small llama GGUF written by candle's writer, with `edit` applied to its metadata.
+    fn gguf_with(edit: impl Fn(&mut Vec<(String, Value)>), with_embedding: bool) -> Vec<u8> {
+        let s = |v: &str| Value::String(v.into());
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), s("llama")),
+            ("llama.embedding_length".into(), Value::U32(8)),
+            ("llama.feed_forward_length".into(), Value::U32(16)),
+            ("llama.block_count".into(), Value::U32(1)),
+            ("llama.attention.head_count".into(), Value::U32(2)),
+            ("llama.attention.head_count_kv".into(), Value::U32(1)),
+            ("tokenizer.ggml.model".into(), s("gpt2")),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(["a", "b", "ab", "c"].map(s).to_vec()),
+            ),
+            ("tokenizer.ggml.merges".into(), Value::Array(vec![s("a b")])),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(3)),
+        ];
+        edit(&mut md);
+        let emb = QTensor::quantize(
+            &Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        let tensors: Vec<(&str, &QTensor)> = if with_embedding {
+            vec![("token_embd.weight", &emb)]
+        } else {
+            vec![("output_norm.weight", &emb)]
+        };
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut out = Cursor::new(Vec::new());
+        gguf_file::write(&mut out, &md_refs, &tensors).unwrap();
+        out.into_inner()
+    }
+
+    fn error_of(bytes: Vec<u8>) -> String {
+        match read_gguf_header(&mut Cursor::new(bytes), "bad.gguf") {
+            Ok(_) => panic!("damaged GGUF was accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn set(key: &'static str, v: Value) -> impl Fn(&mut Vec<(String, Value)>) {
+        move |md| {
+            md.retain(|(k, _)| k != key);
+            md.push((key.into(), v.clone()));
+        }
+    }
+
+    #[test]
+    fn damaged_headers_are_errors_that_name_the_file() {
+        if let Err(e) = read_gguf_header(&mut Cursor::new(gguf_with(|_| {}, true)), "ok.gguf") {
+            panic!("{e:#}");
+        }
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                gguf_with(set("llama.attention.head_count", Value::U32(0)), true),
+                "num_attention_heads is 0",
+            ),
+            (
+                gguf_with(set("llama.attention.head_count_kv", Value::U32(3)), true),
+                "not a multiple",
+            ),
+            (
+                gguf_with(set("llama.block_count", Value::String("1".into())), true),
+                "llama.block_count is not an unsigned integer",
+            ),
+            (gguf_with(|_| {}, false), "no token_embd.weight"),
+            (
+                gguf_with(set("general.alignment", Value::U32(0)), true),
+                "general.alignment",
+            ),
+            (
+                gguf_with(set("general.alignment", Value::U32(48)), true),
+                "general.alignment",
+            ),
+            (
+                gguf_with(|_| {}, true)[..200].to_vec(),
+                "bad.gguf: not a GGUF file",
+            ),
+            (b"GGUF".to_vec(), "bad.gguf: not a GGUF file"),
+        ];
+        for (bytes, want) in cases {
+            let err = error_of(bytes);
+            assert!(err.starts_with("bad.gguf"), "{err}");
+            assert!(err.contains(want), "expected {want:?} in {err:?}");
+        }
+        // Tensor data cut off: header intact, bytes missing.
+        let full = gguf_with(|_| {}, true);
+        let err = error_of(full[..full.len() - 16].to_vec());
+        assert!(err.contains("past the end of the file"), "{err}");
+    }
 }

@@ -342,24 +342,40 @@ impl RunConfig {
         command_defaults: &serde_json::Value,
         flags: &serde_json::Value,
     ) -> Result<Self> {
-        let layers = |profile: &serde_json::Value| {
-            let mut fig = Figment::from(Serialized::defaults(RunConfig::default()))
-                .merge(Serialized::defaults(profile))
-                .merge(Serialized::defaults(command_defaults));
-            if let Some(p) = file {
-                fig = fig.merge(Toml::file_exact(p));
-            }
-            fig.merge(Serialized::defaults(flags))
-        };
-        let context = || match file {
-            Some(p) => format!("config {}", p.display()),
-            None => "configuration".into(),
-        };
         if let Some(p) = file {
             if !p.is_file() {
                 bail!("config {}: no such file", p.display());
             }
         }
+        let source = file.map(|p| (Toml::file_exact(p), format!("config {}", p.display())));
+        Self::resolve_source(source, command_defaults, flags)
+    }
+
+    /// A configuration from TOML text alone (defaults underneath); `label` names it
+    /// in errors. What `fuzz/fuzz_targets/config_toml.rs` exercises.
+    pub fn from_toml_str(text: &str, label: &str) -> Result<Self> {
+        let source = Some((Toml::string(text), format!("config {label}")));
+        Self::resolve_source(source, &serde_json::json!({}), &serde_json::json!({}))
+    }
+
+    fn resolve_source(
+        source: Option<(figment::providers::Data<Toml>, String)>,
+        command_defaults: &serde_json::Value,
+        flags: &serde_json::Value,
+    ) -> Result<Self> {
+        let layers = |profile: &serde_json::Value| {
+            let mut fig = Figment::from(Serialized::defaults(RunConfig::default()))
+                .merge(Serialized::defaults(profile))
+                .merge(Serialized::defaults(command_defaults));
+            if let Some((toml, _)) = &source {
+                fig = fig.merge(toml);
+            }
+            fig.merge(Serialized::defaults(flags))
+        };
+        let context = || match &source {
+            Some((_, label)) => label.clone(),
+            None => "configuration".into(),
+        };
         // The model decides the profile, and the model may come from any layer.
         let model: String = layers(&serde_json::json!({}))
             .extract_inner("model.name")

@@ -160,17 +160,23 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<Example>, DataError> {
 
 #[cfg(feature = "parquet")]
 fn load_parquet(path: &Path) -> Result<Vec<Example>, DataError> {
+    let data = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
+    parse_parquet(data, path)
+}
+
+/// Parses a GSM8K parquet file held in memory; `path` only labels errors.
+#[cfg(feature = "parquet")]
+pub fn parse_parquet(data: Vec<u8>, path: &Path) -> Result<Vec<Example>, DataError> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let fmt = |message: String| DataError::Format {
         path: path.into(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
-        path: path.into(),
-        source,
-    })?;
-    let reader = SerializedFileReader::new(file)
+    let reader = SerializedFileReader::new(bytes::Bytes::from(data))
         .map_err(|e| fmt(format!("not a readable parquet file: {e}")))?;
     let mut out = Vec::new();
     for (i, row) in reader
