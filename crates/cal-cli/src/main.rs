@@ -50,8 +50,11 @@ enum Command {
     Oracle(oracle::OracleArgs),
     /// Benchmark the model stack (generation, training step, reference pass) on this CPU.
     Bench {
-        /// What to benchmark: `model` (the whole table), `generate` (generation only) or
-        /// `kernels` (decoding-step matmuls: gemm vs the small-batch kernel).
+        /// What to benchmark: `model` (the whole table), `generate` (generation only),
+        /// `kernels` (decoding-step matmuls: gemm vs the small-batch kernel) or `gemm`
+        /// (training-shape products: candle vs OpenBLAS, alternately) or `step` (the
+        /// training step of the first `--model`, candle vs OpenBLAS, alternately); the
+        /// last two need the `openblas` feature.
         #[arg(default_value = "model")]
         what: String,
         /// Models to measure: `tiny` and/or paths (default: tiny and the SmolLM2 asset).
@@ -131,7 +134,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     run::bench_generate(&model, placement, repeats, new_tokens)?
                 }
                 "kernels" => run::bench_kernels(repeats)?,
-                _ => anyhow::bail!("unknown benchmark {what:?} (model, generate, kernels)"),
+                "gemm" => run::bench_gemm(repeats)?,
+                "step" => {
+                    let m = model.first().map_or("tiny", String::as_str);
+                    run::bench_step(m, placement, repeats, seq)?
+                }
+                _ => anyhow::bail!(
+                    "unknown benchmark {what:?} (model, generate, kernels, gemm, step)"
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }

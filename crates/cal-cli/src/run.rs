@@ -464,6 +464,51 @@ pub fn bench_kernels(rounds: usize) -> Result<()> {
     Ok(())
 }
 
+pub fn bench_gemm(rounds: usize) -> Result<()> {
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let rows = cal_train::bench::bench_gemm(rounds)?;
+    print!("{}", cal_train::bench::gemm_table(&rows));
+    let after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let three = |s: &str| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    println!(
+        "medians of {rounds} alternating rounds (candle, OpenBLAS, candle, …; 3 calls each); {} threads; load average before: {}, after: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        three(&load_avg),
+        three(&after)
+    );
+    Ok(())
+}
+
+pub fn bench_step(model: &str, placement: Placement, repeats: usize, seq: usize) -> Result<()> {
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut p = Source::new(model, placement).fresh()?;
+    let (rows, best) = cal_train::bench::bench_train_step(&mut p, 8, seq, repeats)?;
+    println!("| training step, 8 x {seq} tokens ({model}) | median s | tokens/s | GFLOP/s (6·N·tokens) | share of best GEMM | steps (s) |\n|---|---|---|---|---|---|");
+    for r in &rows {
+        let steps: Vec<String> = r.steps.iter().map(|s| format!("{s:.2}")).collect();
+        println!(
+            "| {} | {:.2} | {:.0} | {:.1} | {:.0}% | {} |",
+            r.product,
+            r.step_s,
+            r.tokens_per_s,
+            r.gflops,
+            100.0 * r.gflops / best,
+            steps.join(", ")
+        );
+    }
+    let after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let three = |s: &str| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    println!(
+        "\ncandle / OpenBLAS step time: {:.2}x; best GEMM (2048³, either library, measured between rounds): {best:.0} GFLOP/s; \
+         {repeats} alternating rounds after a warm-up; {} threads; load average before: {}, after: {}",
+        rows[0].step_s / rows[1].step_s,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        three(&load_avg),
+        three(&after)
+    );
+    Ok(())
+}
+
 pub fn bench(
     models: &[String],
     placement: Placement,

@@ -2,6 +2,7 @@
 //! Llama-family decoder on candle with loading, generation, log-probs and LoRA.
 
 pub mod attention;
+pub mod blas;
 pub mod config;
 pub mod device;
 pub mod gemv;

@@ -107,12 +107,20 @@ impl Kernels {
 
 /// `x: [N, in]` or `[B, T, in]` times `weight: [out, in]` transposed, plus `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let use_blas = crate::blas::enabled()
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32;
+    let product = |x2: &Tensor| {
+        if use_blas {
+            crate::blas::matmul_nt(x2, weight)
+        } else {
+            x2.matmul(&weight.t()?)
+        }
+    };
     let y = match x.dims() {
-        [b, t, i] => x
-            .reshape((b * t, *i))?
-            .matmul(&weight.t()?)?
-            .reshape((*b, *t, ()))?,
-        _ => x.matmul(&weight.t()?)?,
+        [b, t, i] => product(&x.reshape((b * t, *i))?)?.reshape((*b, *t, ()))?,
+        _ => product(x)?,
     };
     add_bias(y, bias)
 }

@@ -318,3 +318,222 @@ pub fn kernel_table(stream_gbs: f64, rows: &[KernelRow]) -> String {
     }
     s + &format!("\nstreaming reference (sum of a 1 GiB f32 tensor): {stream_gbs:.1} GB/s\n")
 }
+
+/// One training-shape product timed with candle's matmul and with the BLAS op.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GemmRow {
+    pub shape: String,
+    /// `forward` (`x · Wᵀ`) or `fwd+bwd` (the same plus both gradient products).
+    pub pass: &'static str,
+    pub candle_ms: f64,
+    pub blas_ms: f64,
+    pub candle_gflops: f64,
+    pub blas_gflops: f64,
+    /// min–max of each side's rounds, ms.
+    pub spread: String,
+}
+
+/// f32 products of the training path (`linear`'s `[rows, in] · [out, in]ᵀ`, forward
+/// and forward+backward) on SmolLM2-135M's layer shapes at 8 × 256 rows and the tiny
+/// model's at 8 × 96, plus a 2048³ square product: candle's gemm and
+/// [`cal_model::blas`] alternate within each of `rounds` rounds (median of 3 calls per
+/// round). The best rate seen on the square product is the machine's GEMM reference.
+pub fn bench_gemm(rounds: usize) -> Result<Vec<GemmRow>> {
+    use cal_model::blas;
+    anyhow::ensure!(
+        blas::compiled(),
+        "bench gemm compares candle with OpenBLAS: build with `--features openblas`"
+    );
+    let dev = Device::Cpu;
+    let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?;
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            f()?;
+            v.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(v))
+    };
+    let mut rows = Vec::new();
+    let shapes = [
+        ("square", 2048, 2048, 2048),
+        ("SmolLM2 gate/up", 2048, 576, 1536),
+        ("SmolLM2 down", 2048, 1536, 576),
+        ("SmolLM2 q/o", 2048, 576, 576),
+        ("SmolLM2 k/v", 2048, 576, 192),
+        ("tiny up", 768, 256, 688),
+        ("tiny down", 768, 688, 256),
+        ("tiny q/o", 768, 256, 256),
+    ];
+    for (name, m, k, n) in shapes {
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev)?)?;
+        let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.02, (n, k), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
+        for pass in ["forward", "fwd+bwd"] {
+            let run = |on: bool| -> Result<()> {
+                blas::set_enabled(on);
+                let y = cal_model::ops::linear(x.as_tensor(), w.as_tensor(), None)?;
+                if pass == "fwd+bwd" {
+                    let g = (y * &up)?.sum_all()?.backward()?;
+                    anyhow::ensure!(g.get(&w).is_some() && g.get(&x).is_some());
+                } else {
+                    anyhow::ensure!(y.dims() == [m, n]);
+                }
+                Ok(())
+            };
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..rounds.max(1) {
+                a.push(time(&|| run(false))?);
+                b.push(time(&|| run(true))?);
+            }
+            let products = if pass == "forward" { 1.0 } else { 3.0 };
+            let flops = products * 2.0 * (m * k * n) as f64;
+            let span = |v: &[f64]| {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(0.0, f64::max);
+                format!("{:.1}–{:.1}", lo * 1e3, hi * 1e3)
+            };
+            let spread = format!("candle {} / blas {}", span(&a), span(&b));
+            let (ma, mb) = (median(a), median(b));
+            rows.push(GemmRow {
+                shape: format!("{name} [{m}, {k}] x [{k}, {n}]"),
+                pass,
+                candle_ms: ma * 1e3,
+                blas_ms: mb * 1e3,
+                candle_gflops: flops / ma / 1e9,
+                blas_gflops: flops / mb / 1e9,
+                spread,
+            });
+        }
+    }
+    blas::set_enabled(true);
+    Ok(rows)
+}
+
+pub fn gemm_table(rows: &[GemmRow]) -> String {
+    let best = rows
+        .iter()
+        .map(|r| r.candle_gflops.max(r.blas_gflops))
+        .fold(0.0, f64::max);
+    let mut s = String::from(
+        "| product (f32) | pass | candle ms | OpenBLAS ms | candle GFLOP/s | OpenBLAS GFLOP/s | speed-up | OpenBLAS / best | spread (ms) |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.0}% | {} |\n",
+            r.shape,
+            r.pass,
+            r.candle_ms,
+            r.blas_ms,
+            r.candle_gflops,
+            r.blas_gflops,
+            r.candle_ms / r.blas_ms,
+            100.0 * r.blas_gflops / best,
+            r.spread
+        );
+    }
+    s + &format!("\nbest rate seen (the normaliser): {best:.0} GFLOP/s\n")
+}
+
+/// One side of [`bench_train_step`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepRow {
+    pub product: &'static str,
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    pub gflops: f64,
+    /// All measured step times, s.
+    pub steps: Vec<f64>,
+}
+
+/// The training step (forward + backward + AdamW on `batch × seq` tokens) with the
+/// linear layers on candle's gemm and on OpenBLAS, alternating each round, and the
+/// best f32 GEMM rate of either library on a 2048³ product measured between rounds
+/// (the normaliser). Returns both sides and that rate.
+pub fn bench_train_step(
+    policy: &mut Policy,
+    batch: usize,
+    seq: usize,
+    rounds: usize,
+) -> Result<(Vec<StepRow>, f64)> {
+    use cal_model::blas;
+    anyhow::ensure!(
+        blas::compiled(),
+        "bench step compares candle with OpenBLAS: build with `--features openblas`"
+    );
+    let dev = policy.model.device.clone();
+    let params = policy.model.cfg.num_params();
+    let half = seq / 2;
+    let ids = |a: usize, b: usize, len: usize| -> Vec<Vec<u32>> {
+        (0..batch)
+            .map(|i| {
+                (0..len)
+                    .map(|j| ((i * a + j * b) % 200 + 10) as u32)
+                    .collect()
+            })
+            .collect()
+    };
+    let sb = build_batch(
+        &ids(7, 3, half),
+        &ids(5, 11, seq - half),
+        policy.tok.pad_id,
+        &dev,
+    )?;
+    let vars = policy.model.make_trainable(|_| true)?;
+    let mut opt = AdamW::new(
+        vars,
+        OptimConfig {
+            lr: 1e-7,
+            ..Default::default()
+        },
+    )?;
+    let step = |opt: &mut AdamW| -> Result<f64> {
+        let t = Instant::now();
+        let (lp, _) = completion_logprobs(&policy.model, &sb, Forward::training(0))?;
+        let grads = (lp.sum_all()? * -1e-3)?.backward()?;
+        opt.step(&grads, 1e-7)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let square = |on: bool| -> Result<f64> {
+        blas::set_enabled(on);
+        let a = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            cal_model::ops::linear(&a, &w, None)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * 2048f64.powi(3) / best / 1e9)
+    };
+    let (mut times, mut best_gemm) = ([Vec::new(), Vec::new()], 0f64);
+    for r in 0..rounds + 1 {
+        for (side, on) in [false, true].into_iter().enumerate() {
+            best_gemm = best_gemm.max(square(on)?);
+            blas::set_enabled(on);
+            let s = step(&mut opt)?;
+            if r > 0 {
+                // round 0 warms caches, the allocator and OpenBLAS's buffers
+                times[side].push(s);
+            }
+        }
+    }
+    blas::set_enabled(true);
+    let tokens = (batch * seq) as f64;
+    let rows = ["candle gemm", "OpenBLAS"]
+        .into_iter()
+        .zip(times)
+        .map(|(product, steps)| {
+            let s = median(steps.clone());
+            StepRow {
+                product,
+                step_s: s,
+                tokens_per_s: tokens / s,
+                gflops: 6.0 * params as f64 * tokens / s / 1e9,
+                steps,
+            }
+        })
+        .collect();
+    Ok((rows, best_gemm))
+}
