@@ -30,13 +30,21 @@ fn reads_files_written_by_pyarrow() {
     );
 }
 
-/// parquet 57.3 panicked on this footer (`Option::unwrap` in its thrift reader); 60.1
-/// returns an error. Found by the `dataset_parquet` fuzz target in 60 s.
+/// All found by the `dataset_parquet` fuzz target: parquet 57.3 panicked on the first
+/// footer (`Option::unwrap` in its thrift reader; 60.1 returns an error), 60.1 asserts
+/// on the second's negative column-chunk offset (checked by us first) and on the third's
+/// page (`bit_util`: caught, reported as a damaged file).
 #[test]
-fn damaged_footer_is_an_error_naming_the_file() {
-    let (bytes, _) = file("tests/fixtures/fuzz-parquet-thrift-bool.parquet");
-    let err = parse_parquet(bytes, Path::new("damaged.parquet"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.starts_with("damaged.parquet: "), "{err}");
+fn damaged_footers_are_errors_naming_the_file() {
+    for (fixture, want) in [
+        ("tests/fixtures/fuzz-parquet-thrift-bool.parquet", "not a readable parquet file"),
+        ("tests/fixtures/fuzz-parquet-negative-chunk.parquet", "lies outside the file"),
+        ("tests/fixtures/fuzz-parquet-bit-unpack.parquet", "damaged parquet file"),
+    ] {
+        let (bytes, _) = file(fixture);
+        let err = parse_parquet(bytes, Path::new("damaged.parquet"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("damaged.parquet: ") && err.contains(want), "{fixture}: {err}");
+    }
 }

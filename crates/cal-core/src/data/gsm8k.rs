@@ -168,16 +168,54 @@ fn load_parquet(path: &Path) -> Result<Vec<Example>, DataError> {
 }
 
 /// Parses a GSM8K parquet file held in memory; `path` only labels errors.
+///
+/// The parquet crate still asserts (panics) on some damaged pages (fuzzing found one
+/// in its bit unpacker within minutes), so decoding runs under `catch_unwind` and such a
+/// panic becomes an error naming the file. The panic's own message is still printed
+/// by the process's panic hook.
 #[cfg(feature = "parquet")]
 pub fn parse_parquet(data: Vec<u8>, path: &Path) -> Result<Vec<Example>, DataError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_parquet_inner(data, path)))
+        .unwrap_or_else(|payload| {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(DataError::Format {
+                path: path.into(),
+                message: format!("damaged parquet file (the parquet reader failed: {why})"),
+            })
+        })
+}
+
+#[cfg(feature = "parquet")]
+fn parse_parquet_inner(data: Vec<u8>, path: &Path) -> Result<Vec<Example>, DataError> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let fmt = |message: String| DataError::Format {
         path: path.into(),
         message,
     };
+    let file_len = data.len() as i64;
     let reader = SerializedFileReader::new(bytes::Bytes::from(data))
         .map_err(|e| fmt(format!("not a readable parquet file: {e}")))?;
+    // The reader asserts (panics) on negative column-chunk extents (its
+    // `ColumnChunkMetaData::byte_range`), so a damaged footer is checked here first.
+    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
+        for col in rg.columns() {
+            let start = col
+                .dictionary_page_offset()
+                .unwrap_or(col.data_page_offset());
+            let len = col.compressed_size();
+            if start < 0 || len < 0 || start.checked_add(len).is_none_or(|end| end > file_len) {
+                return Err(fmt(format!(
+                    "damaged parquet file: row group {g}, column {}: chunk of {len} bytes at offset {start} lies outside the file ({file_len} bytes)",
+                    col.column_path()
+                )));
+            }
+        }
+    }
     let mut out = Vec::new();
     for (i, row) in reader
         .get_row_iter(None)
