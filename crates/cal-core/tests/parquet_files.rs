@@ -37,14 +37,26 @@ fn reads_files_written_by_pyarrow() {
 #[test]
 fn damaged_footers_are_errors_naming_the_file() {
     for (fixture, want) in [
-        ("tests/fixtures/fuzz-parquet-thrift-bool.parquet", "not a readable parquet file"),
-        ("tests/fixtures/fuzz-parquet-negative-chunk.parquet", "lies outside the file"),
-        ("tests/fixtures/fuzz-parquet-bit-unpack.parquet", "damaged parquet file"),
+        (
+            "tests/fixtures/fuzz-parquet-thrift-bool.parquet",
+            "not a readable parquet file",
+        ),
+        (
+            "tests/fixtures/fuzz-parquet-negative-chunk.parquet",
+            "lies outside the file",
+        ),
+        (
+            "tests/fixtures/fuzz-parquet-bit-unpack.parquet",
+            "damaged parquet file",
+        ),
     ] {
         let (bytes, _) = file(fixture);
         let err = parse_parquet(bytes, Path::new("damaged.parquet"))
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("damaged.parquet: ") && err.contains(want), "{fixture}: {err}");
+        assert!(
+            err.starts_with("damaged.parquet: ") && err.contains(want),
+            "{fixture}: {err}"
+        );
     }
 }

@@ -384,7 +384,7 @@ fn check_tensor_extents<R: std::io::Seek>(
             .try_fold(1usize, |n, d| n.checked_mul(*d));
         let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
         let bytes = elems
-            .filter(|n| n % block == 0)
+            .filter(|n| n.is_multiple_of(block))
             .and_then(|n| (n / block).checked_mul(size))
             .ok_or_else(|| {
                 anyhow!(

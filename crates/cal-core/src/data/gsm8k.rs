@@ -175,18 +175,20 @@ fn load_parquet(path: &Path) -> Result<Vec<Example>, DataError> {
 /// by the process's panic hook.
 #[cfg(feature = "parquet")]
 pub fn parse_parquet(data: Vec<u8>, path: &Path) -> Result<Vec<Example>, DataError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_parquet_inner(data, path)))
-        .unwrap_or_else(|payload| {
-            let why = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(DataError::Format {
-                path: path.into(),
-                message: format!("damaged parquet file (the parquet reader failed: {why})"),
-            })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_parquet_inner(data, path)
+    }))
+    .unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(DataError::Format {
+            path: path.into(),
+            message: format!("damaged parquet file (the parquet reader failed: {why})"),
         })
+    })
 }
 
 #[cfg(feature = "parquet")]
