@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GRPO step on SmolLM2-135M-Instruct (4 prompts x 4 generations, 128 new tokens,
+# beta 0.04, CPU), TRL's GRPOTrainer and `cal-grpo train` ALTERNATELY in one invocation:
+# TRL, cal-grpo, TRL, cal-grpo, ... Each run does STEPS steps; its first step is dropped
+# (warm-up), the rest are pooled per side. Prints medians, every step time, the load
+# average before and after. Kept out of CI (it needs torch + TRL).
+#
+#   bash scripts/fetch-assets.sh --with-model
+#   python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch transformers trl datasets accelerate gguf
+#   cargo build --release -p cal-cli
+#   bash bench/alternate_trl.sh [ROUNDS=3] [STEPS=2]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${1:-3}"
+STEPS="${2:-2}"
+PY="${TRL_PYTHON:-/tmp/trlvenv/bin/python}"
+BIN="${CAL_GRPO_BIN:-target/release/cal-grpo}"
+GGUF=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+before=$(cut -d' ' -f1-3 /proc/loadavg)
+trl=() cal=()
+for r in $(seq 1 "$ROUNDS"); do
+  out=$("$PY" bench/trl_grpo_step.py --steps "$STEPS" 2>/dev/null | tail -1)
+  mapfile -t t < <(python3 -c "import json,sys; [print(x) for x in json.loads(sys.argv[1])['trl_step_seconds'][1:]]" "$out")
+  trl+=("${t[@]}")
+  dir=$(mktemp -d /tmp/cal-alt.XXXX)
+  "$BIN" train --model "$GGUF" --dataset assets/gsm8k/train.jsonl --eval-dataset assets/gsm8k/test.jsonl \
+    --eval-samples 1 --prompts-per-step 4 --num-generations 4 --max-new-tokens 128 --beta 0.04 \
+    --steps "$STEPS" --output-dir "$dir/run" >/dev/null 2>&1
+  mapfile -t t < <(python3 -c "
+import json,sys
+rows=[json.loads(l) for l in open(sys.argv[1]) if 'perf/step_seconds' in l]
+[print(r['perf/step_seconds']) for r in rows[1:]]" "$dir/run/metrics.jsonl")
+  cal+=("${t[@]}")
+  rm -rf "$dir"
+  echo "round $r: TRL ${trl[*]} | cal-grpo ${cal[*]}" >&2
+done
+python3 - "${#trl[@]}" "${trl[@]}" "${cal[@]}" "$before" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
+import statistics, sys
+n = int(sys.argv[1]); xs = [float(x) for x in sys.argv[2:-2]]
+trl, cal = xs[:n], xs[n:]
+mt, mc = statistics.median(trl), statistics.median(cal)
+print("| implementation | median step (s) | steps (s) |\n|---|---|---|")
+print(f"| TRL GRPOTrainer | {mt:.1f} | {', '.join(f'{x:.1f}' for x in trl)} |")
+print(f"| cal-grpo train | {mc:.1f} | {', '.join(f'{x:.1f}' for x in cal)} |")
+print(f"\ncal-grpo / TRL step time: {mc / mt:.2f}x (TRL / cal-grpo = {mt / mc:.2f}x); "
+      f"alternating runs, first step of each run dropped; load average before: {sys.argv[-2]}, after: {sys.argv[-1]}")
+PY
