@@ -34,6 +34,18 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Median wall time of `calls` calls of `f`, after one untimed warm-up call.
+fn median_time<T>(calls: usize, f: &dyn Fn() -> Result<T>) -> Result<f64> {
+    f()?;
+    let mut v = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(v))
+}
+
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -245,16 +257,7 @@ pub struct KernelRow {
 /// loop, so only the vocabulary product (113 MB) shows the memory-bound rate.
 pub fn bench_kernels(rounds: usize) -> Result<(f64, Vec<KernelRow>)> {
     let dev = Device::Cpu;
-    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
-        f()?;
-        let mut v = Vec::new();
-        for _ in 0..9 {
-            let t = Instant::now();
-            f()?;
-            v.push(t.elapsed().as_secs_f64());
-        }
-        Ok(median(v))
-    };
+    let time = |f: &dyn Fn() -> Result<Tensor>| median_time(9, f);
     let big = Tensor::ones(256 << 20, DType::F32, &dev)?;
     let stream = (0..3)
         .map(|_| {
@@ -345,16 +348,7 @@ pub fn bench_gemm(rounds: usize) -> Result<Vec<GemmRow>> {
         "bench gemm compares candle with OpenBLAS: build with `--features openblas`"
     );
     let dev = Device::Cpu;
-    let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
-        f()?;
-        let mut v = Vec::new();
-        for _ in 0..3 {
-            let t = Instant::now();
-            f()?;
-            v.push(t.elapsed().as_secs_f64());
-        }
-        Ok(median(v))
-    };
+    let time = |f: &dyn Fn() -> Result<()>| median_time(3, f);
     let mut rows = Vec::new();
     let shapes = [
         ("square", 2048, 2048, 2048),
