@@ -114,9 +114,7 @@ impl CustomOp2 for Gemm {
             n,
             k,
             &av[a0..a1],
-            al.dims()[1],
             &bv[b0..b1],
-            bl.dims()[1],
             &mut out,
         )?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -166,8 +164,9 @@ fn gemm_no_bwd(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
 #[link(name = "openblas")]
 extern "C" {}
 
-/// Row-major `out[m, n] = op(a) · op(b)`; `lda`/`ldb` are the stored row lengths.
-#[cfg(feature = "openblas")]
+/// Row-major `out[m, n] = op(a) · op(b)`, `a` stored `[m, k]` (`[k, m]` when `ta`) and
+/// `b` stored `[k, n]` (`[n, k]` when `tb`). Without OpenBLAS the op still runs, as a
+/// plain candle product, so tests and the fallback path exercise the same code.
 #[allow(clippy::too_many_arguments)]
 fn sgemm(
     ta: bool,
@@ -176,75 +175,60 @@ fn sgemm(
     n: usize,
     k: usize,
     a: &[f32],
-    lda: usize,
     b: &[f32],
-    ldb: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    use cblas_sys::{cblas_sgemm, CBLAS_LAYOUT, CBLAS_TRANSPOSE};
-    let int = |x: usize| {
-        i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("blas gemm: {x} > i32")))
-    };
-    let t = |on| {
-        if on {
-            CBLAS_TRANSPOSE::CblasTrans
-        } else {
-            CBLAS_TRANSPOSE::CblasNoTrans
+    // m, n or k = 0: nothing to multiply (`out` already holds the zeros k = 0 gives;
+    // BLAS would reject a leading dimension of 0).
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    #[cfg(feature = "openblas")]
+    {
+        use cblas_sys::{cblas_sgemm, CBLAS_LAYOUT, CBLAS_TRANSPOSE};
+        let int = |x: usize| {
+            i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("blas gemm: {x} > i32")))
+        };
+        let t = |on| {
+            if on {
+                CBLAS_TRANSPOSE::CblasTrans
+            } else {
+                CBLAS_TRANSPOSE::CblasNoTrans
+            }
+        };
+        // Stored row lengths.
+        let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+        // SAFETY: the slices hold op(a) [m, k] and op(b) [k, n] at these strides
+        // (checked by the caller's layout dims) and `out` holds m · n floats.
+        unsafe {
+            cblas_sgemm(
+                CBLAS_LAYOUT::CblasRowMajor,
+                t(ta),
+                t(tb),
+                int(m)?,
+                int(n)?,
+                int(k)?,
+                1.0,
+                a.as_ptr(),
+                int(lda)?,
+                b.as_ptr(),
+                int(ldb)?,
+                0.0,
+                out.as_mut_ptr(),
+                int(n)?,
+            );
         }
-    };
-    if m == 0 || n == 0 {
-        return Ok(());
     }
-    // k = 0 gives zeros, which `out` already holds; BLAS would reject lda = 0.
-    if k == 0 {
-        return Ok(());
+    #[cfg(not(feature = "openblas"))]
+    {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::from_slice(a, if ta { (k, m) } else { (m, k) }, &dev)?;
+        let b = Tensor::from_slice(b, if tb { (n, k) } else { (k, n) }, &dev)?;
+        let a = if ta { a.t()? } else { a };
+        let b = if tb { b.t()? } else { b };
+        let c = a.matmul(&b)?.flatten_all()?.to_vec1::<f32>()?;
+        out.copy_from_slice(&c);
     }
-    // SAFETY: the slices hold op(a) [m, k] and op(b) [k, n] at the given strides
-    // (checked by the caller's layout dims) and `out` holds m · n floats.
-    unsafe {
-        cblas_sgemm(
-            CBLAS_LAYOUT::CblasRowMajor,
-            t(ta),
-            t(tb),
-            int(m)?,
-            int(n)?,
-            int(k)?,
-            1.0,
-            a.as_ptr(),
-            int(lda)?,
-            b.as_ptr(),
-            int(ldb)?,
-            0.0,
-            out.as_mut_ptr(),
-            int(n)?,
-        );
-    }
-    Ok(())
-}
-
-/// Without OpenBLAS the op still runs (a plain candle product), so tests and the
-/// fallback path exercise the same code.
-#[cfg(not(feature = "openblas"))]
-#[allow(clippy::too_many_arguments)]
-fn sgemm(
-    ta: bool,
-    tb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    _lda: usize,
-    b: &[f32],
-    _ldb: usize,
-    out: &mut [f32],
-) -> Result<()> {
-    let dev = candle_core::Device::Cpu;
-    let a = Tensor::from_slice(a, if ta { (k, m) } else { (m, k) }, &dev)?;
-    let b = Tensor::from_slice(b, if tb { (n, k) } else { (k, n) }, &dev)?;
-    let a = if ta { a.t()? } else { a };
-    let b = if tb { b.t()? } else { b };
-    let c = a.matmul(&b)?.flatten_all()?.to_vec1::<f32>()?;
-    out.copy_from_slice(&c);
     Ok(())
 }
 
