@@ -33,7 +33,7 @@ pub fn decode_attention(
 /// Whether [`decode_attention`] serves a model on this device and dtype (else the
 /// general path). Its shapes are checked by the op itself.
 pub fn serves(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
-    matches!(device, candle_core::Device::Cpu) && dtype == candle_core::DType::F32
+    crate::device::cpu_kernels(device) && dtype == candle_core::DType::F32
 }
 
 struct DecodeAttention {

@@ -128,6 +128,43 @@ impl Placement {
     }
 }
 
+thread_local! {
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this CPU build's own kernels (row-wise norms and softmax, vocabulary
+/// log-probs, decoding products and attention, OpenBLAS) may serve a tensor on `device`.
+/// Every other device, CUDA included, takes the differentiable compositions of candle
+/// primitives in [`crate::ops`].
+pub fn cpu_kernels(device: &Device) -> bool {
+    device.is_cpu() && !PORTABLE.with(|p| p.get())
+}
+
+/// Runs `f` with this thread's CPU kernels switched off: the CPU then takes exactly the
+/// ops a CUDA device takes, which is how the CPU test suite checks the device-generic
+/// path (the decision is made where an op is built, on the calling thread).
+pub fn portable<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PORTABLE.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PORTABLE.with(|p| p.replace(true)));
+    f()
+}
+
+/// The dtype losses, log-probs and optimizer state are computed in: f32 for half
+/// precision models (the vocabulary log-softmax in bf16 loses the small probabilities
+/// the ratio and KL terms are made of), the model's own dtype otherwise (f64 in the
+/// finite-difference tests).
+pub fn loss_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

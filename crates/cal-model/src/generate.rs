@@ -148,6 +148,26 @@ pub fn sample_row_at(logits: &[f32], cfg: &SamplingConfig, u: f64) -> u32 {
     idx[probs.len() - 1].0
 }
 
+/// Picks one token per row of `logits: [B, V]` (f32) without leaving the device:
+/// argmax when greedy, else the Gumbel-max trick, `argmax(x/T − log(−log U))` with `U`
+/// uniform from the device's generator, which samples exactly from `softmax(x/T)`.
+/// Only the `B` ids are copied back. `None` for top-k / top-p, which need a sort over
+/// the vocabulary (the caller then samples on the host).
+pub fn sample_on_device(logits: &Tensor, cfg: &SamplingConfig) -> Result<Option<Vec<u32>>> {
+    use candle_core::D;
+    if is_greedy(cfg) {
+        return Ok(Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?));
+    }
+    if cfg.top_k > 0 || cfg.top_p < 1.0 {
+        return Ok(None);
+    }
+    // U ∈ [tiny, 1): log(−log U) stays finite.
+    let u = Tensor::rand(f32::MIN_POSITIVE, 1.0f32, logits.shape(), logits.device())?;
+    let gumbel = u.log()?.neg()?.log()?.neg()?;
+    let ids = ((logits / cfg.temperature)? + gumbel)?.argmax(D::Minus1)?;
+    Ok(Some(ids.to_vec1::<u32>()?))
+}
+
 /// Incremental detokenisation with byte offsets. Tokens that end inside a multi-byte
 /// character get the range of the whole character once it is complete.
 pub fn decode_with_offsets(
@@ -206,10 +226,19 @@ pub fn generate(
     }
     // Sampling never backpropagates: a detached view of a trainable policy's weights
     // records no autograd graph, and may run the fused inference kernels.
-    let mut view = model.detached();
+    let mut view = model.detached()?;
     view.fast_inference = true;
     let model = &view;
     let dev = &model.device;
+    // Off the CPU, tokens are picked where the logits are (only the ids come back);
+    // the CPU samples on the host, reproducibly from `rng`.
+    let on_device = !crate::device::cpu_kernels(dev);
+    if on_device && !is_greedy(cfg) && !dev.is_cpu() {
+        // The device's generator, seeded from the run's RNG: a seeded run repeats.
+        // (The CPU takes this path only in tests of the device path; its generator
+        // cannot be seeded.)
+        dev.set_seed(rng.random())?;
+    }
     let input = Tensor::from_vec(ids, (b, lp), dev)?;
     let positions = positions_from_mask(&mask, dev)?;
     let mut cache = KvCache::with_capacity(model.cfg.num_hidden_layers, lp + cfg.max_new_tokens);
@@ -232,22 +261,31 @@ pub fn generate(
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         let logits = model
             .decode_logits(&last)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2::<f32>()?;
-        // Uniforms drawn in row order (one per live row, none when greedy), then the
-        // rows sampled in parallel: the same tokens as a sequential loop.
-        let draws: Vec<Option<f64>> = finish
-            .iter()
-            .map(|f| {
-                f.is_none()
-                    .then(|| if is_greedy(cfg) { 0.0 } else { rng.random() })
-            })
-            .collect();
-        let picked: Vec<u32> = logits
-            .par_iter()
-            .zip(&draws)
-            .map(|(row, u)| u.map_or(tok.pad_id, |u| sample_row_at(row, cfg, u)))
-            .collect();
+            .to_dtype(candle_core::DType::F32)?;
+        let picked = match on_device
+            .then(|| sample_on_device(&logits, cfg))
+            .transpose()?
+        {
+            Some(Some(ids)) => ids,
+            _ => {
+                let logits = logits.to_vec2::<f32>()?;
+                // Uniforms drawn in row order (one per live row, none when greedy),
+                // then the rows sampled in parallel: the same tokens as a sequential
+                // loop.
+                let draws: Vec<Option<f64>> = finish
+                    .iter()
+                    .map(|f| {
+                        f.is_none()
+                            .then(|| if is_greedy(cfg) { 0.0 } else { rng.random() })
+                    })
+                    .collect();
+                logits
+                    .par_iter()
+                    .zip(&draws)
+                    .map(|(row, u)| u.map_or(tok.pad_id, |u| sample_row_at(row, cfg, u)))
+                    .collect()
+            }
+        };
         let mut next = Vec::with_capacity(b);
         for (r, &t) in picked.iter().enumerate() {
             if finish[r].is_some() {

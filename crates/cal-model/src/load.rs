@@ -17,7 +17,9 @@ pub struct Loaded {
 }
 
 /// Loads `path`: a `.gguf` file or a Hugging Face folder (or an `HF_HOME` cache
-/// snapshot folder).
+/// snapshot folder). `dtype` is the compute dtype; a half-precision model keeps its
+/// weights in f32 (the master weights when it is trained) and casts them to `dtype` per
+/// training forward, once per generation, and once for a frozen reference.
 pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     if !path.exists() {
         bail!("{}: no such file or folder", path.display());
@@ -71,7 +73,7 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         let tensors = candle_core::safetensors::load(f, device)
             .with_context(|| format!("reading {}", f.display()))?;
         for (k, t) in tensors {
-            params.insert(k, t.to_dtype(dtype)?);
+            params.insert(k, t.to_dtype(crate::device::loss_dtype(dtype))?);
         }
     }
     if cfg.tie_word_embeddings {
@@ -79,7 +81,8 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     }
     params.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
     let model = Transformer::new(cfg, params, device)
-        .with_context(|| format!("loading {}", dir.display()))?;
+        .with_context(|| format!("loading {}", dir.display()))?
+        .with_compute_dtype(dtype);
     let tokenizer = hf_tokenizer(dir)?;
     Ok(Loaded { model, tokenizer })
 }
@@ -424,7 +427,9 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         let q = content
             .tensor(&mut file, name, device)
             .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
-        let t = q.dequantize(device)?.to_dtype(dtype)?;
+        let t = q
+            .dequantize(device)?
+            .to_dtype(crate::device::loss_dtype(dtype))?;
         let hf = gguf_to_hf_name(name)
             .ok_or_else(|| anyhow!("{}: unexpected tensor {name}", path.display()))?;
         let t = match (permuted, hf.as_str()) {
@@ -435,7 +440,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         params.insert(hf, t);
     }
     let model = Transformer::new(cfg, params, device)
-        .with_context(|| format!("loading {}", path.display()))?;
+        .with_context(|| format!("loading {}", path.display()))?
+        .with_compute_dtype(dtype);
     Ok(Loaded { model, tokenizer })
 }
 

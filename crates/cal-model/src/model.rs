@@ -258,7 +258,8 @@ impl Transformer {
         })
     }
 
-    /// Random initialisation (normal, std 0.02; norms at 1), seeded.
+    /// Random initialisation (normal, std 0.02; norms at 1), seeded; computes in `dtype`
+    /// (half precision keeps f32 weights, see [`crate::load::load`]).
     pub fn init_random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut params = Params::new();
@@ -271,32 +272,61 @@ impl Transformer {
             } else {
                 Tensor::from_vec(normal_vec(&mut rng, n, 0.02), shape.as_slice(), device)?
             };
-            params.insert(name, t.to_dtype(dtype)?);
+            params.insert(name, t.to_dtype(crate::device::loss_dtype(dtype))?);
         }
-        Self::new(cfg, params, device)
+        Ok(Self::new(cfg, params, device)?.with_compute_dtype(dtype))
     }
 
     /// A frozen deep copy (new storage): the reference policy of full fine-tuning.
+    /// In the compute dtype: a bf16 policy with f32 master weights gets a bf16 reference.
     pub fn frozen_copy(&self) -> Result<Self> {
         let params = self
             .params
             .iter()
-            .map(|(k, t)| Ok((k.clone(), t.detach().copy()?)))
+            .map(|(k, t)| Ok((k.clone(), t.detach().to_dtype(self.dtype)?.copy()?)))
             .collect::<Result<Params>>()?;
         let mut m = Self::new(self.cfg.clone(), params, &self.device)?;
         m.lora = self.lora.clone();
         Ok(m)
     }
 
-    /// The same model on the same storage with gradient tracking cut: for inference on
-    /// a trainable policy (its `Var`s keep being updated in place by the optimizer).
-    pub fn detached(&self) -> Self {
+    /// Runs in `dtype` (activations, KV cache, products) whatever the parameters are
+    /// stored in: f32 weights with a bf16 compute dtype are mixed-precision training's
+    /// master weights.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// A copy on `device` (same dtypes, no autograd graph): how the GPU tests put one
+    /// model on both devices.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
         let params = self
             .params
             .iter()
-            .map(|(k, t)| (k.clone(), t.detach()))
-            .collect();
-        Self {
+            .map(|(k, t)| Ok((k.clone(), t.detach().to_device(device)?)))
+            .collect::<Result<Params>>()?;
+        let mut m = Self::new(self.cfg.clone(), params, device)?.with_compute_dtype(self.dtype);
+        m.lora = self.lora.clone();
+        Ok(m)
+    }
+
+    /// The dtype trainable parameters and their optimizer state are kept in.
+    pub fn master_dtype(&self) -> DType {
+        crate::device::loss_dtype(self.dtype)
+    }
+
+    /// The same model on the same storage with gradient tracking cut: for inference on
+    /// a trainable policy (its `Var`s keep being updated in place by the optimizer).
+    /// Master weights kept wider than the compute dtype are cast once here (new storage,
+    /// a snapshot), so that a decoding loop does not cast them at every token.
+    pub fn detached(&self) -> Result<Self> {
+        let params = self
+            .params
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.detach().to_dtype(self.dtype)?)))
+            .collect::<Result<Params>>()?;
+        Ok(Self {
             cfg: self.cfg.clone(),
             params,
             lora: self.lora.clone(),
@@ -304,7 +334,7 @@ impl Transformer {
             device: self.device.clone(),
             dtype: self.dtype,
             inv_freq: self.inv_freq.clone(),
-        }
+        })
     }
 
     /// Adds zero-initialised (B = 0) LoRA adapters on every linear layer whose name ends
@@ -338,8 +368,9 @@ impl Transformer {
             let (out, inp) = (dims[0], dims[1]);
             // Kaiming-uniform-like scale for A, as PEFT does; B = 0.
             let a = normal_vec(&mut rng, cfg.rank * inp, 1.0 / (inp as f64).sqrt());
-            let a = Tensor::from_vec(a, (cfg.rank, inp), &self.device)?.to_dtype(self.dtype)?;
-            let b = Tensor::zeros((out, cfg.rank), self.dtype, &self.device)?;
+            let master = self.master_dtype();
+            let a = Tensor::from_vec(a, (cfg.rank, inp), &self.device)?.to_dtype(master)?;
+            let b = Tensor::zeros((out, cfg.rank), master, &self.device)?;
             self.params.insert(format!("{module}.lora_A"), a);
             self.params.insert(format!("{module}.lora_B"), b);
             added.push(format!("{module}.lora_A"));
@@ -350,15 +381,17 @@ impl Transformer {
     }
 
     /// Turns the parameters selected by `filter` into candle `Var`s (fresh storage the
-    /// optimizer updates in place) and returns them, sorted by name.
+    /// optimizer updates in place) and returns them, sorted by name. Half-precision
+    /// models get f32 `Var`s (master weights); [`Self::p`] casts them for each forward.
     pub fn make_trainable(
         &mut self,
         filter: impl Fn(&str) -> bool,
     ) -> Result<Vec<(String, candle_core::Var)>> {
         let mut out = Vec::new();
+        let master = self.master_dtype();
         for (name, t) in self.params.iter_mut() {
             if filter(name) {
-                let var = candle_core::Var::from_tensor(&t.detach())?;
+                let var = candle_core::Var::from_tensor(&t.detach().to_dtype(master)?)?;
                 *t = var.as_tensor().clone();
                 out.push((name.clone(), var));
             }
@@ -366,8 +399,18 @@ impl Transformer {
         Ok(out)
     }
 
-    fn p(&self, name: &str) -> &Tensor {
-        &self.params[name]
+    /// Parameter `name` in the compute dtype. Trainable half-precision models keep f32
+    /// master weights (the `Var`s AdamW updates); this cast is differentiable, so their
+    /// gradients arrive in f32. A no-op when the dtypes agree.
+    fn p(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.params[name].to_dtype(self.dtype)
+    }
+
+    fn p_opt(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        self.params
+            .get(name)
+            .map(|t| t.to_dtype(self.dtype))
+            .transpose()
     }
 
     /// `module.weight` (+ bias, + LoRA when `fwd` applies adapters) applied to `x`.
@@ -384,15 +427,15 @@ impl Transformer {
         } else {
             ops::linear
         };
-        let w = self.p(&format!("{module}.weight"));
-        let y = linear(x, w, self.params.get(&format!("{module}.bias")))?;
+        let w = self.p(&format!("{module}.weight"))?;
+        let y = linear(x, &w, self.p_opt(&format!("{module}.bias"))?.as_ref())?;
         match (
             &self.lora,
             fwd.adapters,
-            self.params.get(&format!("{module}.lora_A")),
+            self.p_opt(&format!("{module}.lora_A"))?,
         ) {
             (Some(cfg), true, Some(a)) => {
-                let b = self.p(&format!("{module}.lora_B"));
+                let b = self.p(&format!("{module}.lora_B"))?;
                 let scale = cfg.alpha / cfg.rank as f64;
                 let x = match fwd.dropout_seed {
                     Some(seed) if cfg.dropout > 0.0 => {
@@ -402,7 +445,7 @@ impl Transformer {
                     }
                     _ => x.clone(),
                 };
-                y + (linear(&linear(&x, a, None)?, b, None)? * scale)?
+                y + (linear(&linear(&x, &a, None)?, &b, None)? * scale)?
             }
             _ => Ok(y),
         }
@@ -499,7 +542,7 @@ impl Transformer {
         };
         let (cos, sin) = kern.rope_tables(&self.rope_angles(positions)?, self.dtype)?;
         let mut x = self
-            .p("model.embed_tokens.weight")
+            .p("model.embed_tokens.weight")?
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, ()))?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -507,7 +550,7 @@ impl Transformer {
             let p = format!("model.layers.{l}");
             let h = kern.rms_norm(
                 &x,
-                self.p(&format!("{p}.input_layernorm.weight")),
+                &self.p(&format!("{p}.input_layernorm.weight"))?,
                 cfg.rms_norm_eps,
             )?;
             let heads =
@@ -527,12 +570,12 @@ impl Transformer {
             if cfg.qk_norm {
                 q = kern.rms_norm(
                     &q,
-                    self.p(&format!("{p}.self_attn.q_norm.weight")),
+                    &self.p(&format!("{p}.self_attn.q_norm.weight"))?,
                     cfg.rms_norm_eps,
                 )?;
                 k = kern.rms_norm(
                     &k,
-                    self.p(&format!("{p}.self_attn.k_norm.weight")),
+                    &self.p(&format!("{p}.self_attn.k_norm.weight"))?,
                     cfg.rms_norm_eps,
                 )?;
             }
@@ -550,7 +593,7 @@ impl Transformer {
             x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o, decode, fwd)?)?;
             let h = kern.rms_norm(
                 &x,
-                self.p(&format!("{p}.post_attention_layernorm.weight")),
+                &self.p(&format!("{p}.post_attention_layernorm.weight"))?,
                 cfg.rms_norm_eps,
             )?;
             let g = self
@@ -568,11 +611,11 @@ impl Transformer {
                 .map(i64::from)
                 .collect();
         }
-        kern.rms_norm(&x, self.p("model.norm.weight"), cfg.rms_norm_eps)
+        kern.rms_norm(&x, &self.p("model.norm.weight")?, cfg.rms_norm_eps)
     }
 
     /// The output projection: `lm_head`, or the embedding when tied.
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> candle_core::Result<Tensor> {
         if self.cfg.tie_word_embeddings {
             self.p("model.embed_tokens.weight")
         } else {
@@ -582,14 +625,14 @@ impl Transformer {
 
     /// Vocabulary logits of hidden states `[..., H]`.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(hidden, self.lm_head(), None)
+        ops::linear(hidden, &self.lm_head()?, None)
     }
 
     /// Logits of one decoding step's hidden states `[B, H]`: the vocabulary product is
     /// the largest of the step, so it takes [`ops::linear_decode`] (which keeps gemm for
     /// anything that records a gradient).
     pub fn decode_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear_decode(hidden, self.lm_head(), None)
+        ops::linear_decode(hidden, &self.lm_head()?, None)
     }
 
     /// Full inference forward: logits `[B, T, V]` of a right- or left-padded batch.

@@ -108,7 +108,7 @@ impl Kernels {
 /// `x: [N, in]` or `[B, T, in]` times `weight: [out, in]` transposed, plus `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let use_blas = crate::blas::enabled()
-        && x.device().is_cpu()
+        && crate::device::cpu_kernels(x.device())
         && x.dtype() == DType::F32
         && weight.dtype() == DType::F32;
     let product = |x2: &Tensor| {
@@ -154,7 +154,7 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 fn decode_sized(x: &Tensor, w: &Tensor, rows: usize) -> bool {
     rows <= crate::gemv::MAX_ROWS
         && crate::gemv::available()
-        && matches!(x.device(), candle_core::Device::Cpu)
+        && crate::device::cpu_kernels(x.device())
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
         && w.rank() == 2

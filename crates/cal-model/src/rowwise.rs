@@ -14,7 +14,7 @@
 //! depend on the thread count or on how a batch is split into micro-batches.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape};
-use candle_core::{DType, Device, Tensor, WithDType};
+use candle_core::{DType, Tensor, WithDType};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
@@ -39,7 +39,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 fn fusable(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+    crate::device::cpu_kernels(t.device()) && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// The float types the kernels are written for.

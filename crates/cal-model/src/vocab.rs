@@ -10,11 +10,15 @@
 //! [`crate::ops`], which is also the reference the tests compare against.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use rayon::prelude::*;
 
 /// `log p(y | x)` per row: `logits [..., V]` (f32), `targets [...]` (u32) → `[...]`.
+///
+/// Half-precision logits are widened to f32 first (a differentiable cast): the
+/// log-softmax over the vocabulary is always computed in f32 or wider.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = &widen(logits)?;
     if fusable(logits) && targets.dtype() == DType::U32 {
         logits
             .contiguous()?
@@ -28,7 +32,7 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// Entropy of `softmax(logits)` per row, without gradient: `[..., V]` → `[...]`.
 pub fn entropy(logits: &Tensor) -> Result<Tensor> {
-    let logits = logits.detach();
+    let logits = widen(&logits.detach())?;
     if fusable(&logits) {
         logits.contiguous()?.apply_op1_no_bwd(&Entropy)
     } else {
@@ -37,8 +41,12 @@ pub fn entropy(logits: &Tensor) -> Result<Tensor> {
     }
 }
 
+fn widen(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(crate::device::loss_dtype(t.dtype()))
+}
+
 fn fusable(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && t.rank() >= 1
+    crate::device::cpu_kernels(t.device()) && t.dtype() == DType::F32 && t.rank() >= 1
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {

@@ -24,7 +24,7 @@ use std::ops::Range;
 pub struct MicroBatch {
     pub rows: Range<usize>,
     pub batch: SequenceBatch,
-    /// `[b, Tc]` completion mask (1.0 = real token), in the model's dtype.
+    /// `[b, Tc]` completion mask (1.0 = real token), in the loss dtype (f32 for half models).
     pub mask: Tensor,
     pub tokens: f64,
     /// Share of this micro-batch's loss in the full-batch loss.
@@ -46,7 +46,7 @@ pub fn micro_batches(
     let rows = r.len();
     let size = if size == 0 { rows } else { size.min(rows) }.max(1);
     let total_tokens = r.completion_tokens() as f64;
-    let (dev, dtype) = (&policy.model.device, policy.model.dtype);
+    let (dev, dtype) = (&policy.model.device, policy.model.master_dtype());
     let mut out = Vec::new();
     for start in (0..rows).step_by(size) {
         let range = start..(start + size).min(rows);
@@ -134,7 +134,7 @@ pub fn update(
     step: usize,
     lr: f64,
 ) -> Result<Update> {
-    let (dev, dtype) = (policy.model.device.clone(), policy.model.dtype);
+    let (dev, dtype) = (policy.model.device.clone(), policy.model.master_dtype());
     let total_tokens: f64 = micro.iter().map(|m| m.tokens).sum::<f64>().max(1.0);
     let adv_t: Vec<Tensor> = micro
         .iter()
