@@ -150,10 +150,14 @@ pub fn sample_row_at(logits: &[f32], cfg: &SamplingConfig, u: f64) -> u32 {
 
 /// Picks one token per row of `logits: [B, V]` (f32) without leaving the device:
 /// argmax when greedy, else the Gumbel-max trick, `argmax(x/T − log(−log U))` with `U`
-/// uniform from the device's generator, which samples exactly from `softmax(x/T)`.
+/// uniform (from the device's generator), which samples exactly from `softmax(x/T)`.
 /// Only the `B` ids are copied back. `None` for top-k / top-p, which need a sort over
 /// the vocabulary (the caller then samples on the host).
-pub fn sample_on_device(logits: &Tensor, cfg: &SamplingConfig) -> Result<Option<Vec<u32>>> {
+pub fn sample_on_device(
+    logits: &Tensor,
+    cfg: &SamplingConfig,
+    rng: &mut impl Rng,
+) -> Result<Option<Vec<u32>>> {
     use candle_core::D;
     if is_greedy(cfg) {
         return Ok(Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?));
@@ -161,8 +165,19 @@ pub fn sample_on_device(logits: &Tensor, cfg: &SamplingConfig) -> Result<Option<
     if cfg.top_k > 0 || cfg.top_p < 1.0 {
         return Ok(None);
     }
-    // U ∈ [tiny, 1): log(−log U) stays finite.
-    let u = Tensor::rand(f32::MIN_POSITIVE, 1.0f32, logits.shape(), logits.device())?;
+    // U ∈ [tiny, 1): log(−log U) stays finite. The CPU (which takes this path only to
+    // test it) draws from `rng`, so that a seeded run repeats there too; a GPU draws
+    // from its own generator, which `generate` seeds from `rng`.
+    let dev = logits.device();
+    let u = if dev.is_cpu() {
+        let n = logits.elem_count();
+        let u: Vec<f32> = (0..n)
+            .map(|_| rng.random::<f32>().max(f32::MIN_POSITIVE))
+            .collect();
+        Tensor::from_vec(u, logits.shape(), dev)?
+    } else {
+        Tensor::rand(f32::MIN_POSITIVE, 1.0f32, logits.shape(), dev)?
+    };
     let gumbel = u.log()?.neg()?.log()?.neg()?;
     let ids = ((logits / cfg.temperature)? + gumbel)?.argmax(D::Minus1)?;
     Ok(Some(ids.to_vec1::<u32>()?))
@@ -263,7 +278,7 @@ pub fn generate(
             .decode_logits(&last)?
             .to_dtype(candle_core::DType::F32)?;
         let picked = match on_device
-            .then(|| sample_on_device(&logits, cfg))
+            .then(|| sample_on_device(&logits, cfg, rng))
             .transpose()?
         {
             Some(Some(ids)) => ids,

@@ -288,6 +288,7 @@ fn check_generation(target: &Target) {
 /// `softmax(x / T)` (4 000 rows of the same logits, each cell within 5 standard errors).
 fn check_device_sampler(target: &Target) {
     let dev = target.device();
+    let mut rng = rand::rng();
     let row = [1.0f32, 0.0, 2.0, -1.0, 0.5];
     let t = 0.7;
     let n = 4000;
@@ -296,13 +297,15 @@ fn check_device_sampler(target: &Target) {
         greedy: true,
         ..SamplingConfig::default()
     };
-    let ids = sample_on_device(&logits, &greedy).unwrap().unwrap();
+    let ids = sample_on_device(&logits, &greedy, &mut rng)
+        .unwrap()
+        .unwrap();
     assert!(ids.iter().all(|&i| i == 2));
     let cfg = SamplingConfig {
         temperature: t,
         ..SamplingConfig::default()
     };
-    let ids = sample_on_device(&logits, &cfg).unwrap().unwrap();
+    let ids = sample_on_device(&logits, &cfg, &mut rng).unwrap().unwrap();
     let z: f64 = row.iter().map(|&x| (f64::from(x) / t).exp()).sum();
     for (i, &x) in row.iter().enumerate() {
         let p = (f64::from(x) / t).exp() / z;
@@ -318,7 +321,9 @@ fn check_device_sampler(target: &Target) {
         top_k: 2,
         ..cfg.clone()
     };
-    assert!(sample_on_device(&logits, &top_k).unwrap().is_none());
+    assert!(sample_on_device(&logits, &top_k, &mut rng)
+        .unwrap()
+        .is_none());
 }
 
 #[test]
