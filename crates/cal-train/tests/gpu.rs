@@ -20,8 +20,14 @@ use candle_core::{DType, Device};
 use common::{examples, policy};
 use std::path::Path;
 
-fn config(dir: &Path) -> RunConfig {
+fn config(dir: &Path, lora: bool) -> RunConfig {
     let mut c = RunConfig::default();
+    if lora {
+        c.model.lora.rank = 2;
+        c.model.lora.alpha = Some(4.0);
+        c.model.lora.dropout = 0.1;
+        c.model.lora.targets = vec!["q_proj".into(), "v_proj".into()];
+    }
     c.run.steps = Some(4);
     c.run.seed = 5;
     c.run.micro_batch = 2;
@@ -52,11 +58,11 @@ impl Reward for Digits {
     }
 }
 
-fn trainer(dir: &Path, p: Policy, data: &[Example], resume: bool) -> Trainer {
+fn trainer(dir: &Path, lora: bool, p: Policy, data: &[Example], resume: bool) -> Trainer {
     let rewards = RewardFns {
         fns: vec![(Box::new(Digits), 1.0)],
     };
-    Trainer::new(config(dir), p, data.to_vec(), resume)
+    Trainer::new(config(dir, lora), p, data.to_vec(), resume)
         .unwrap()
         .with_rewards(rewards)
 }
@@ -78,14 +84,14 @@ fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// GRPO steps in `dtype` on `dev`: f32 master weights that move, finite losses, and a
+/// GRPO steps in `dtype` on `dev` (full or LoRA): f32 master weights that move, finite losses, and a
 /// checkpoint that resumes on `dev` and on the CPU. `exact`: the resumed run must match
 /// the uninterrupted one bit for bit (the CPU), else to `1e-4` (CUDA's atomics reorder
 /// sums).
-fn check_grpo(dev: &Device, dtype: DType, exact: bool) {
+fn check_grpo(dev: &Device, dtype: DType, exact: bool, lora: bool) {
     let data: Vec<Example> = examples(16);
     let a = tempfile::tempdir().unwrap();
-    let mut t = trainer(a.path(), policy_on(dev, dtype), &data, false);
+    let mut t = trainer(a.path(), lora, policy_on(dev, dtype), &data, false);
     let before = weights(&t);
     assert!(t
         .trainable()
@@ -112,12 +118,12 @@ fn check_grpo(dev: &Device, dtype: DType, exact: bool) {
     }
     // Killed after the step-2 checkpoint, resumed on the same device.
     let b = tempfile::tempdir().unwrap();
-    let mut t = trainer(b.path(), policy_on(dev, dtype), &data, false);
+    let mut t = trainer(b.path(), lora, policy_on(dev, dtype), &data, false);
     t.train_step().unwrap();
     t.train_step().unwrap();
     t.save().unwrap();
     drop(t);
-    let mut t = trainer(b.path(), policy_on(dev, dtype), &data, true);
+    let mut t = trainer(b.path(), lora, policy_on(dev, dtype), &data, true);
     assert_eq!(t.step, 2);
     t.run().unwrap();
     for ((k, x), (_, y)) in after.iter().zip(&weights(&t)) {
@@ -136,7 +142,7 @@ fn check_grpo(dev: &Device, dtype: DType, exact: bool) {
     let c = tempfile::tempdir().unwrap();
     copy_dir(b.path(), c.path());
     std::fs::remove_file(c.path().join("metrics.jsonl")).ok();
-    let mut cpu_cfg = config(c.path());
+    let mut cpu_cfg = config(c.path(), lora);
     cpu_cfg.run.steps = Some(3);
     let t = Trainer::new(cpu_cfg, policy_on(&Device::Cpu, DType::F32), data, true);
     let t = t.unwrap();
@@ -179,7 +185,12 @@ fn check_sft(dev: &Device, dtype: DType) {
 
 #[test]
 fn portable_bf16_grpo_trains_and_resumes() {
-    cal_model::device::portable(|| check_grpo(&Device::Cpu, DType::BF16, true));
+    cal_model::device::portable(|| check_grpo(&Device::Cpu, DType::BF16, true, false));
+}
+
+#[test]
+fn portable_bf16_lora_trains_and_resumes() {
+    cal_model::device::portable(|| check_grpo(&Device::Cpu, DType::BF16, true, true));
 }
 
 #[test]
@@ -204,7 +215,7 @@ fn cuda() -> Option<Device> {
 #[cfg_attr(not(feature = "cuda"), ignore = "GPU group: needs --features cuda")]
 fn cuda_bf16_grpo_trains_and_resumes() {
     if let Some(d) = cuda() {
-        check_grpo(&d, DType::BF16, false);
+        check_grpo(&d, DType::BF16, false, false);
     }
 }
 
@@ -212,7 +223,15 @@ fn cuda_bf16_grpo_trains_and_resumes() {
 #[cfg_attr(not(feature = "cuda"), ignore = "GPU group: needs --features cuda")]
 fn cuda_f32_grpo_trains_and_resumes() {
     if let Some(d) = cuda() {
-        check_grpo(&d, DType::F32, false);
+        check_grpo(&d, DType::F32, false, false);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "GPU group: needs --features cuda")]
+fn cuda_bf16_lora_trains_and_resumes() {
+    if let Some(d) = cuda() {
+        check_grpo(&d, DType::BF16, false, true);
     }
 }
 
