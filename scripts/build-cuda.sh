@@ -2,6 +2,7 @@
 # Build `cal-grpo` with candle's CUDA backend on any x86-64 Linux machine, GPU or not.
 #
 #   bash scripts/build-cuda.sh            # -> target/cuda/release/cal-grpo
+#   bash scripts/build-cuda.sh --tests    # and the GPU test binaries -> target/cuda/gpu-tests/
 #   CUDA_COMPUTE_CAP=80 bash scripts/build-cuda.sh   # A100 instead of H100/H200
 #
 # Everything comes from package registries: nvcc, its headers and the CUDA libraries the
@@ -22,6 +23,13 @@
 #   FEATURES          extra cargo features, e.g. "openblas"
 set -euo pipefail
 
+with_tests=0
+for a in "$@"; do
+    case "$a" in
+        --tests) with_tests=1 ;;
+        *) echo "build-cuda.sh: unknown argument $a (--tests)" >&2; exit 2 ;;
+    esac
+done
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cap=${CUDA_COMPUTE_CAP:-90}
@@ -100,6 +108,23 @@ say "cargo build --release -p cal-cli --features $features (CUDA_COMPUTE_CAP=$ca
 RUSTFLAGS="${RUSTFLAGS:-} -L native=$home/lib/stubs" \
     cargo build --release -p cal-cli --features "$features"
 bin="$CARGO_TARGET_DIR/release/cal-grpo"
+if [ "$with_tests" = 1 ]; then
+    say "GPU test binaries (device_path, gpu) -> $CARGO_TARGET_DIR/gpu-tests"
+    mkdir -p "$CARGO_TARGET_DIR/gpu-tests"
+    RUSTFLAGS="${RUSTFLAGS:-} -L native=$home/lib/stubs" \
+        cargo test --release --no-run -p cal-model -p cal-train --features cal-train/cuda \
+        --test device_path --test gpu --message-format=json-render-diagnostics |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])' |
+        while read -r exe; do
+            name=$(basename "$exe"); name=${name%-*}
+            cp "$exe" "$CARGO_TARGET_DIR/gpu-tests/$name"
+            echo "  $CARGO_TARGET_DIR/gpu-tests/$name"
+        done
+fi
 
 # 5. Smoke test without a GPU: the binary starts against the stub, and --device cuda
 #    reports the missing device instead of panicking.
