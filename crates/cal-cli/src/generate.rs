@@ -2,14 +2,14 @@
 
 use anyhow::{anyhow, Result};
 use cal_model::generate::{generate, SamplingConfig};
-use cal_model::load;
+use cal_train::experiment::PolicySource;
 use clap::Args;
 use rand::SeedableRng;
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A Hugging Face model folder or a `.gguf` file.
+    /// `tiny`, a Hugging Face model folder, a `.gguf` file, or `random:CONFIG.json`.
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
@@ -38,9 +38,9 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let (dev, dtype) = args.placement.placement().resolve()?;
-    let loaded = load::load(&args.model, dtype, &dev)?;
-    let tok = &loaded.tokenizer;
+    let model = args.model.to_string_lossy();
+    let loaded = crate::run::Source::new(&model, args.placement.placement()).fresh()?;
+    let tok = &loaded.tok;
     let text = if args.chat {
         let tpl = tok.chat_template.as_ref().ok_or_else(|| {
             anyhow!(

@@ -23,6 +23,10 @@ pub struct Source {
 pub enum SourceKind {
     Tiny(TinySpec),
     Path(PathBuf),
+    /// `random:CONFIG.json`: a randomly initialised model of a real shape (benchmarks
+    /// where the weights are not available), with a small BPE trained on generated
+    /// problems as its tokenizer.
+    Random(PathBuf),
 }
 
 impl PolicySource for Source {
@@ -36,6 +40,17 @@ impl PolicySource for Source {
                 let l = load::load(p, dtype, &dev)?;
                 Ok(Policy::new(l.model, l.tokenizer))
             }
+            SourceKind::Random(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                let cfg = cal_model::ModelConfig::from_hf_json(&text, p)?;
+                let corpus = data::generate(200, 1, &data::GenConfig::default())
+                    .into_iter()
+                    .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer));
+                let tok = cal_model::tokenizer::train_tiny(corpus, 400.min(cfg.vocab_size))?;
+                let model = cal_model::Transformer::init_random(cfg, 0, dtype, &dev)?;
+                Ok(Policy::new(model, tok))
+            }
         }
     }
 
@@ -48,6 +63,7 @@ impl PolicySource for Source {
                     .display()
             ),
             SourceKind::Path(p) => p.display().to_string(),
+            SourceKind::Random(p) => format!("random weights, shape of {}", p.display()),
         }
     }
 }
@@ -60,6 +76,8 @@ impl Source {
     fn with_spec(model: &str, placement: Placement, spec: TinySpec) -> Self {
         let kind = if model == "tiny" {
             SourceKind::Tiny(spec)
+        } else if let Some(cfg) = model.strip_prefix("random:") {
+            SourceKind::Random(PathBuf::from(cfg))
         } else {
             SourceKind::Path(PathBuf::from(model))
         };

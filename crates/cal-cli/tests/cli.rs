@@ -296,6 +296,57 @@ fn compare_takes_two_predictions_reports_and_keeps_pass_at_k() {
 }
 
 #[test]
+fn random_model_of_a_config_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": true, "max_position_embeddings": 256}"#,
+    )
+    .unwrap();
+    let model = format!("random:{}", cfg.display());
+    let out = bin()
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "Question: 2 + 3",
+            "--greedy",
+        ])
+        .args(["--max-new-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["ids"].as_array().unwrap().len(), 4, "{text}");
+    // a missing config is named
+    let out = bin()
+        .args([
+            "generate",
+            "--model",
+            "random:/nonexistent/config.json",
+            "--prompt",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/config.json"),
+        "{err}"
+    );
+}
+
+#[test]
 fn print_config_round_trips_through_config() {
     let dir = tempfile::tempdir().unwrap();
     let printed = bin()

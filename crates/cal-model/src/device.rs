@@ -72,8 +72,8 @@ fn cuda_device(n: usize) -> Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(n: usize) -> Result<Device> {
     bail!(
-        "device cuda:{n}: this build of cal-grpo has no CUDA support; build it with \
-         `cargo build --release -p cal-cli --features cuda` (needs nvcc), or use --device cpu"
+        "device cuda:{n}: this build of cal-grpo has no CUDA support; build one with \
+         `bash scripts/build-cuda.sh` (`--features cuda`, toolkit from PyPI), or use --device cpu"
     )
 }
 
