@@ -234,9 +234,13 @@ pub struct TrainArgs {
     #[serde(flatten)]
     pub oracle: OracleFlags,
     /// Rows per forward/backward of the loss, gradients accumulated exactly
-    /// (0 = the whole batch). Bounds memory on real models.
+    /// (0 = no row cap). Bounds memory on real models.
     #[arg(long)]
     pub micro_batch: Option<usize>,
+    /// Padded tokens per forward/backward of the loss (0 = off): rows sorted by length,
+    /// packed up to this budget (and --micro-batch rows, unless 0).
+    #[arg(long)]
+    pub micro_batch_tokens: Option<usize>,
 }
 
 /// Flag (its clap id, the field name) → key of the run configuration.
@@ -246,6 +250,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("output_dir", "run.output-dir"),
     ("num_iterations", "run.num-iterations"),
     ("micro_batch", "run.micro-batch"),
+    ("micro_batch_tokens", "run.micro-batch-tokens"),
     ("model", "model.name"),
     ("device", "model.device"),
     ("dtype", "model.dtype"),

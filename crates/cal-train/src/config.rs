@@ -66,8 +66,12 @@ pub struct RunSection {
     pub output_dir: Option<PathBuf>,
     /// Policy updates per generated batch (> 1 reuses stored old log-probs).
     pub num_iterations: usize,
-    /// Rows per loss forward/backward, gradients accumulated exactly (0 = all at once).
+    /// Rows per loss forward/backward, gradients accumulated exactly (0 = no row cap).
     pub micro_batch: usize,
+    /// Padded tokens per loss forward/backward (0 = off): rows are sorted by length and
+    /// packed up to this budget, so memory, not a row count, sets the micro-batch, and
+    /// rows of similar length share their padding.
+    pub micro_batch_tokens: usize,
 }
 
 impl Default for RunSection {
@@ -78,6 +82,7 @@ impl Default for RunSection {
             output_dir: None,
             num_iterations: 1,
             micro_batch: 2,
+            micro_batch_tokens: 0,
         }
     }
 }

@@ -320,7 +320,13 @@ impl Trainer {
             self.rt
                 .spawn(locate_all(self.oracle.clone(), reqs, self.cfg.locate))
         });
-        let mut micro = micro_batches(r, self.cfg.run.micro_batch, &self.policy, &self.cfg)?;
+        let mut micro = micro_batches(
+            r,
+            self.cfg.run.micro_batch,
+            self.cfg.run.micro_batch_tokens,
+            &self.policy,
+            &self.cfg,
+        )?;
         fixed_logprobs(&self.policy, self.reference.as_ref(), &mut micro, &self.cfg)?;
         let outcomes: Vec<SpanOutcome> = match locating {
             Some(task) => self.rt.block_on(task).context("oracle task")?,
@@ -340,7 +346,8 @@ impl Trainer {
         )?;
         self.skipped += usize::from(upd.skipped);
         self.step += 1;
-        Ok(step_metrics(&StepRecord {
+        let (_, padding) = crate::optimize::padding(&micro);
+        let mut m = step_metrics(&StepRecord {
             rollouts: r,
             graded: &graded,
             spans: &spans.stats,
@@ -348,7 +355,10 @@ impl Trainer {
             update: &upd,
             lr,
             skipped_total: self.skipped,
-        }))
+        });
+        m.insert("perf/micro_batches".into(), micro.len() as f64);
+        m.insert("perf/padding_fraction".into(), padding);
+        Ok(m)
     }
 }
 

@@ -17,12 +17,12 @@ use cal_core::credit::AdvantageMatrix;
 use cal_model::generate::{build_batch, completion_logprobs, SequenceBatch};
 use cal_model::{Forward, Transformer};
 use candle_core::{DType, Tensor};
-use std::ops::Range;
 
 /// Rows of the step laid out for one forward pass, with what the loss needs besides
 /// the policy's own log-probs.
 pub struct MicroBatch {
-    pub rows: Range<usize>,
+    /// Rows of the step, in the order they are laid out.
+    pub rows: Vec<usize>,
     pub batch: SequenceBatch,
     /// `[b, Tc]` completion mask (1.0 = real token), in the loss dtype (f32 for half models).
     pub mask: Tensor,
@@ -35,44 +35,79 @@ pub struct MicroBatch {
     pub old_logp: Option<Tensor>,
 }
 
-/// Splits the step's rows into micro-batches of at most `size` rows (0 = one batch),
-/// each padded only to its own longest prompt and completion.
+/// Which rows go together: with a token budget, rows sorted by length (longest first)
+/// and packed greedily while `rows × (longest prompt + longest completion)` stays within
+/// `budget` tokens (and `max_rows`, when not 0), so that rows of similar length share
+/// their padding; without one, consecutive chunks of `max_rows` (0 = all rows). A row
+/// longer than the budget goes alone. Pure: `lens` are (prompt, completion) lengths.
+pub fn plan_micro_batches(
+    lens: &[(usize, usize)],
+    max_rows: usize,
+    budget: usize,
+) -> Vec<Vec<usize>> {
+    let n = lens.len();
+    let cap = if max_rows == 0 { n.max(1) } else { max_rows };
+    if budget == 0 {
+        return (0..n)
+            .step_by(cap)
+            .map(|s| (s..(s + cap).min(n)).collect())
+            .collect();
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    // stable: equal lengths keep their order, so the plan is a function of the lengths
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i].0 + lens[i].1));
+    let mut plan: Vec<Vec<usize>> = Vec::new();
+    let (mut p_max, mut c_max) = (0, 0);
+    for i in order {
+        let (p, c) = lens[i];
+        let fits = plan.last().is_some_and(|mb| {
+            let rows = mb.len() + 1;
+            rows <= cap && rows * (p_max.max(p) + c_max.max(c)) <= budget
+        });
+        if fits {
+            plan.last_mut().unwrap().push(i);
+            (p_max, c_max) = (p_max.max(p), c_max.max(c));
+        } else {
+            plan.push(vec![i]);
+            (p_max, c_max) = (p, c);
+        }
+    }
+    plan
+}
+
+/// Splits the step's rows into micro-batches ([`plan_micro_batches`]), each padded only
+/// to its own longest prompt and completion.
 pub fn micro_batches(
     r: &Rollouts,
     size: usize,
+    token_budget: usize,
     policy: &Policy,
     cfg: &RunConfig,
 ) -> Result<Vec<MicroBatch>> {
     let rows = r.len();
-    let size = if size == 0 { rows } else { size.min(rows) }.max(1);
     let total_tokens = r.completion_tokens() as f64;
     let (dev, dtype) = (&policy.model.device, policy.model.master_dtype());
+    let lens: Vec<(usize, usize)> = (0..rows)
+        .map(|i| (r.prompts[i].len(), r.gens[i].ids.len()))
+        .collect();
     let mut out = Vec::new();
-    for start in (0..rows).step_by(size) {
-        let range = start..(start + size).min(rows);
-        let completions: Vec<Vec<u32>> = r.gens[range.clone()]
-            .iter()
-            .map(|g| g.ids.clone())
-            .collect();
-        let batch = build_batch(
-            &r.prompts[range.clone()],
-            &completions,
-            policy.tok.pad_id,
-            dev,
-        )?;
+    for rows_mb in plan_micro_batches(&lens, size, token_budget) {
+        let prompts: Vec<Vec<u32>> = rows_mb.iter().map(|&i| r.prompts[i].clone()).collect();
+        let completions: Vec<Vec<u32>> = rows_mb.iter().map(|&i| r.gens[i].ids.clone()).collect();
+        let batch = build_batch(&prompts, &completions, policy.tok.pad_id, dev)?;
         let mask_f = batch.completion_mask_f32();
         let tokens: f64 = mask_f.iter().map(|&x| f64::from(x)).sum();
-        let mask =
-            Tensor::from_vec(mask_f, (range.len(), batch.completion_len), dev)?.to_dtype(dtype)?;
+        let mask = Tensor::from_vec(mask_f, (rows_mb.len(), batch.completion_len), dev)?
+            .to_dtype(dtype)?;
         out.push(MicroBatch {
             weight: micro_batch_weight(
                 cfg.loss.aggregation,
-                range.len(),
+                rows_mb.len(),
                 rows,
                 tokens,
                 total_tokens,
             ),
-            rows: range,
+            rows: rows_mb,
             batch,
             mask,
             tokens,
@@ -81,6 +116,25 @@ pub fn micro_batches(
         });
     }
     Ok(out)
+}
+
+/// Padded tokens the passes of `micro` compute, and how many of them are padding.
+pub fn padding(micro: &[MicroBatch]) -> (usize, f64) {
+    let computed: usize = micro
+        .iter()
+        .map(|m| m.rows.len() * (m.batch.prompt_len + m.batch.completion_len))
+        .sum();
+    let real: usize = micro
+        .iter()
+        .map(|m| {
+            m.batch
+                .mask
+                .iter()
+                .map(|r| r.iter().filter(|&&x| x == 1).count())
+                .sum::<usize>()
+        })
+        .sum();
+    (computed, 1.0 - real as f64 / computed.max(1) as f64)
 }
 
 /// Log-probs that stay fixed during the update: the reference's (a frozen copy, or the
@@ -142,8 +196,8 @@ pub fn update(
             let tc = m.batch.completion_len;
             let a: Vec<f32> = m
                 .rows
-                .clone()
-                .flat_map(|i| adv.row(i)[..tc].iter().copied())
+                .iter()
+                .flat_map(|&i| adv.row(i)[..tc].iter().copied())
                 .collect();
             Ok(Tensor::from_vec(a, (m.rows.len(), tc), &dev)?.to_dtype(dtype)?)
         })
@@ -204,4 +258,70 @@ pub fn update(
     u.clip_fraction /= n;
     u.entropy /= n;
     Ok(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_micro_batches;
+    use rand::{Rng, SeedableRng};
+
+    fn padded(lens: &[(usize, usize)], plan: &[Vec<usize>]) -> usize {
+        plan.iter()
+            .map(|mb| {
+                let p = mb.iter().map(|&i| lens[i].0).max().unwrap();
+                let c = mb.iter().map(|&i| lens[i].1).max().unwrap();
+                mb.len() * (p + c)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn plans_cover_every_row_once_within_the_budget() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..200 {
+            let n = rng.random_range(1..40);
+            let lens: Vec<(usize, usize)> = (0..n)
+                .map(|_| (rng.random_range(5..60), rng.random_range(1..120)))
+                .collect();
+            let budget = rng.random_range(0..600);
+            let rows = rng.random_range(0..6);
+            let plan = plan_micro_batches(&lens, rows, budget);
+            let mut seen: Vec<usize> = plan.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>());
+            for mb in &plan {
+                assert!(!mb.is_empty());
+                assert!(rows == 0 || mb.len() <= rows);
+                if budget > 0 && mb.len() > 1 {
+                    assert!(padded(&lens, std::slice::from_ref(mb)) <= budget, "{mb:?}");
+                }
+            }
+            if budget == 0 {
+                // consecutive chunks, the old behaviour
+                let want: Vec<Vec<usize>> = (0..n)
+                    .collect::<Vec<_>>()
+                    .chunks(if rows == 0 { n } else { rows })
+                    .map(<[usize]>::to_vec)
+                    .collect();
+                assert_eq!(plan, want);
+            }
+        }
+    }
+
+    #[test]
+    fn sorting_by_length_cuts_padding() {
+        // GRPO-like: groups of 8 with completions from 10 to 256 tokens
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let lens: Vec<(usize, usize)> = (0..64)
+            .map(|i| (40 + (i / 8) * 3, rng.random_range(10..256)))
+            .collect();
+        let chunks = plan_micro_batches(&lens, 2, 0);
+        let sorted = plan_micro_batches(&lens, 2, 1 << 20);
+        let (a, b) = (padded(&lens, &chunks), padded(&lens, &sorted));
+        let real: usize = lens.iter().map(|(p, c)| p + c).sum();
+        assert!(
+            b < a && b - real < (a - real) / 3,
+            "padding {a} -> {b} (real {real})"
+        );
+    }
 }

@@ -345,33 +345,45 @@ fn micro_batches_accumulate_to_the_full_batch_gradient() {
         Aggregation::SeqMeanTokenMean,
         Aggregation::SeqMeanTokenSumNorm,
     ] {
-        let run = |micro: usize| {
+        let run = |micro: usize, tokens: usize| {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(CreditMode::Span, 0.04);
             cfg.run.micro_batch = micro;
+            cfg.run.micro_batch_tokens = tokens;
             cfg.loss.aggregation = agg;
             let mut t =
                 trainer(cfg, policy(7), examples(8), dir.path().to_path_buf(), false).unwrap();
             let m = t.train_step().unwrap();
             (params_snapshot(&t), m["optim/grad_norm"], m["loss/total"])
         };
-        let (full, gn_full, loss_full) = run(0);
-        let (micro, gn_micro, loss_micro) = run(1);
-        assert!(
-            (gn_full - gn_micro).abs() < 1e-4 * gn_full.max(1e-3),
-            "{agg:?}: grad norm {gn_full} vs {gn_micro}"
-        );
-        assert!(
-            (loss_full - loss_micro).abs() < 1e-5,
-            "{agg:?}: loss {loss_full} vs {loss_micro}"
-        );
-        for ((k, a), (_, b)) in full.iter().zip(&micro) {
-            let d = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(d < 1e-5, "{agg:?}: {k} differs by {d}");
+        let (full, gn_full, loss_full) = run(0, 0);
+        // one row at a time, and rows sorted by length packed into a budget of two of
+        // the longest possible rows (so micro-batches of two, in length order)
+        let p = policy(7);
+        let longest = examples(8)
+            .iter()
+            .map(|e| p.prompt_ids(&e.question).unwrap().len())
+            .max()
+            .unwrap()
+            + config(CreditMode::Span, 0.0).rollout.max_new_tokens;
+        for (rows, tokens) in [(1, 0), (0, 2 * longest)] {
+            let (micro, gn_micro, loss_micro) = run(rows, tokens);
+            assert!(
+                (gn_full - gn_micro).abs() < 1e-4 * gn_full.max(1e-3),
+                "{agg:?} {rows}/{tokens}: grad norm {gn_full} vs {gn_micro}"
+            );
+            assert!(
+                (loss_full - loss_micro).abs() < 1e-5,
+                "{agg:?} {rows}/{tokens}: loss {loss_full} vs {loss_micro}"
+            );
+            for ((k, a), (_, b)) in full.iter().zip(&micro) {
+                let d = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-5, "{agg:?} {rows}/{tokens}: {k} differs by {d}");
+            }
         }
     }
 }
