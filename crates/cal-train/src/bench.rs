@@ -69,10 +69,13 @@ pub fn matmul_gflops(
     let a = Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (k, n), dev)?.to_dtype(dtype)?;
     let _ = a.matmul(&b)?;
+    dev.synchronize()?;
     let times: Vec<f64> = (0..reps)
         .map(|_| {
             let t = Instant::now();
             let _ = a.matmul(&b).unwrap();
+            // a GPU queues the product: time it to completion
+            dev.synchronize().unwrap();
             t.elapsed().as_secs_f64()
         })
         .collect();
@@ -175,6 +178,7 @@ pub fn bench_policy(
         let loss = (lp.sum_all()? * -1e-3)?;
         let grads = loss.backward()?;
         opt.step(&grads, 1e-7)?;
+        dev.synchronize()?;
         let st = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let _ = completion_logprobs(&reference, &sb, Forward::INFERENCE)?
@@ -487,6 +491,7 @@ pub fn bench_train_step(
         let (lp, _) = completion_logprobs(&policy.model, &sb, Forward::training(0))?;
         let grads = (lp.sum_all()? * -1e-3)?.backward()?;
         opt.step(&grads, 1e-7)?;
+        policy.model.device.synchronize()?;
         Ok(t.elapsed().as_secs_f64())
     };
     let square = |on: bool| -> Result<f64> {
