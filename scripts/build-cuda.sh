@@ -124,6 +124,15 @@ for line in sys.stdin:
             cp "$exe" "$CARGO_TARGET_DIR/gpu-tests/$name"
             echo "  $CARGO_TARGET_DIR/gpu-tests/$name"
         done
+    # Binary and tests, stripped and xz-compressed (~28 MB): small enough to carry to a
+    # GPU machine that has no Rust toolchain (64 MiB per call), unpacked by plain tar.
+    bundle="$CARGO_TARGET_DIR/gpu-bundle"
+    rm -rf "$bundle" && mkdir -p "$bundle"
+    strip -o "$bundle/cal-grpo" "$bin"
+    for t in "$CARGO_TARGET_DIR"/gpu-tests/*; do strip -o "$bundle/$(basename "$t")" "$t"; done
+    tar -cf - -C "$bundle" . | xz -6 -T2 > "$CARGO_TARGET_DIR/gpu-bundle.tar.xz"
+    echo "  $CARGO_TARGET_DIR/gpu-bundle.tar.xz ($(du -h "$CARGO_TARGET_DIR/gpu-bundle.tar.xz" | cut -f1)):" \
+        "tar -xJf it on the GPU machine, then CAL_GRPO_REQUIRE_CUDA=1 ./device_path; ./gpu"
 fi
 
 # 5. Smoke test without a GPU: the binary starts against the stub, and --device cuda

@@ -66,7 +66,12 @@ impl DeviceSpec {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(n: usize) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("device cuda:{n} is not available: {e}"))
+    Device::new_cuda(n).map_err(|e| {
+        anyhow::anyhow!(
+            "device cuda:{n} is not available ({e}); `nvidia-smi` should list an NVIDIA GPU \
+             and driver on this machine, or use --device cpu"
+        )
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
