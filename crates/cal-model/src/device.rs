@@ -68,8 +68,9 @@ impl DeviceSpec {
 fn cuda_device(n: usize) -> Result<Device> {
     Device::new_cuda(n).map_err(|e| {
         anyhow::anyhow!(
-            "device cuda:{n} is not available ({e}); `nvidia-smi` should list an NVIDIA GPU \
-             and driver on this machine, or use --device cpu"
+            "device cuda:{n} is not available ({}); `nvidia-smi` should list an NVIDIA GPU \
+             and driver on this machine, or use --device cpu",
+            e.to_string().trim()
         )
     })
 }
