@@ -48,7 +48,7 @@ enum Command {
     Experiment(run::ExperimentArgs),
     /// Ask an oracle for the first error of one response.
     Oracle(oracle::OracleArgs),
-    /// Benchmark the model stack (generation, training step, reference pass) on this CPU.
+    /// Benchmark the model stack (generation, training step, reference pass) on a device.
     Bench {
         /// What to benchmark: `model` (the whole table), `generate` (generation only),
         /// `kernels` (decoding-step matmuls: gemm vs the small-batch kernel) or `gemm`
@@ -69,6 +69,9 @@ enum Command {
         /// New tokens per row of the generation measurement.
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
+        /// Rows per batch (`model`: the first; `generate`: each, e.g. `--batch 8,64,256`).
+        #[arg(long, value_delimiter = ',', default_value = "8")]
+        batch: Vec<usize>,
         #[command(flatten)]
         placement: config::PlacementFlags,
     },
@@ -124,14 +127,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             repeats,
             seq,
             new_tokens,
+            batch,
             placement,
         } => {
             let placement = placement.placement();
+            anyhow::ensure!(
+                batch.iter().all(|&b| b > 0),
+                "--batch: every size must be at least 1"
+            );
             match what.as_str() {
-                "model" => run::bench(&model, placement, repeats, seq, new_tokens)?,
+                "model" => run::bench(&model, placement, repeats, seq, new_tokens, batch[0])?,
                 "generate" => {
                     anyhow::ensure!(!model.is_empty(), "bench generate needs --model");
-                    run::bench_generate(&model, placement, repeats, new_tokens)?
+                    run::bench_generate(&model, placement, repeats, new_tokens, &batch)?
                 }
                 "kernels" => run::bench_kernels(repeats)?,
                 "gemm" => run::bench_gemm(repeats)?,

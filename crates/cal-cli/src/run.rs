@@ -456,16 +456,20 @@ pub fn bench_generate(
     placement: Placement,
     repeats: usize,
     new_tokens: usize,
+    batches: &[usize],
 ) -> Result<()> {
     for m in models {
         let p = Source::new(m, placement).fresh()?;
-        let (med, all) = cal_train::bench::bench_generation(&p, 8, new_tokens, repeats)?;
-        let all: Vec<String> = all.iter().map(|x| format!("{x:.1}")).collect();
-        println!(
-            "{m}: generation batch 8 x {new_tokens} new tokens: {med:.1} tok/s (median of {}: {})",
-            all.len(),
-            all.join(", ")
-        );
+        for &b in batches {
+            let (med, all) = cal_train::bench::bench_generation(&p, b, new_tokens, repeats)?;
+            let all: Vec<String> = all.iter().map(|x| format!("{x:.1}")).collect();
+            println!(
+                "{m}: generation batch {b} x {new_tokens} new tokens on {}: {med:.1} tok/s (median of {}: {})",
+                placement.device,
+                all.len(),
+                all.join(", ")
+            );
+        }
     }
     Ok(())
 }
@@ -533,6 +537,7 @@ pub fn bench(
     repeats: usize,
     seq: usize,
     new_tokens: usize,
+    batch: usize,
 ) -> Result<()> {
     let models: Vec<String> = if models.is_empty() {
         let smol = "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -554,13 +559,15 @@ pub fn bench(
             .file_name()
             .map_or(m.clone(), |n| n.to_string_lossy().into_owned());
         rows.push(cal_train::bench::bench_policy(
-            &name, &mut p, 8, new_tokens, seq, repeats,
+            &name, &mut p, batch, new_tokens, seq, repeats,
         )?);
     }
     println!("{}", cal_train::bench::table(&rows));
     println!(
-        "batch 8; generation {new_tokens} new tokens per row; training step = forward + backward + AdamW on 8 × {seq} tokens; \
-         medians of {repeats} runs, each interleaved with the matmul reference; {} CPU threads; load average before: {}",
+        "batch {batch}; generation {new_tokens} new tokens per row; training step = forward + backward + AdamW on {batch} × {seq} tokens; \
+         medians of {repeats} runs, each interleaved with the matmul reference ({}, {}); {} CPU threads; load average before: {}",
+        placement.device,
+        placement.dtype.name(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         load_avg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
