@@ -58,6 +58,8 @@ fn cuda() -> Option<Target> {
         }
         Err(e) => eprintln!("SKIPPED: no CUDA device ({e})"),
     }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("SKIPPED: built without --features cuda");
     None
 }
 

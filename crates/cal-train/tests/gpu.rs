@@ -208,6 +208,8 @@ fn cuda() -> Option<Device> {
         }
         Err(e) => eprintln!("SKIPPED: no CUDA device ({e})"),
     }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("SKIPPED: built without --features cuda");
     None
 }
 
