@@ -371,6 +371,11 @@ pub struct SftArgs {
     pub output_dir: PathBuf,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Padded tokens per forward/backward; a batch that does not fit is split into
+    /// length-sorted micro-batches, gradients accumulated exactly (0 = whole batches).
+    /// 2048 keeps SmolLM2-135M on GSM8K near 8 GB.
+    #[arg(long, default_value_t = 2048)]
+    pub micro_batch_tokens: usize,
 }
 
 pub fn sft(args: &SftArgs) -> Result<()> {
@@ -415,6 +420,7 @@ pub fn sft(args: &SftArgs) -> Result<()> {
             ..Default::default()
         },
         seed: args.seed,
+        micro_batch_tokens: args.micro_batch_tokens,
     };
     let r = cal_train::sft::sft(&mut policy, &examples, &cfg, trainable)?;
     load::export_hf(&policy.model, &policy.tok, &args.output_dir)

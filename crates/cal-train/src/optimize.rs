@@ -39,7 +39,8 @@ pub struct MicroBatch {
 /// and packed greedily while `rows × (longest prompt + longest completion)` stays within
 /// `budget` tokens (and `max_rows`, when not 0), so that rows of similar length share
 /// their padding; without one, consecutive chunks of `max_rows` (0 = all rows). A row
-/// longer than the budget goes alone. Pure: `lens` are (prompt, completion) lengths.
+/// longer than the budget goes alone, and a batch that fits whole stays one pass in its
+/// own order. Pure: `lens` are (prompt, completion) lengths.
 pub fn plan_micro_batches(
     lens: &[(usize, usize)],
     max_rows: usize,
@@ -52,6 +53,12 @@ pub fn plan_micro_batches(
             .step_by(cap)
             .map(|s| (s..(s + cap).min(n)).collect())
             .collect();
+    }
+    let p_all = lens.iter().map(|l| l.0).max().unwrap_or(0);
+    let c_all = lens.iter().map(|l| l.1).max().unwrap_or(0);
+    if n <= cap && n * (p_all + c_all) <= budget {
+        // everything fits: one pass, rows in their own order
+        return vec![(0..n).collect()];
     }
     let mut order: Vec<usize> = (0..n).collect();
     // stable: equal lengths keep their order, so the plan is a function of the lengths

@@ -76,6 +76,7 @@ impl Default for TinySpec {
                     ..OptimConfig::default()
                 },
                 seed: 7,
+                micro_batch_tokens: 0,
             },
         }
     }

@@ -173,6 +173,7 @@ fn check_sft(dev: &Device, dtype: DType) {
             ..Default::default()
         },
         seed: 1,
+        micro_batch_tokens: 0,
     };
     let r = sft(&mut p, &examples(4), &cfg, |_| true).unwrap();
     assert!(

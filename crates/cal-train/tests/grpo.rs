@@ -388,6 +388,60 @@ fn micro_batches_accumulate_to_the_full_batch_gradient() {
     }
 }
 
+/// SFT split into length-sorted micro-batches (a budget of about two rows) takes the
+/// same step as SFT on whole batches.
+#[test]
+fn sft_micro_batches_accumulate_to_the_whole_batch() {
+    use cal_train::sft::{sft, SftConfig};
+    let run = |tokens: usize| {
+        let mut p = policy(9);
+        let cfg = SftConfig {
+            steps: 2,
+            batch_size: 6,
+            optim: cal_train::update::OptimConfig {
+                lr: 1e-3,
+                ..Default::default()
+            },
+            seed: 4,
+            micro_batch_tokens: tokens,
+        };
+        let r = sft(&mut p, &examples(12), &cfg, |_| true).unwrap();
+        let w: Vec<(String, Vec<f32>)> = p
+            .model
+            .params
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
+            })
+            .collect();
+        (r.first_loss, w)
+    };
+    let (loss_whole, whole) = run(0);
+    let (loss_micro, micro) = run(150);
+    assert!(
+        (loss_whole - loss_micro).abs() < 1e-5,
+        "{loss_whole} vs {loss_micro}"
+    );
+    for ((k, a), (_, b)) in whole.iter().zip(&micro) {
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "{k} differs by {d}");
+        assert!(
+            a != &policy(9).model.params[k]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+}
+
 #[test]
 fn reused_batches_move_the_ratio_off_one() {
     // A mixed group (one right, one wrong answer) trained twice on the same samples: the
