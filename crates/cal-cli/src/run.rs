@@ -21,7 +21,7 @@ pub struct Source {
 }
 
 pub enum SourceKind {
-    Tiny(TinySpec),
+    Tiny(Box<TinySpec>),
     Path(PathBuf),
     /// `random:CONFIG.json`: a randomly initialised model of a real shape (benchmarks
     /// where the weights are not available), with a small BPE trained on generated
@@ -75,7 +75,7 @@ impl Source {
 
     fn with_spec(model: &str, placement: Placement, spec: TinySpec) -> Self {
         let kind = if model == "tiny" {
-            SourceKind::Tiny(spec)
+            SourceKind::Tiny(Box::new(spec))
         } else if let Some(cfg) = model.strip_prefix("random:") {
             SourceKind::Random(PathBuf::from(cfg))
         } else {
