@@ -134,6 +134,23 @@ impl Placement {
     }
 }
 
+/// `cuda:0` for the GPU test groups, or `None` after printing why they are skipped (a
+/// build without the `cuda` feature, or no device); with `CAL_GRPO_REQUIRE_CUDA` set a
+/// missing device is a panic instead, so that a GPU machine cannot skip silently.
+pub fn cuda_for_tests() -> Option<Device> {
+    #[cfg(feature = "cuda")]
+    match Device::new_cuda(0) {
+        Ok(d) => return Some(d),
+        Err(e) if std::env::var_os("CAL_GRPO_REQUIRE_CUDA").is_some() => {
+            panic!("CAL_GRPO_REQUIRE_CUDA is set but cuda:0 is not available: {e}")
+        }
+        Err(e) => eprintln!("SKIPPED: no CUDA device ({e})"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("SKIPPED: built without --features cuda");
+    None
+}
+
 thread_local! {
     static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

@@ -47,20 +47,10 @@ impl Target {
     }
 }
 
-/// `cuda:0`, or `None` after saying why the GPU test is skipped.
+/// `cuda:0` as a target, or `None` after saying why the GPU test is skipped.
 #[allow(dead_code)]
 fn cuda() -> Option<Target> {
-    #[cfg(feature = "cuda")]
-    match Device::new_cuda(0) {
-        Ok(d) => return Some(Target::Device(d)),
-        Err(e) if std::env::var_os("CAL_GRPO_REQUIRE_CUDA").is_some() => {
-            panic!("CAL_GRPO_REQUIRE_CUDA is set but cuda:0 is not available: {e}")
-        }
-        Err(e) => eprintln!("SKIPPED: no CUDA device ({e})"),
-    }
-    #[cfg(not(feature = "cuda"))]
-    eprintln!("SKIPPED: built without --features cuda");
-    None
+    cal_model::device::cuda_for_tests().map(Target::Device)
 }
 
 fn config() -> ModelConfig {

@@ -11,13 +11,13 @@ mod common;
 
 use cal_core::credit::CreditMode;
 use cal_core::data::Example;
-use cal_core::reward::{Completion, Reward, RewardFns};
+use cal_core::reward::RewardFns;
 use cal_train::config::RunConfig;
 use cal_train::grpo::Trainer;
 use cal_train::policy::Policy;
 use cal_train::sft::{sft, SftConfig};
 use candle_core::{DType, Device};
-use common::{examples, policy};
+use common::{examples, policy, Digits};
 use std::path::Path;
 
 fn config(dir: &Path, lora: bool) -> RunConfig {
@@ -42,20 +42,6 @@ fn config(dir: &Path, lora: bool) -> RunConfig {
     c.checkpoint.save_every = 2;
     c.oracle.cache = None;
     c
-}
-
-/// Share of digits in the completion: an untrained policy is always wrong, and this
-/// varies within a group, so the advantages are non-zero from the first step.
-struct Digits;
-
-impl Reward for Digits {
-    fn name(&self) -> &'static str {
-        "digits"
-    }
-    fn score(&self, c: &Completion) -> f64 {
-        let n = c.text.chars().count().max(1);
-        c.text.chars().filter(char::is_ascii_digit).count() as f64 / n as f64
-    }
 }
 
 fn trainer(dir: &Path, lora: bool, p: Policy, data: &[Example], resume: bool) -> Trainer {
@@ -199,19 +185,8 @@ fn portable_bf16_sft_lowers_the_loss() {
     cal_model::device::portable(|| check_sft(&Device::Cpu, DType::BF16));
 }
 
-#[allow(dead_code)]
 fn cuda() -> Option<Device> {
-    #[cfg(feature = "cuda")]
-    match Device::new_cuda(0) {
-        Ok(d) => return Some(d),
-        Err(e) if std::env::var_os("CAL_GRPO_REQUIRE_CUDA").is_some() => {
-            panic!("CAL_GRPO_REQUIRE_CUDA is set but cuda:0 is not available: {e}")
-        }
-        Err(e) => eprintln!("SKIPPED: no CUDA device ({e})"),
-    }
-    #[cfg(not(feature = "cuda"))]
-    eprintln!("SKIPPED: built without --features cuda");
-    None
+    cal_model::device::cuda_for_tests()
 }
 
 #[test]

@@ -5,24 +5,10 @@
 
 mod common;
 
-use cal_core::reward::{Completion, Reward, RewardFns};
+use cal_core::reward::RewardFns;
 use cal_train::config::RunConfig;
 use cal_train::grpo::Trainer;
-use common::{examples, policy};
-
-/// Fraction of the completion's characters that are digits: every random completion
-/// has some, in varying amounts, so the group advantages are never all zero.
-struct Digits;
-
-impl Reward for Digits {
-    fn name(&self) -> &'static str {
-        "digits"
-    }
-    fn score(&self, c: &Completion) -> f64 {
-        let n = c.text.chars().count().max(1);
-        c.text.chars().filter(char::is_ascii_digit).count() as f64 / n as f64
-    }
-}
+use common::{examples, policy, Digits};
 
 #[test]
 fn grpo_raises_an_easy_reward() {
