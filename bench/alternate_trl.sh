@@ -3,7 +3,9 @@
 # beta 0.04, CPU), TRL's GRPOTrainer and `cal-grpo train` ALTERNATELY in one invocation:
 # TRL, cal-grpo, TRL, cal-grpo, ... Each run does STEPS steps; its first step is dropped
 # (warm-up), the rest are pooled per side. Prints medians, every step time, the load
-# average before and after. Kept out of CI (it needs torch + TRL).
+# average before and after. Kept out of CI (it needs torch + TRL). Both sides train in
+# f32 without gradient checkpointing (TRL's bf16 and checkpointing defaults are off;
+# TRL_ARGS="--bf16 --gradient-checkpointing" restores them).
 #
 #   bash scripts/fetch-assets.sh --with-model
 #   python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch transformers trl datasets accelerate gguf
@@ -20,7 +22,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 before=$(cut -d' ' -f1-3 /proc/loadavg)
 trl=() cal=()
 for r in $(seq 1 "$ROUNDS"); do
-  out=$("$PY" bench/trl_grpo_step.py --steps "$STEPS" 2>/dev/null | tail -1)
+  # shellcheck disable=SC2086
+  out=$("$PY" bench/trl_grpo_step.py --steps "$STEPS" ${TRL_ARGS:-} 2>/dev/null | tail -1)
   mapfile -t t < <(python3 -c "import json,sys; [print(x) for x in json.loads(sys.argv[1])['trl_step_seconds'][1:]]" "$out")
   trl+=("${t[@]}")
   dir=$(mktemp -d /tmp/cal-alt.XXXX)

@@ -45,6 +45,12 @@ class StepTimer(TrainerCallback):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
+    # TRL 1.x defaults to bf16 autocast and gradient checkpointing. cal-grpo's step is
+    # f32 without recomputation, so the like-for-like default here is f32 without
+    # checkpointing; on a CPU without bf16 instructions TRL's defaults are many times
+    # slower (a 2-step run here did not finish in 25 minutes), which would flatter us.
+    ap.add_argument("--bf16", action="store_true", help="TRL's default bf16 autocast")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default")
     a = ap.parse_args()
     gguf_dir, name = os.path.join(ROOT, "assets/smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
@@ -70,13 +76,15 @@ def main():
 
     cfg = GRPOConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=16, num_generations=4,
                      max_completion_length=128, max_steps=a.steps, logging_steps=1, report_to=[], use_cpu=True,
-                     beta=0.04, learning_rate=1e-6, save_strategy="no")
+                     beta=0.04, learning_rate=1e-6, save_strategy="no",
+                     bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing)
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=cfg, train_dataset=ds,
                           callbacks=[timer])
     trainer.train()
     print(json.dumps({"trl_step_seconds": timer.times, "median": statistics.median(timer.times),
-                      "torch_threads": torch.get_num_threads()}))
+                      "torch_threads": torch.get_num_threads(), "bf16": a.bf16,
+                      "gradient_checkpointing": a.gradient_checkpointing}))
 
 
 if __name__ == "__main__":

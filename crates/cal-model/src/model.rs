@@ -473,8 +473,7 @@ impl Transformer {
         let att = (q * scale)?
             .reshape((b, nkv, rep * t, hd))?
             .matmul(&k.t()?)?;
-        let att = att.reshape((b, nh, t, tk))?.broadcast_add(bias)?;
-        let att = kern.softmax_last_dim(&att)?;
+        let att = kern.masked_softmax(&att.reshape((b, nh, t, tk))?, bias)?;
         att.reshape((b, nkv, rep * t, tk))?
             .matmul(v)?
             .reshape((b, nh, t, hd))
@@ -596,11 +595,10 @@ impl Transformer {
                 &self.p(&format!("{p}.post_attention_layernorm.weight"))?,
                 cfg.rms_norm_eps,
             )?;
-            let g = self
-                .lin(&format!("{p}.mlp.gate_proj"), &h, decode, fwd)?
-                .silu()?;
+            let g = self.lin(&format!("{p}.mlp.gate_proj"), &h, decode, fwd)?;
             let u = self.lin(&format!("{p}.mlp.up_proj"), &h, decode, fwd)?;
-            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &(g * u)?, decode, fwd)?)?;
+            let gu = kern.swiglu(&g, &u)?;
+            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &gu, decode, fwd)?)?;
         }
         if let Some(c) = cache {
             c.last_pos = positions

@@ -75,10 +75,22 @@ impl Kernels {
         }
     }
 
-    pub fn softmax_last_dim(self, x: &Tensor) -> Result<Tensor> {
+    /// Attention probabilities `softmax(scores + bias)`, `bias: [B, 1, T, Tk]` shared
+    /// by the heads of `scores: [B, H, T, Tk]`.
+    pub fn masked_softmax(self, scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
         match self {
-            Kernels::Differentiable => crate::rowwise::softmax_last_dim(x),
-            Kernels::Inference => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+            Kernels::Differentiable => crate::rowwise::masked_softmax(scores, bias),
+            Kernels::Inference => {
+                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(bias)?.contiguous()?)
+            }
+        }
+    }
+
+    /// The SwiGLU gate `silu(gate) ⊙ up` of the MLP.
+    pub fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Differentiable => crate::rowwise::swiglu(gate, up),
+            Kernels::Inference => gate.silu()? * up,
         }
     }
 
@@ -99,7 +111,7 @@ impl Kernels {
     /// Rotary embedding of `x: [B, H, T, D]` with tables from [`Kernels::rope_tables`].
     pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         match self {
-            Kernels::Differentiable => rope(x, cos, sin),
+            Kernels::Differentiable => crate::rowwise::rope(x, cos, sin),
             Kernels::Inference => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
         }
     }

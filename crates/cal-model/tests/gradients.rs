@@ -532,3 +532,174 @@ fn rowwise_kernels_match_the_compositions() {
     );
     assert!(bad.unwrap_err().to_string().contains("does not match"));
 }
+
+/// The fused RoPE kernel against the composition in `ops`: the same bits forward and
+/// backward in f32 (it does the same floating-point operations in the same order, so a
+/// training run does not change by switching), and the same values in f64.
+#[test]
+fn rope_kernel_matches_the_composition_bit_for_bit() {
+    use cal_model::{ops, rowwise};
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(
+            &Tensor::randn(0f32, 1.5, (2, 3, 5, 8), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        // Per-row positions (the second row left-padded), halves duplicated.
+        let pos = Tensor::new(&[[0f32, 1., 2., 3., 4.], [0., 0., 0., 1., 2.]], &dev).unwrap();
+        let inv_freq = Tensor::new(&[1f32, 0.1, 0.01, 0.001], &dev).unwrap();
+        let angles = pos.unsqueeze(2).unwrap().broadcast_mul(&inv_freq).unwrap();
+        let angles = Tensor::cat(&[&angles, &angles], 2)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let (cos, sin) = (
+            angles.cos().unwrap().to_dtype(dtype).unwrap(),
+            angles.sin().unwrap().to_dtype(dtype).unwrap(),
+        );
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            (bits(&y), bits(g.get(x.as_tensor()).unwrap()))
+        };
+        let fused = run(rowwise::rope(x.as_tensor(), &cos, &sin).unwrap());
+        let reference = run(ops::rope(x.as_tensor(), &cos, &sin).unwrap());
+        assert_eq!(fused.0, reference.0, "{dtype:?} rope values");
+        assert_eq!(fused.1, reference.1, "{dtype:?} rope gradient");
+        // And it is a rotation: norms of each (j, j + D/2) pair are kept.
+        let xs = x
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
+        assert!((norm(&fused.0) - norm(&xs)).abs() < 1e-4 * norm(&xs));
+    }
+}
+
+/// The fused SwiGLU gate against candle's `silu(gate) * up`: the same bits forward and
+/// for both gradients, in f32 and f64, over a range that reaches SiLU's flat tails.
+#[test]
+fn swiglu_kernel_matches_candle_silu_bit_for_bit() {
+    use cal_model::rowwise;
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::F64] {
+        let var = |std: f32| {
+            Var::from_tensor(
+                &Tensor::randn(0f32, std, (3, 7, 45), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let (gate, up) = (var(6.0), var(1.0));
+        let probe = Tensor::randn(0f32, 1.0, (3, 7, 45), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            [
+                bits(&y),
+                bits(g.get(gate.as_tensor()).unwrap()),
+                bits(g.get(up.as_tensor()).unwrap()),
+            ]
+        };
+        let fused = run(rowwise::swiglu(gate.as_tensor(), up.as_tensor()).unwrap());
+        let reference = run((gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap());
+        for (i, what) in ["values", "d gate", "d up"].iter().enumerate() {
+            assert_eq!(fused[i], reference[i], "{dtype:?} swiglu {what}");
+        }
+    }
+}
+
+/// The masked softmax of attention (the additive mask folded into the kernel) against
+/// the broadcast sum followed by the softmax kernel: the same bits, values and gradient,
+/// with a causal mask, a left-padded row and a fully masked (padding) query.
+#[test]
+fn masked_softmax_matches_the_broadcast_sum_bit_for_bit() {
+    use cal_model::{ops, rowwise};
+    let dev = Device::Cpu;
+    let mask = vec![vec![1u8; 6], vec![0, 0, 1, 1, 1, 1]];
+    for dtype in [DType::F32, DType::F64] {
+        let scores = Var::from_tensor(
+            &Tensor::randn(0f32, 3.0, (2, 3, 6, 6), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let bias = ops::attention_bias(&mask, 6, 0, dtype, &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            (bits(&y), bits(g.get(scores.as_tensor()).unwrap()))
+        };
+        let fused = run(rowwise::masked_softmax(scores.as_tensor(), &bias).unwrap());
+        let reference = run(rowwise::softmax_last_dim(
+            &scores.as_tensor().broadcast_add(&bias).unwrap(),
+        )
+        .unwrap());
+        assert_eq!(fused.0, reference.0, "{dtype:?} masked softmax values");
+        assert_eq!(fused.1, reference.1, "{dtype:?} masked softmax gradient");
+        // Row (b=1, query 0) sees no key at all: uniform in f32, as documented (the
+        // −1e9 bias swallows the scores).
+        if dtype == DType::F32 {
+            assert!(fused.0[3 * 36..3 * 36 + 6]
+                .iter()
+                .all(|p| (p - 1.0 / 6.0).abs() < 1e-6));
+        }
+    }
+}
