@@ -27,7 +27,7 @@ for r in $(seq 1 "$ROUNDS"); do
     --new-tokens 128 --train-batch 8 --seq 256 --repeats 1 --matmul-n 2048 2>/dev/null \
     | tail -1 >> "$tmp/torch.jsonl"
   "$BIN" bench model --model "random:$CFG" --repeats 1 --seq 256 --new-tokens 128 --batch 8 \
-    2>/dev/null | grep '^| random' >> "$tmp/cal.md"
+    2>/dev/null | grep -E '^\| [^m-]' >> "$tmp/cal.md"
   echo "round $r: torch $(tail -1 "$tmp/torch.jsonl" | cut -c1-200) | cal $(tail -1 "$tmp/cal.md")" >&2
 done
 python3 - "$tmp/torch.jsonl" "$tmp/cal.md" "$before" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(nproc)" <<'PY'
