@@ -533,6 +533,24 @@ fn rowwise_kernels_match_the_compositions() {
     assert!(bad.unwrap_err().to_string().contains("does not match"));
 }
 
+/// A tensor's values as f64, exactly (f32 widens without rounding).
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// `y`'s values and the gradients of `sum(y ⊙ probe)` with respect to `wrt`.
+fn values_and_grads(y: &Tensor, probe: &Tensor, wrt: &[&Var]) -> Vec<Vec<f64>> {
+    let g = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    std::iter::once(values(y))
+        .chain(wrt.iter().map(|v| values(g.get(v.as_tensor()).unwrap())))
+        .collect()
+}
+
 /// The fused RoPE kernel against the composition in `ops`: the same bits forward and
 /// backward in f32 (it does the same floating-point operations in the same order, so a
 /// training run does not change by switching), and the same values in f64.
@@ -564,38 +582,15 @@ fn rope_kernel_matches_the_composition_bit_for_bit() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let run = |y: Tensor| {
-            let g = (&y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            };
-            (bits(&y), bits(g.get(x.as_tensor()).unwrap()))
-        };
+        let run = |y: Tensor| values_and_grads(&y, &probe, &[&x]);
         let fused = run(rowwise::rope(x.as_tensor(), &cos, &sin).unwrap());
         let reference = run(ops::rope(x.as_tensor(), &cos, &sin).unwrap());
-        assert_eq!(fused.0, reference.0, "{dtype:?} rope values");
-        assert_eq!(fused.1, reference.1, "{dtype:?} rope gradient");
+        assert_eq!(fused[0], reference[0], "{dtype:?} rope values");
+        assert_eq!(fused[1], reference[1], "{dtype:?} rope gradient");
         // And it is a rotation: norms of each (j, j + D/2) pair are kept.
-        let xs = x
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let xs = values(x.as_tensor());
         let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
-        assert!((norm(&fused.0) - norm(&xs)).abs() < 1e-4 * norm(&xs));
+        assert!((norm(&fused[0]) - norm(&xs)).abs() < 1e-4 * norm(&xs));
     }
 }
 
@@ -620,27 +615,7 @@ fn swiglu_kernel_matches_candle_silu_bit_for_bit() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let run = |y: Tensor| {
-            let g = (&y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            };
-            [
-                bits(&y),
-                bits(g.get(gate.as_tensor()).unwrap()),
-                bits(g.get(up.as_tensor()).unwrap()),
-            ]
-        };
+        let run = |y: Tensor| values_and_grads(&y, &probe, &[&gate, &up]);
         let fused = run(rowwise::swiglu(gate.as_tensor(), up.as_tensor()).unwrap());
         let reference = run((gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap());
         for (i, what) in ["values", "d gate", "d up"].iter().enumerate() {
@@ -670,34 +645,18 @@ fn masked_softmax_matches_the_broadcast_sum_bit_for_bit() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let run = |y: Tensor| {
-            let g = (&y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            };
-            (bits(&y), bits(g.get(scores.as_tensor()).unwrap()))
-        };
+        let run = |y: Tensor| values_and_grads(&y, &probe, &[&scores]);
         let fused = run(rowwise::masked_softmax(scores.as_tensor(), &bias).unwrap());
         let reference = run(rowwise::softmax_last_dim(
             &scores.as_tensor().broadcast_add(&bias).unwrap(),
         )
         .unwrap());
-        assert_eq!(fused.0, reference.0, "{dtype:?} masked softmax values");
-        assert_eq!(fused.1, reference.1, "{dtype:?} masked softmax gradient");
+        assert_eq!(fused[0], reference[0], "{dtype:?} masked softmax values");
+        assert_eq!(fused[1], reference[1], "{dtype:?} masked softmax gradient");
         // Row (b=1, query 0) sees no key at all: uniform in f32, as documented (the
         // −1e9 bias swallows the scores).
         if dtype == DType::F32 {
-            assert!(fused.0[3 * 36..3 * 36 + 6]
+            assert!(fused[0][3 * 36..3 * 36 + 6]
                 .iter()
                 .all(|p| (p - 1.0 / 6.0).abs() < 1e-6));
         }
