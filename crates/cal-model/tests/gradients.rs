@@ -533,6 +533,15 @@ fn rowwise_kernels_match_the_compositions() {
     assert!(bad.unwrap_err().to_string().contains("does not match"));
 }
 
+/// Normal samples with standard deviation `std`, drawn in f32 and cast to `dtype` (so
+/// the f32 and f64 runs of a test see the same numbers).
+fn randn(std: f32, shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::randn(0f32, std, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 /// A tensor's values as f64, exactly (f32 widens without rounding).
 fn values(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
@@ -552,20 +561,14 @@ fn values_and_grads(y: &Tensor, probe: &Tensor, wrt: &[&Var]) -> Vec<Vec<f64>> {
 }
 
 /// The fused RoPE kernel against the composition in `ops`: the same bits forward and
-/// backward in f32 (it does the same floating-point operations in the same order, so a
-/// training run does not change by switching), and the same values in f64.
+/// backward, in f32 and f64 (it does the same floating-point operations in the same
+/// order, so a training run does not change by switching).
 #[test]
 fn rope_kernel_matches_the_composition_bit_for_bit() {
     use cal_model::{ops, rowwise};
     let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
-        let x = Var::from_tensor(
-            &Tensor::randn(0f32, 1.5, (2, 3, 5, 8), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap(),
-        )
-        .unwrap();
+        let x = Var::from_tensor(&randn(1.5, &[2, 3, 5, 8], dtype)).unwrap();
         // Per-row positions (the second row left-padded), halves duplicated.
         let pos = Tensor::new(&[[0f32, 1., 2., 3., 4.], [0., 0., 0., 1., 2.]], &dev).unwrap();
         let inv_freq = Tensor::new(&[1f32, 0.1, 0.01, 0.001], &dev).unwrap();
@@ -578,10 +581,7 @@ fn rope_kernel_matches_the_composition_bit_for_bit() {
             angles.cos().unwrap().to_dtype(dtype).unwrap(),
             angles.sin().unwrap().to_dtype(dtype).unwrap(),
         );
-        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let probe = randn(1.0, &[2, 3, 5, 8], dtype);
         let run = |y: Tensor| values_and_grads(&y, &probe, &[&x]);
         let fused = run(rowwise::rope(x.as_tensor(), &cos, &sin).unwrap());
         let reference = run(ops::rope(x.as_tensor(), &cos, &sin).unwrap());
@@ -611,10 +611,7 @@ fn swiglu_kernel_matches_candle_silu_bit_for_bit() {
             .unwrap()
         };
         let (gate, up) = (var(6.0), var(1.0));
-        let probe = Tensor::randn(0f32, 1.0, (3, 7, 45), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let probe = randn(1.0, &[3, 7, 45], dtype);
         let run = |y: Tensor| values_and_grads(&y, &probe, &[&gate, &up]);
         let fused = run(rowwise::swiglu(gate.as_tensor(), up.as_tensor()).unwrap());
         let reference = run((gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap());
@@ -633,18 +630,9 @@ fn masked_softmax_matches_the_broadcast_sum_bit_for_bit() {
     let dev = Device::Cpu;
     let mask = vec![vec![1u8; 6], vec![0, 0, 1, 1, 1, 1]];
     for dtype in [DType::F32, DType::F64] {
-        let scores = Var::from_tensor(
-            &Tensor::randn(0f32, 3.0, (2, 3, 6, 6), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap(),
-        )
-        .unwrap();
+        let scores = Var::from_tensor(&randn(3.0, &[2, 3, 6, 6], dtype)).unwrap();
         let bias = ops::attention_bias(&mask, 6, 0, dtype, &dev).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let probe = randn(1.0, &[2, 3, 6, 6], dtype);
         let run = |y: Tensor| values_and_grads(&y, &probe, &[&scores]);
         let fused = run(rowwise::masked_softmax(scores.as_tensor(), &bias).unwrap());
         let reference = run(rowwise::softmax_last_dim(
