@@ -599,17 +599,8 @@ fn rope_kernel_matches_the_composition_bit_for_bit() {
 #[test]
 fn swiglu_kernel_matches_candle_silu_bit_for_bit() {
     use cal_model::rowwise;
-    let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
-        let var = |std: f32| {
-            Var::from_tensor(
-                &Tensor::randn(0f32, std, (3, 7, 45), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap()
-        };
+        let var = |std: f32| Var::from_tensor(&randn(std, &[3, 7, 45], dtype)).unwrap();
         let (gate, up) = (var(6.0), var(1.0));
         let probe = randn(1.0, &[3, 7, 45], dtype);
         let run = |y: Tensor| values_and_grads(&y, &probe, &[&gate, &up]);
