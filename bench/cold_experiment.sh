@@ -20,4 +20,4 @@ CAL_GRPO_CACHE="$tmp/cache" /usr/bin/time -v -o "$tmp/time" \
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 grep "tiny SFT" "$tmp/log" || true
 grep -E "Elapsed \(wall clock\)|Maximum resident" "$tmp/time"
-cat "$tmp/out/summary.md" | head -8
+head -8 "$tmp/out/summary.md"

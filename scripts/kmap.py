@@ -21,7 +21,8 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
 
 
 def t_quantile(df):
-    return T975.get(df) or T975[min(k for k in T975 if k >= df)] if df <= 30 else 1.96
+    # a df missing from the table takes the next smaller one's (wider) quantile
+    return T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
 
 
 def mean_ci(xs):
