@@ -6,6 +6,8 @@
 #
 #   cargo build --release -p cal-cli
 #   bash bench/cold_experiment.sh [extra experiment flags...]
+#
+# KEEP_CACHE=DIR copies the fresh cache (the trained tiny policy) to DIR afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${CAL_GRPO_BIN:-target/release/cal-grpo}
@@ -21,3 +23,6 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 grep "tiny SFT" "$tmp/log" || true
 grep -E "Elapsed \(wall clock\)|Maximum resident" "$tmp/time"
 head -8 "$tmp/out/summary.md"
+if [ -n "${KEEP_CACHE:-}" ]; then
+  rm -rf "$KEEP_CACHE" && cp -r "$tmp/cache" "$KEEP_CACHE"
+fi

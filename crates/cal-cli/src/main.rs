@@ -1,5 +1,6 @@
 //! `cal-grpo`: GRPO and CAL-GRPO post-training with fine-grained credit assignment.
 
+mod arms;
 mod config;
 mod eval;
 mod generate;
@@ -74,6 +75,13 @@ enum Command {
         batch: Vec<usize>,
         #[command(flatten)]
         placement: config::PlacementFlags,
+    },
+    /// Train and evaluate one arm of an experiment (what `experiment --jobs` starts
+    /// in a child process).
+    #[command(hide = true)]
+    Arm {
+        /// The arm, as JSON (`seed-N/NAME.arm.json` in the experiment's folder).
+        file: PathBuf,
     },
     /// Walk one example through oracle → locate → map → token rewards.
     Demo(oracle::DemoArgs),
@@ -153,6 +161,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Arm { file } => match arms::run_child(&file) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            // The parent tells an interrupted arm from a failed one by this code.
+            Err(e) if cal_train::grpo::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => {
+                eprintln!("{e:#}");
+                Ok(ExitCode::from(130))
+            }
+            Err(e) => Err(e),
+        },
         Command::Demo(args) => oracle::demo(&args).map(|_| ExitCode::SUCCESS),
         Command::Sft(args) => run::sft(&args).map(|_| ExitCode::SUCCESS),
         Command::Generate(args) => generate::run(&args).map(|_| ExitCode::SUCCESS),

@@ -182,7 +182,10 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     if trainer.run()? == RunEnd::Interrupted {
         std::process::exit(130);
     }
-    let graded = evaluate(&trainer.policy, &test, &eval, "eval")?;
+    let graded = match trainer.held_out_now() {
+        Some(g) => g.to_vec(),
+        None => evaluate(&trainer.policy, &test, &eval, "eval")?,
+    };
     let mut report = EvalReport::new(name, out.display().to_string(), graded, test.len());
     report.config = Some(config);
     report.write(&out)?;
@@ -208,6 +211,11 @@ pub struct ExperimentArgs {
     /// Number of seeds (42, 43, ...); each runs baseline and CAL [default: 1; study: 5].
     #[arg(long)]
     pub seeds: Option<usize>,
+    /// Arms trained at once, each in its own process with its share of the CPU
+    /// threads; the results are the same as one after another [default: 2 on a CPU
+    /// with at least 2 threads, else 1].
+    #[arg(long)]
+    pub jobs: Option<usize>,
     /// `quick` (one seed, runs/experiment) or `study` (five seeds in runs/study, with
     /// means, 95% intervals and the sample-efficiency ratio over seeds).
     #[arg(long, value_enum, default_value = "quick")]
@@ -261,6 +269,14 @@ pub fn experiment(args: &ExperimentArgs) -> Result<()> {
     let out = cfg.output_dir();
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
+    let threads = crate::arms::process_threads();
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| crate::arms::default_jobs(cfg.model.device, threads));
+    if jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let steps = cfg.steps(train.len());
     let ecfg = ExperimentConfig {
         out_dir: out.clone(),
         seeds,
@@ -268,7 +284,21 @@ pub fn experiment(args: &ExperimentArgs) -> Result<()> {
         eval: eval_config(&cfg),
         run: cfg,
     };
-    let results = experiment::run(&source, &ecfg, &train, &test)?;
+    let results = if jobs > 1 {
+        let runner = crate::arms::Processes {
+            jobs,
+            threads: (threads / jobs).max(1),
+            steps,
+        };
+        experiment::run(&source, &ecfg, &test, &runner)?
+    } else {
+        let runner = experiment::Sequential {
+            source: &source,
+            train: &train,
+            test: &test,
+        };
+        experiment::run(&source, &ecfg, &test, &runner)?
+    };
     let table = experiment::summary_table(&results);
     std::fs::write(out.join("summary.md"), &table)?;
     println!("{table}");

@@ -461,3 +461,92 @@ fn devices_and_dtypes_are_flags_with_clear_errors() {
         "{text}"
     );
 }
+
+/// `experiment --jobs 2` trains the two arms in child processes, one thread each; the
+/// numbers must be those of the arms one after another in one process. Also: a rerun
+/// reuses the finished arms, and the first curve point is "before RL" itself.
+#[test]
+fn experiment_arms_in_parallel_processes_give_the_sequential_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let run = |jobs: &str, out: &str| {
+        let o = bin()
+            .env("CAL_GRPO_CACHE", &cache)
+            .args([
+                "experiment",
+                "--sft-steps",
+                "4",
+                "--train-problems",
+                "64",
+                "--steps",
+                "2",
+                "--num-samples",
+                "8",
+                "--eval-samples",
+                "6",
+                "--prompts-per-step",
+                "2",
+                "--num-generations",
+                "2",
+                "--max-new-tokens",
+                "24",
+                "--eval-every",
+                "1",
+                "--jobs",
+                jobs,
+                "--output-dir",
+            ])
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "--jobs {jobs}: {err}");
+        err
+    };
+    run("1", "seq");
+    let err = run("2", "par");
+    assert!(err.contains("2 at a time, 1 thread(s) each"), "{err}");
+    let read = |out: &str, arm: &str, file: &str| {
+        std::fs::read_to_string(dir.path().join(out).join("seed-42").join(arm).join(file)).unwrap()
+    };
+    for arm in ["baseline", "cal"] {
+        assert_eq!(
+            read("seq", arm, "eval_examples.jsonl"),
+            read("par", arm, "eval_examples.jsonl"),
+            "{arm}: held-out responses differ"
+        );
+        // every logged number but the timings
+        let numbers = |out: &str| -> Vec<Vec<(String, String)>> {
+            read(out, arm, "metrics.jsonl")
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v.as_object()
+                        .unwrap()
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with("perf/"))
+                        .map(|(k, v)| (k.clone(), v.to_string()))
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(numbers("seq"), numbers("par"), "{arm}: metrics differ");
+        assert!(dir
+            .path()
+            .join("par/seed-42")
+            .join(format!("{arm}.log"))
+            .exists());
+    }
+    // step 0 of each curve is the "before RL" evaluation, taken from its report
+    let before: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("par/before/eval_results.json")).unwrap(),
+    )
+    .unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(read("par", "cal", "metrics.jsonl").lines().next().unwrap()).unwrap();
+    assert_eq!(first["step"], 0);
+    assert_eq!(first["eval/accuracy"], before["accuracy"]["accuracy"]);
+    // a rerun reuses both finished arms
+    let err = run("2", "par");
+    assert!(!err.contains("started"), "{err}");
+}

@@ -21,6 +21,17 @@ pub struct CacheError {
     source: rusqlite::Error,
 }
 
+impl CacheError {
+    /// The file is not a database, or a damaged one.
+    fn is_damage(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        matches!(
+            self.source.sqlite_error_code(),
+            Some(NotADatabase | DatabaseCorrupt)
+        )
+    }
+}
+
 /// The cache key of one request.
 pub fn key(
     provider: &str,
@@ -54,7 +65,9 @@ impl Cache {
     pub fn open(path: &Path) -> Result<Self, CacheError> {
         match Self::open_once(path) {
             Ok(c) => Ok(c),
-            Err(e) if path.is_file() => {
+            // Only a damaged file is moved aside; a busy one (another run holding a
+            // lock past the wait below) is an error to report, not a cache to drop.
+            Err(e) if path.is_file() && e.is_damage() => {
                 let stamp = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
@@ -85,6 +98,10 @@ impl Cache {
             let _ = std::fs::create_dir_all(dir);
         }
         let conn = Connection::open(path).map_err(err)?;
+        // Runs side by side (`experiment --jobs`) share the cache: wait for the other's
+        // write lock rather than fail.
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(err)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              CREATE TABLE IF NOT EXISTS oracle_cache (

@@ -11,7 +11,7 @@ use crate::study;
 use anyhow::{bail, Result};
 use cal_core::credit::CreditMode;
 use cal_core::data::Example;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Where the policy of every run starts from.
@@ -56,21 +56,72 @@ fn mean_metric(dir: &Path, metric: &str) -> f64 {
     c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64
 }
 
-/// Runs (or, with a checkpoint in `dir`, continues) one training run and evaluates it.
+/// One training run of an experiment: one arm of one seed, everything a separate
+/// process needs to train and evaluate it (it is written to disk as JSON for that).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Arm {
+    /// `baseline` or `cal`.
+    pub name: String,
+    pub dir: PathBuf,
+    pub run: RunConfig,
+    pub eval: EvalConfig,
+    /// The experiment's "before RL" report: the held-out evaluation of the starting
+    /// policy, which is the curve's first point (not decoded again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<PathBuf>,
+}
+
+impl Arm {
+    /// Where a child process's output goes: beside the arm's folder, which the trainer
+    /// may move aside when it starts over.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.with_extension("log")
+    }
+
+    /// Finished earlier: its report is there and a checkpoint backs it.
+    pub fn finished(&self) -> bool {
+        self.dir.join(EvalReport::FILE).exists() && crate::checkpoint::latest(&self.dir).is_some()
+    }
+}
+
+/// Trains and evaluates the arms of an experiment. [`Sequential`] trains them one
+/// after another in this process; the CLI can also train several at once, each in a
+/// child process with its share of the CPU threads (`experiment --jobs`).
+pub trait ArmRunner {
+    /// One report per arm, in `arms`' order. A finished arm is reused, never redone;
+    /// an interrupted one continues from its checkpoint.
+    fn run_arms(&self, arms: &[Arm]) -> Result<Vec<EvalReport>>;
+}
+
+/// The arms one after another, in this process.
+pub struct Sequential<'a> {
+    pub source: &'a dyn PolicySource,
+    pub train: &'a [Example],
+    pub test: &'a [Example],
+}
+
+impl ArmRunner for Sequential<'_> {
+    fn run_arms(&self, arms: &[Arm]) -> Result<Vec<EvalReport>> {
+        arms.iter()
+            .map(|arm| train_and_eval(self.source, arm, self.train, self.test))
+            .collect()
+    }
+}
+
+/// Runs (or, with a checkpoint in its folder, continues) one arm and evaluates it.
 /// A run that finished earlier is reused, never redone.
 pub fn train_and_eval(
     source: &dyn PolicySource,
-    mut cfg: RunConfig,
+    arm: &Arm,
     train: &[Example],
     test: &[Example],
-    eval: &EvalConfig,
-    dir: &Path,
-    name: &str,
 ) -> Result<EvalReport> {
-    let resume = crate::checkpoint::latest(dir).is_some();
-    if dir.join(EvalReport::FILE).exists() && resume {
+    let dir = &arm.dir;
+    if arm.finished() {
         return EvalReport::read(dir);
     }
+    let resume = crate::checkpoint::latest(dir).is_some();
+    let mut cfg = arm.run.clone();
     cfg.run.output_dir = Some(dir.to_path_buf());
     let config = serde_json::to_value(&cfg)?;
     // An arm killed before its first checkpoint starts over; its partial logs are
@@ -81,22 +132,60 @@ pub fn train_and_eval(
         Start::Overwrite
     };
     let mut trainer = Trainer::new(cfg, source.fresh()?, train.to_vec(), start)?
-        .with_held_out(test.to_vec(), eval.clone());
+        .with_held_out(test.to_vec(), arm.eval.clone());
+    if let Some(before) = &arm.before {
+        let r = EvalReport::read(before)?;
+        if r.examples.len() == test.len() {
+            trainer = trainer.with_start_eval(r.examples);
+        }
+    }
     if trainer.run()? == RunEnd::Interrupted {
         bail!("interrupted; rerun the same command to continue");
     }
-    let graded = evaluate(&trainer.policy, test, eval, &format!("eval {name}"))?;
-    let mut report = EvalReport::new(name, dir.display().to_string(), graded, test.len());
+    let graded = match trainer.held_out_now() {
+        Some(g) => g.to_vec(),
+        None => evaluate(
+            &trainer.policy,
+            test,
+            &arm.eval,
+            &format!("eval {}", arm.name),
+        )?,
+    };
+    let mut report = EvalReport::new(&arm.name, dir.display().to_string(), graded, test.len());
     report.config = Some(config);
     report.write(dir)?;
     Ok(report)
 }
 
+/// The two arms of each seed, in order: baseline then CAL for every seed.
+pub fn arms(cfg: &ExperimentConfig) -> Vec<Arm> {
+    let before = cfg.out_dir.join("before");
+    let mut arms = Vec::new();
+    for &seed in &cfg.seeds {
+        let sdir = cfg.out_dir.join(format!("seed-{seed}"));
+        for (name, mode) in [("baseline", CreditMode::Outcome), ("cal", cfg.cal_mode)] {
+            let mut run = cfg.run.clone();
+            run.run.seed = seed;
+            run.credit.mode = mode;
+            arms.push(Arm {
+                name: name.into(),
+                dir: sdir.join(name),
+                run,
+                eval: cfg.eval.clone(),
+                before: Some(before.clone()),
+            });
+        }
+    }
+    arms
+}
+
+/// The experiment: "before RL", then every arm through `runner`, then the comparison
+/// of each seed and the summary over seeds.
 pub fn run(
     source: &dyn PolicySource,
     cfg: &ExperimentConfig,
-    train: &[Example],
     test: &[Example],
+    runner: &dyn ArmRunner,
 ) -> Result<Vec<SeedResult>> {
     // One experiment per folder at a time; each arm's trainer also locks its own.
     let _lock = RunLock::acquire(&cfg.out_dir)?;
@@ -120,32 +209,11 @@ pub fn run(
         ))
     );
     let before = before.accuracy.accuracy;
+    let reports = runner.run_arms(&arms(cfg))?;
     let mut results = Vec::new();
-    for &seed in &cfg.seeds {
+    for (&seed, pair) in cfg.seeds.iter().zip(reports.chunks(2)) {
         let sdir = cfg.out_dir.join(format!("seed-{seed}"));
-        let mut base_cfg = cfg.run.clone();
-        base_cfg.run.seed = seed;
-        base_cfg.credit.mode = CreditMode::Outcome;
-        let mut cal_cfg = base_cfg.clone();
-        cal_cfg.credit.mode = cfg.cal_mode;
-        let rb = train_and_eval(
-            source,
-            base_cfg,
-            train,
-            test,
-            &cfg.eval,
-            &sdir.join("baseline"),
-            "baseline",
-        )?;
-        let rc = train_and_eval(
-            source,
-            cal_cfg,
-            train,
-            test,
-            &cfg.eval,
-            &sdir.join("cal"),
-            "cal",
-        )?;
+        let (rb, rc) = (&pair[0], &pair[1]);
         let comparison = compare("baseline", &rb.examples, "cal", &rc.examples)?;
         let _ = plot_curves(
             &[

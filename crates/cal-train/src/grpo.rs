@@ -21,7 +21,7 @@ use crate::score::{self, Spans};
 use crate::update::{lr_at, AdamW};
 use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
-use cal_core::evaluate::accuracy;
+use cal_core::evaluate::{accuracy, GradedExample};
 use cal_core::reward::RewardFns;
 use cal_model::Transformer;
 use cal_oracle::{locate_all, Oracle, SpanOutcome};
@@ -53,6 +53,9 @@ pub struct Trainer {
     rewards: RewardFns,
     /// Held-out problems evaluated every `cfg.eval.every` steps.
     held_out: Option<(Vec<Example>, EvalConfig)>,
+    /// The latest held-out evaluation and the step it was made at: the one at the last
+    /// step is the run's final evaluation, so callers take it instead of redoing it.
+    last_held_out: Option<(usize, Vec<GradedExample>)>,
     /// This process's exclusive right to `out_dir`, released when the trainer drops.
     _lock: RunLock,
 }
@@ -149,6 +152,7 @@ impl Trainer {
             skipped,
             rewards,
             held_out: None,
+            last_held_out: None,
             _lock: lock,
         })
     }
@@ -168,12 +172,26 @@ impl Trainer {
         self
     }
 
+    /// The held-out evaluation of the starting policy when the caller already made it
+    /// (an experiment's "before RL", with the same problems and [`EvalConfig`]): the
+    /// curve's first point is logged from it instead of decoding everything again.
+    /// Ignored on a resumed run and with LoRA (the adapters make it another model).
+    pub fn with_start_eval(mut self, graded: Vec<GradedExample>) -> Self {
+        if self.step == 0 && self.cfg.model.lora.adapters().is_none() {
+            self.last_held_out = Some((0, graded));
+        }
+        self
+    }
+
     /// Held-out accuracy now, logged at the current step.
     pub fn evaluate_held_out(&mut self) -> Result<Option<Metrics>> {
         let Some((test, eval)) = &self.held_out else {
             return Ok(None);
         };
-        let graded = evaluate(&self.policy, test, eval, &format!("eval @{}", self.step))?;
+        let graded = match self.last_held_out.take() {
+            Some((step, g)) if step == self.step => g,
+            _ => evaluate(&self.policy, test, eval, &format!("eval @{}", self.step))?,
+        };
         let a = accuracy(&graded, test.len());
         let mut m: Metrics = [
             ("eval/accuracy", a.accuracy),
@@ -186,8 +204,19 @@ impl Trainer {
         if let Some(st) = step_accuracy(&graded) {
             m.insert("eval/step_accuracy".into(), st);
         }
+        self.last_held_out = Some((self.step, graded));
         self.log(&m)?;
         Ok(Some(m))
+    }
+
+    /// The held-out evaluation of the policy as it is now, when the loop made one at
+    /// the current step (with `eval.every > 0` it does at the last step): the same
+    /// greedy decoding of the same problems, so evaluating again would repeat it.
+    pub fn held_out_now(&self) -> Option<&[GradedExample]> {
+        match &self.last_held_out {
+            Some((step, graded)) if *step == self.step => Some(graded),
+            _ => None,
+        }
     }
 
     fn log(&mut self, m: &Metrics) -> Result<()> {
