@@ -26,10 +26,12 @@ pub struct Processes {
     pub steps: usize,
 }
 
-/// The default `--jobs`: two arms at once where each can have a thread of its own and
-/// the device is the CPU; one at a time otherwise (one GPU serves one run best).
-pub fn default_jobs(device: DeviceSpec, threads: usize) -> usize {
-    if device == DeviceSpec::Cpu && threads >= 2 {
+/// The default `--jobs`: two arms at once for the embedded `tiny` model on a CPU with
+/// two threads or more (measured: `bench/experiment_jobs_ab.sh`); one otherwise. A real
+/// model's products are large enough to use every thread in one run, its memory would
+/// double, and one GPU serves one run best.
+pub fn default_jobs(model: &str, device: DeviceSpec, threads: usize) -> usize {
+    if model == "tiny" && device == DeviceSpec::Cpu && threads >= 2 {
         2
     } else {
         1

@@ -150,6 +150,10 @@ pub struct TrainArgs {
     /// (a new value trains and caches a new tiny model).
     #[arg(long)]
     pub sft_steps: Option<usize>,
+    /// Chain lengths of tiny's SFT corpus, `K` or `MIN-MAX` [default: --chain-steps]:
+    /// one warm start for runs at several K (the RL problems keep --chain-steps).
+    #[arg(long)]
+    pub sft_chain_steps: Option<String>,
     /// Generated training problems for tiny's SFT and RL [default: 4000].
     #[arg(long)]
     pub train_problems: Option<usize>,
@@ -265,6 +269,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("style", "data.style"),
     ("chain_steps", "data.steps"),
     ("sft_steps", "model.tiny.sft-steps"),
+    ("sft_chain_steps", "model.tiny.sft-chain-steps"),
     ("train_problems", "model.tiny.train-problems"),
     ("num_generations", "rollout.num-generations"),
     ("prompts_per_step", "rollout.prompts-per-step"),
@@ -412,6 +417,7 @@ pub fn annotate_defaults(mut cmd: Command, command_defaults: &Value) -> Command 
                 | "credit"
                 | "chain_steps"
                 | "sft_steps"
+                | "sft_chain_steps"
                 | "train_problems"
         ) {
             continue; // derived from other values; their help says how

@@ -47,6 +47,13 @@ enum Command {
     },
     /// Baseline + CAL + comparison in one command (the original's run_experiments.sh).
     Experiment(run::ExperimentArgs),
+    /// One table across finished experiment folders: each one's chain length K and
+    /// warm start, both arms' gains and CAL − baseline over seeds (the README's K map).
+    Summarize {
+        /// Experiment folders (`--output-dir` of `experiment`), one row each.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Ask an oracle for the first error of one response.
     Oracle(oracle::OracleArgs),
     /// Benchmark the model stack (generation, training step, reference pass) on a device.
@@ -128,6 +135,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run::compare(&runs, plot.as_deref()).map(|_| ExitCode::SUCCESS)
         }
         Command::Experiment(args) => run::experiment(&args).map(|_| ExitCode::SUCCESS),
+        Command::Summarize { dirs } => {
+            let rows = dirs
+                .iter()
+                .map(|d| cal_train::summarize::read_experiment(d))
+                .collect::<Result<Vec<_>>>()?;
+            print!("{}", cal_train::summarize::table(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Oracle(args) => oracle::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Bench {
             what,

@@ -114,7 +114,7 @@ impl Source {
 pub fn datasets(cfg: &RunConfig) -> Result<(Vec<Example>, Vec<Example>)> {
     let d = &cfg.data;
     let (train, test) = if d.dataset == "generated" {
-        TinySpec::for_run(&cfg.model.tiny, d).splits()
+        TinySpec::run_splits(&cfg.model.tiny, d)
     } else {
         let p = PathBuf::from(&d.dataset);
         let train = data::load(&p)?;
@@ -212,8 +212,8 @@ pub struct ExperimentArgs {
     #[arg(long)]
     pub seeds: Option<usize>,
     /// Arms trained at once, each in its own process with its share of the CPU
-    /// threads; the results are the same as one after another [default: 2 on a CPU
-    /// with at least 2 threads, else 1].
+    /// threads; the results are the same as one after another [default: 2 for the
+    /// tiny model on a CPU with at least 2 threads, else 1].
     #[arg(long)]
     pub jobs: Option<usize>,
     /// `quick` (one seed, runs/experiment) or `study` (five seeds in runs/study, with
@@ -272,7 +272,7 @@ pub fn experiment(args: &ExperimentArgs) -> Result<()> {
     let threads = crate::arms::process_threads();
     let jobs = args
         .jobs
-        .unwrap_or_else(|| crate::arms::default_jobs(cfg.model.device, threads));
+        .unwrap_or_else(|| crate::arms::default_jobs(&cfg.model.name, cfg.model.device, threads));
     if jobs == 0 {
         bail!("--jobs must be at least 1");
     }

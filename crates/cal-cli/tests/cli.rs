@@ -549,4 +549,37 @@ fn experiment_arms_in_parallel_processes_give_the_sequential_results() {
     // a rerun reuses both finished arms
     let err = run("2", "par");
     assert!(!err.contains("started"), "{err}");
+    // the table across experiments reads both folders back: one row each, same numbers
+    let out = bin()
+        .arg("summarize")
+        .arg(dir.path().join("seq"))
+        .arg(dir.path().join("par"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("/seq |") || l.contains("/par |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows[0].contains("| 3 | 4 | 1 |"),
+        "K 3, 4 SFT steps, 1 seed: {text}"
+    );
+    assert_eq!(
+        rows[0].split_once(" | ").unwrap().1,
+        rows[1].split_once(" | ").unwrap().1
+    );
+    // a folder that is not an experiment is named
+    let out = bin().arg("summarize").arg(dir.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("config.toml"),
+        "{err}"
+    );
 }

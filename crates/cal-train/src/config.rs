@@ -137,6 +137,31 @@ pub struct TinySection {
     /// Largest intermediate value of the generated problems (`None`: the recipe's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_value: Option<u64>,
+    /// Chain lengths of the SFT corpus, `"MIN-MAX"` or `"K"` (`None`: the run's own,
+    /// `data.steps`). One warm start then serves runs at several K: the same model,
+    /// so the same skill per arithmetic step, with only the RL problems' K changing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sft_chain_steps: Option<String>,
+}
+
+impl TinySection {
+    /// `sft-chain-steps` as `(min, max)`; an error names the key and the value.
+    pub fn sft_chain_range(&self) -> Result<Option<(usize, usize)>> {
+        let Some(text) = &self.sft_chain_steps else {
+            return Ok(None);
+        };
+        let parse = |t: &str| t.trim().parse::<usize>().ok().filter(|&k| k >= 1);
+        let range = match text.split_once('-') {
+            Some((a, b)) => parse(a).zip(parse(b)),
+            None => parse(text).map(|k| (k, k)),
+        };
+        match range {
+            Some((a, b)) if a <= b => Ok(Some((a, b))),
+            _ => bail!(
+                "model.tiny.sft-chain-steps must be K or MIN-MAX with 1 <= MIN <= MAX, got {text:?}"
+            ),
+        }
+    }
 }
 
 impl ModelSection {
@@ -432,6 +457,7 @@ impl RunConfig {
         if self.data.steps == Some(0) {
             bail!("data.steps must be at least 1");
         }
+        self.model.tiny.sft_chain_range()?;
         self.run.num_iterations = self.run.num_iterations.max(1);
         if self.oracle.model.is_none() {
             self.oracle.model = Some(self.oracle.provider.default_model().into());

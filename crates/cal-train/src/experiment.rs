@@ -135,7 +135,8 @@ pub fn train_and_eval(
         .with_held_out(test.to_vec(), arm.eval.clone());
     if let Some(before) = &arm.before {
         let r = EvalReport::read(before)?;
-        if r.examples.len() == test.len() {
+        let same = r.config == Some(serde_json::to_value(&arm.eval)?);
+        if same && r.examples.len() == test.len() {
             trainer = trainer.with_start_eval(r.examples);
         }
     }
@@ -195,7 +196,9 @@ pub fn run(
         EvalReport::read(&before_dir)?
     } else {
         let graded = evaluate(&source.fresh()?, test, &cfg.eval, "eval before RL")?;
-        let r = EvalReport::new("before RL", source.describe(), graded, test.len());
+        let mut r = EvalReport::new("before RL", source.describe(), graded, test.len());
+        // what the arms check before taking it as their step-0 evaluation
+        r.config = Some(serde_json::to_value(&cfg.eval)?);
         r.write(&before_dir)?;
         r
     };

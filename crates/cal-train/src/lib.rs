@@ -21,5 +21,6 @@ pub mod rundir;
 pub mod score;
 pub mod sft;
 pub mod study;
+pub mod summarize;
 pub mod tiny;
 pub mod update;

@@ -108,7 +108,31 @@ impl TinySpec {
         if let Some(v) = tiny.max_value {
             spec.generator.max_value = Some(v);
         }
+        if let Ok(Some((min, max))) = tiny.sft_chain_range() {
+            spec.generator.min_steps = min;
+            spec.generator.max_steps = max;
+        }
         spec
+    }
+
+    /// The RL problems of a run (train, held out). Without `sft-chain-steps` they are
+    /// the SFT corpus's own ([`TinySpec::splits`], as always). With it, they are drawn
+    /// the same way at the run's K, and no held-out question is one the SFT trained on.
+    pub fn run_splits(
+        tiny: &crate::config::TinySection,
+        data: &crate::config::DataSection,
+    ) -> (Vec<Example>, Vec<Example>) {
+        let sft = Self::for_run(tiny, data);
+        if tiny.sft_chain_steps.is_none() {
+            return sft.splits();
+        }
+        let k = Self::for_data(data).generator;
+        let mut rl = sft.clone();
+        rl.generator.min_steps = k.min_steps;
+        rl.generator.max_steps = k.max_steps;
+        let (sft_train, _) = sft.splits();
+        let seen: HashSet<&str> = sft_train.iter().map(|e| e.question.as_str()).collect();
+        rl.splits_excluding(&seen)
     }
 
     /// The embedded benchmark of a run's `[data]`: the generator's wording and steps.
@@ -155,8 +179,14 @@ impl TinySpec {
 
     /// Train and held-out problems; held-out questions never appear in train.
     pub fn splits(&self) -> (Vec<Example>, Vec<Example>) {
+        self.splits_excluding(&HashSet::new())
+    }
+
+    /// [`TinySpec::splits`], with no held-out question in `exclude` either.
+    fn splits_excluding(&self, exclude: &HashSet<&str>) -> (Vec<Example>, Vec<Example>) {
         let train = generate(self.train_problems, self.data_seed, &self.generator);
-        let seen: HashSet<&str> = train.iter().map(|e| e.question.as_str()).collect();
+        let mut seen: HashSet<&str> = train.iter().map(|e| e.question.as_str()).collect();
+        seen.extend(exclude);
         let test: Vec<Example> = generate(
             self.test_problems * 2,
             self.data_seed ^ 0x005e_ed0f_7e57,
@@ -250,4 +280,49 @@ pub fn tiny_policy(spec: &TinySpec, root: &Path, dev: &Device, dtype: DType) -> 
         dir,
         sft: Some(report),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DataSection, TinySection};
+
+    fn steps(e: &Example) -> usize {
+        e.answer.lines().filter(|l| l.contains(" = ")).count()
+    }
+
+    #[test]
+    fn one_warm_start_serves_runs_at_several_chain_lengths() {
+        let at = |k| DataSection {
+            style: Style::Chain,
+            steps: Some(k),
+            ..DataSection::default()
+        };
+        // without sft-chain-steps: the SFT corpus's own problems, as always
+        let plain = TinySection::default();
+        let (a, b) = TinySpec::run_splits(&plain, &at(4));
+        let (c, d) = TinySpec::for_run(&plain, &at(4)).splits();
+        assert_eq!((a, b), (c, d));
+        // with it: one SFT recipe (one cache key) for every K ...
+        let mixed = TinySection {
+            sft_chain_steps: Some("2-6".into()),
+            ..TinySection::default()
+        };
+        let sft = TinySpec::for_run(&mixed, &at(4));
+        assert_eq!(
+            (sft.generator.min_steps, sft.generator.max_steps),
+            (2, 6)
+        );
+        assert_eq!(sft.key(), TinySpec::for_run(&mixed, &at(6)).key());
+        let (sft_train, _) = sft.splits();
+        assert!((2..=6).all(|k| sft_train.iter().any(|e| steps(e) == k)));
+        // ... and RL problems at the run's K, none held out that the SFT trained on
+        for k in [2, 6] {
+            let (train, test) = TinySpec::run_splits(&mixed, &at(k));
+            assert_eq!(test.len(), sft.test_problems);
+            assert!(train.iter().chain(&test).all(|e| steps(e) == k), "K = {k}");
+            let seen: HashSet<&str> = sft_train.iter().map(|e| e.question.as_str()).collect();
+            assert!(test.iter().all(|e| !seen.contains(e.question.as_str())));
+        }
+    }
 }
