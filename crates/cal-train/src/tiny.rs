@@ -309,10 +309,7 @@ mod tests {
             ..TinySection::default()
         };
         let sft = TinySpec::for_run(&mixed, &at(4));
-        assert_eq!(
-            (sft.generator.min_steps, sft.generator.max_steps),
-            (2, 6)
-        );
+        assert_eq!((sft.generator.min_steps, sft.generator.max_steps), (2, 6));
         assert_eq!(sft.key(), TinySpec::for_run(&mixed, &at(6)).key());
         let (sft_train, _) = sft.splits();
         assert!((2..=6).all(|k| sft_train.iter().any(|e| steps(e) == k)));
