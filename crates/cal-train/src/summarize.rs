@@ -14,6 +14,21 @@ use crate::tiny::TinySpec;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+/// The tiny warm start of an experiment: its SFT steps and its corpus's chain lengths.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SftRecipe {
+    pub steps: usize,
+    pub chain_steps: (usize, usize),
+}
+
+fn show_range((a, b): (usize, usize)) -> String {
+    if a == b {
+        a.to_string()
+    } else {
+        format!("{a}–{b}")
+    }
+}
+
 /// One finished experiment, in points where it is a percentage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExperimentRow {
@@ -21,8 +36,8 @@ pub struct ExperimentRow {
     /// Arithmetic steps per problem of the embedded benchmark (`min..=max`), `None` for
     /// a dataset file.
     pub chain_steps: Option<(usize, usize)>,
-    /// SFT steps of the tiny warm start (`None` for another model).
-    pub sft_steps: Option<usize>,
+    /// The tiny warm start (`None` for another model).
+    pub sft: Option<SftRecipe>,
     pub seeds: Vec<u64>,
     pub before: f64,
     pub before_steps_right: Option<f64>,
@@ -79,20 +94,23 @@ pub fn read_experiment(dir: &Path) -> Result<ExperimentRow> {
             .and_then(|v| v.as_f64())
             .with_context(|| format!("{}: a seed without `{key}`", summary_path.display()))
     };
-    let (chain_steps, sft_steps) = if cfg.data.dataset == "generated" {
+    let (chain_steps, sft) = if cfg.data.dataset == "generated" {
+        // K of the RL and held-out problems; the SFT corpus's may differ
+        // (`sft-chain-steps`)
+        let k = TinySpec::for_data(&cfg.data).generator;
         let spec = TinySpec::for_run(&cfg.model.tiny, &cfg.data);
-        let k = (spec.generator.min_steps, spec.generator.max_steps);
-        (
-            Some(k),
-            (cfg.model.name == "tiny").then_some(spec.sft.steps),
-        )
+        let sft = (cfg.model.name == "tiny").then_some(SftRecipe {
+            steps: spec.sft.steps,
+            chain_steps: (spec.generator.min_steps, spec.generator.max_steps),
+        });
+        (Some((k.min_steps, k.max_steps)), sft)
     } else {
         (None, None)
     };
     let mut row = ExperimentRow {
         dir: dir.to_path_buf(),
         chain_steps,
-        sft_steps,
+        sft,
         seeds: Vec::new(),
         before: 100.0 * before.accuracy.accuracy,
         before_steps_right: before.step_accuracy.map(|x| 100.0 * x),
@@ -156,9 +174,13 @@ pub fn table(rows: &[ExperimentRow]) -> String {
         "| experiment | K | SFT steps | seeds | before RL (steps right) | baseline − before | CAL − before | CAL − baseline (95% t CI) | steps right at the end, base / CAL (CAL − base) | all-wrong groups (base / CAL) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let k = match r.chain_steps {
-            Some((a, b)) if a == b => a.to_string(),
-            Some((a, b)) => format!("{a}–{b}"),
+        let k = r.chain_steps.map_or("–".into(), show_range);
+        // the SFT corpus's K only where it is not the run's own
+        let sft = match r.sft {
+            Some(s) if Some(s.chain_steps) != r.chain_steps => {
+                format!("{} (K {})", s.steps, show_range(s.chain_steps))
+            }
+            Some(s) => s.steps.to_string(),
             None => "–".into(),
         };
         let before = match r.before_steps_right {
@@ -184,9 +206,8 @@ pub fn table(rows: &[ExperimentRow]) -> String {
             "–".into()
         };
         s.push_str(&format!(
-            "| {} | {k} | {} | {} | {before} | {} | {} | {} | {steps} | {} / {} |\n",
+            "| {} | {k} | {sft} | {} | {before} | {} | {} | {} | {steps} | {} / {} |\n",
             r.dir.display(),
-            r.sft_steps.map_or("–".into(), |n| n.to_string()),
             r.seeds.len(),
             mean_ci(&r.baseline_gain),
             mean_ci(&r.cal_gain),
@@ -209,7 +230,10 @@ mod tests {
         ExperimentRow {
             dir: "runs/k4".into(),
             chain_steps: Some((4, 4)),
-            sft_steps: Some(900),
+            sft: Some(SftRecipe {
+                steps: 900,
+                chain_steps: (4, 4),
+            }),
             seeds: vec![42, 43, 44],
             before: 40.0,
             before_steps_right: Some(69.2),
@@ -238,10 +262,15 @@ mod tests {
         r.cal_gain = vec![10.0];
         r.cal_minus_baseline = vec![5.0];
         r.steps_right_baseline.clear();
-        r.chain_steps = Some((2, 3));
+        // an SFT corpus of other chain lengths than the run's shows in its column
+        r.chain_steps = Some((6, 6));
+        r.sft = Some(SftRecipe {
+            steps: 1200,
+            chain_steps: (2, 6),
+        });
         let t = table(&[r]);
         assert!(
-            t.contains("| 2–3 | 900 | 1 |") && t.contains("| +5.0 | +10.0 | +5.0 | – |"),
+            t.contains("| 6 | 1200 (K 2–6) | 1 |") && t.contains("| +5.0 | +10.0 | +5.0 | – |"),
             "{t}"
         );
     }
