@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU session measures, as one script for a GPU machine without network or
-# Rust toolchain (issue 12). Prepare here, run there:
+# Everything the GPU run measures, as one script for a GPU machine without network or
+# Rust toolchain. Prepare here, run there:
 #
 #   bash bench/gpu_session.sh prepare     # here: CUDA bundle, TRL wheels, tokenizer -> target/gpu-carry (< 64 MiB)
 #   bash bench/gpu_session.sh run [tests|bench|trl|experiment]...   # there, with target/gpu-carry carried
@@ -41,7 +41,7 @@ run() {
     python3 -m pip install --quiet --no-index --no-deps "$carry"/wheels/*.whl || true
     # The CUDA 13 libraries of PyTorch's wheels, and the driver.
     LD_LIBRARY_PATH=$(python3 -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in os.listdir(p)))'):${LD_LIBRARY_PATH:-}
-    export LD_LIBRARY_PATH CAL_GRPO_REQUIRE_CUDA=1
+    export LD_LIBRARY_PATH
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     for part in "${parts[@]}"; do "run_$part" "$b"; done
 }

@@ -132,7 +132,7 @@ for line in sys.stdin:
     for t in "$CARGO_TARGET_DIR"/gpu-tests/*; do strip -o "$bundle/$(basename "$t")" "$t"; done
     tar -cf - -C "$bundle" . | xz -6 -T2 > "$CARGO_TARGET_DIR/gpu-bundle.tar.xz"
     echo "  $CARGO_TARGET_DIR/gpu-bundle.tar.xz ($(du -h "$CARGO_TARGET_DIR/gpu-bundle.tar.xz" | cut -f1)):" \
-        "tar -xJf it on the GPU machine, then CAL_GRPO_REQUIRE_CUDA=1 ./device_path; ./gpu"
+        "tar -xJf it on the GPU machine, then ./device_path; ./gpu"
 fi
 
 # 5. Smoke test without a GPU: the binary starts against the stub, and --device cuda

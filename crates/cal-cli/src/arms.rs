@@ -10,8 +10,8 @@
 use anyhow::{bail, Context, Result};
 use cal_model::DeviceSpec;
 use cal_train::evaluate::EvalReport;
-use cal_train::experiment::{Arm, ArmRunner};
 use cal_train::grpo::INTERRUPTED;
+use cal_train::study::experiment::{Arm, ArmRunner};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -54,9 +54,9 @@ pub fn run_child(file: &Path) -> Result<()> {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let arm: Arm = serde_json::from_str(&text)
         .with_context(|| format!("{}: not an experiment arm", file.display()))?;
-    let source = crate::run::Source::of(&arm.run);
-    let (train, test) = crate::run::datasets(&arm.run)?;
-    let r = cal_train::experiment::train_and_eval(&source, &arm, &train, &test)?;
+    let source = crate::source::Source::of(&arm.run);
+    let (train, test) = crate::source::datasets(&arm.run)?;
+    let r = cal_train::study::experiment::train_and_eval(&source, &arm, &train, &test)?;
     eprintln!(
         "{}: held-out accuracy {:.1}%",
         arm.dir.display(),

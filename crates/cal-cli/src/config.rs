@@ -1,5 +1,5 @@
 //! Flags of `train` and `experiment`, and the flags shared by every command that loads
-//! a model or asks an oracle. The flags are the seed's flat names; each one is the
+//! a model or asks an oracle. The flags are flat names (`--num-generations`); each one is the
 //! top layer over a key of the nested run configuration ([`cal_train::config`]), as
 //! listed in [`FLAGS`], the one table that ties the two together.
 
@@ -60,7 +60,7 @@ pub struct OracleFlags {
 impl OracleFlags {
     /// The oracle of a one-off request (`oracle`, `demo`): defaults, then these flags.
     pub fn spec(&self) -> Result<OracleSpec> {
-        Ok(RunConfig::resolve(None, &flag_layer(self)?)?.oracle)
+        Ok(RunConfig::resolve(None, &flag_layer(self, FLAGS)?)?.oracle)
     }
 }
 
@@ -304,6 +304,21 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("eval_every", "eval.every"),
 ];
 
+/// Flags whose default is worked out from other values (their help says how), so no
+/// single default is shown for them.
+pub const DERIVED: &[&str] = &[
+    "output_dir",
+    "cal_model",
+    "lora_alpha",
+    "epsilon_high",
+    "steps",
+    "credit",
+    "chain_steps",
+    "sft_steps",
+    "sft_chain_steps",
+    "train_problems",
+];
+
 /// Sets `path` (dotted) in a nested JSON object.
 fn set_path(root: &mut Value, path: &str, v: Value) {
     let mut node = root;
@@ -320,15 +335,32 @@ fn set_path(root: &mut Value, path: &str, v: Value) {
     }
 }
 
-fn lookup<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+/// The value at a dotted `path` of a nested JSON object.
+pub fn lookup<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(root, |n, k| n.get(k))
 }
 
+/// A configuration value as a user types it (`3e-5`, not `0.00003`; lists with commas).
+pub fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map_or(x.to_string(), String::from))
+            .collect::<Vec<_>>()
+            .join(","),
+        Value::Number(n) if n.as_f64().is_some_and(|x| x != 0.0 && x.abs() < 1e-3) => {
+            format!("{:e}", n.as_f64().unwrap_or_default())
+        }
+        v => v.to_string(),
+    }
+}
+
 /// The flags that were given, as a partial run configuration.
-fn flag_layer(flags: &impl Serialize) -> Result<Value> {
+pub fn flag_layer(flags: &impl Serialize, table: &[(&str, &str)]) -> Result<Value> {
     let given = serde_json::to_value(flags)?;
     let mut out = json!({});
-    for (id, path) in FLAGS {
+    for (id, path) in table {
         if let Some(v) = given.get(*id).filter(|v| !v.is_null()) {
             set_path(&mut out, path, v.clone());
         }
@@ -349,7 +381,7 @@ impl TrainArgs {
 
     /// Defaults → model profile → `command_defaults` → `--config` → flags.
     pub fn resolve_with(&self, command_defaults: Value) -> Result<RunConfig> {
-        let mut layer = flag_layer(self)?;
+        let mut layer = flag_layer(self, FLAGS)?;
         if self.use_cal {
             match self.credit {
                 Some(CreditMode::Outcome) => bail!(
@@ -393,33 +425,8 @@ pub fn annotate_defaults(mut cmd: Command, command_defaults: &Value) -> Command 
         serde_json::to_value(tiny).unwrap_or_default(),
         serde_json::to_value(other).unwrap_or_default(),
     );
-    let show = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Array(a) => a
-            .iter()
-            .map(|x| x.as_str().map_or(x.to_string(), String::from))
-            .collect::<Vec<_>>()
-            .join(","),
-        // learning rates read as 3e-5, not 0.00003
-        Value::Number(n) if n.as_f64().is_some_and(|x| x != 0.0 && x.abs() < 1e-3) => {
-            format!("{:e}", n.as_f64().unwrap_or_default())
-        }
-        v => v.to_string(),
-    };
     for (id, path) in FLAGS {
-        if matches!(
-            *id,
-            "output_dir"
-                | "cal_model"
-                | "lora_alpha"
-                | "epsilon_high"
-                | "steps"
-                | "credit"
-                | "chain_steps"
-                | "sft_steps"
-                | "sft_chain_steps"
-                | "train_problems"
-        ) {
+        if DERIVED.contains(id) {
             continue; // derived from other values; their help says how
         }
         let (Some(t), Some(o)) = (lookup(&tiny, path), lookup(&other, path)) else {

@@ -2,10 +2,13 @@
 //! generations against a dataset; both write the same [`EvalReport`].
 
 use crate::config::PlacementFlags;
+use crate::source::Source;
 use anyhow::{bail, Result};
 use cal_core::data;
 use cal_core::evaluate::{grade_predictions, load_predictions};
-use cal_train::evaluate::{EvalConfig, EvalReport};
+use cal_model::Placement;
+use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
+use cal_train::study::experiment::PolicySource;
 use clap::Args;
 use std::path::{Path, PathBuf};
 
@@ -28,14 +31,25 @@ pub struct EvalArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub placement: PlacementFlags,
-    /// Samples per question (1 = greedy; k > 1 samples at --temperature and reports pass@k).
-    #[arg(long, default_value_t = 1)]
+    /// Completions per problem (1 = greedy; k > 1 samples at --temperature and reports
+    /// pass@k), as `train --num-generations` (`--samples` is the old name).
+    #[arg(
+        long = "num-generations",
+        visible_alias = "samples",
+        default_value_t = 1
+    )]
     pub samples: usize,
-    /// Sampling temperature when --samples > 1.
+    /// Sampling temperature when --num-generations > 1.
     #[arg(long, default_value_t = EvalConfig::default().temperature)]
     pub temperature: f64,
-    /// Evaluate the first N problems (-1 = all).
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    /// Evaluate the first N problems (-1 = all), as `train --eval-samples`
+    /// (`--num-samples` is the old name).
+    #[arg(
+        long = "eval-samples",
+        visible_alias = "num-samples",
+        default_value_t = -1,
+        allow_negative_numbers = true
+    )]
     pub num_samples: i64,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
@@ -61,7 +75,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 ..EvalConfig::default()
             };
             let placement = args.placement.placement();
-            let r = crate::run::eval_model(
+            let r = eval_model(
                 model,
                 placement,
                 &args.dataset,
@@ -109,4 +123,23 @@ fn default_out_dir(pred_path: &Path) -> PathBuf {
         .and_then(|s| s.to_str())
         .unwrap_or("predictions");
     pred_path.with_file_name(format!("{stem}.eval"))
+}
+
+/// `eval --model`: generate on the dataset, grade, write the report.
+fn eval_model(
+    model: &str,
+    placement: Placement,
+    dataset: &Path,
+    cfg: &EvalConfig,
+    num_samples: i64,
+    out: &Path,
+) -> Result<EvalReport> {
+    let policy = Source::new(model, placement).fresh()?;
+    let examples = data::select(data::load(dataset)?, num_samples, None);
+    let graded = evaluate(&policy, &examples, cfg, "eval")?;
+    let mut report = EvalReport::new(model, model, graded, examples.len());
+    report.dataset = Some(dataset.display().to_string());
+    report.config = Some(serde_json::to_value(cfg)?);
+    report.write(out)?;
+    Ok(report)
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, Result};
 use cal_model::generate::{generate, SamplingConfig};
-use cal_train::experiment::PolicySource;
+use cal_train::study::experiment::PolicySource;
 use clap::Args;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let model = args.model.to_string_lossy();
-    let loaded = crate::run::Source::new(&model, args.placement.placement()).fresh()?;
+    let loaded = crate::source::Source::new(&model, args.placement.placement()).fresh()?;
     let tok = &loaded.tok;
     let text = if args.chat {
         let tpl = tok.chat_template.as_ref().ok_or_else(|| {

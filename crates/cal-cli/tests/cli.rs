@@ -152,6 +152,8 @@ fn demo_marks_the_first_error() {
 #[test]
 fn oracle_command_reports_char_and_token_ranges() {
     let dir = tempfile::tempdir().unwrap();
+    let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cal-model/tests/fixtures/qwen2-tiny/tokenizer.json");
     let resp = dir.path().join("r.txt");
     std::fs::write(
         &resp,
@@ -168,15 +170,39 @@ fn oracle_command_reports_char_and_token_ranges() {
             "3 * 6 = <<3*6=18>>18
 #### 6",
             "--json",
-            "--response",
+            "--tokenizer",
         ])
+        .arg(&tokenizer)
+        .arg("--response")
         .arg(&resp)
         .output()
         .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["outcome"]["outcome"], "located");
     assert_eq!(v["outcome"]["segment"], "3 * 6 = 16");
-    assert_eq!(v["outcome"]["located"]["start"], 10);
+    let (start, end) = (10, 20);
+    assert_eq!(v["outcome"]["located"]["start"], start);
+    assert_eq!(v["outcome"]["located"]["end"], end);
+    // the token range: every token whose characters overlap the span, worked out here
+    // from the tokenizer's own offsets
+    let tok = tokenizers::Tokenizer::from_file(&tokenizer).unwrap();
+    let text = std::fs::read_to_string(&resp).unwrap();
+    let enc = tok.encode(text.as_str(), false).unwrap();
+    let hit: Vec<usize> = enc
+        .get_offsets()
+        .iter()
+        .enumerate()
+        .filter(|(_, &(a, b))| a < end && b > start)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(hit.len() >= 2, "{hit:?}");
+    assert_eq!(v["token_span"]["start"], hit[0]);
+    assert_eq!(v["token_span"]["end"], hit[hit.len() - 1] + 1);
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! token carries. Masked (padding / prompt) positions are always exactly `0`.
 //!
 //! The token matrix goes into the loss as is; it is never summed back into a
-//! sequence reward (the original code did, and so erased the fine-grained signal).
+//! sequence reward (that would turn span credit back into outcome credit with another
+//! scalar, erasing the very signal the oracle was asked for).
 //!
 //! ```
 //! use cal_core::credit::*;
@@ -40,7 +41,7 @@ pub enum GroupAdvantage {
     Rloo,
 }
 
-/// Which tokens of a rollout carry which advantage (DESIGN.md §1).
+/// Which tokens of a rollout carry which advantage (the table in `docs/design.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
@@ -50,7 +51,8 @@ pub enum CreditMode {
     /// CAL: an incorrect rollout with a span gets `negative_reward` on span tokens and
     /// 0 elsewhere; correct rollouts and incorrect ones without a span get `Â_i`.
     Span,
-    /// As `Span` but `negative_reward / |S|` on the span (the original code's choice).
+    /// As `Span` but `negative_reward / |S|` on the span (a mean over the span
+    /// rather than a per-token penalty, so long spans are not blamed more).
     SpanScaled,
     /// First-error (VPPO-like): `prefix_reward` before the span, `negative_reward` from
     /// the span's first token to the end of the completion.
@@ -102,7 +104,7 @@ impl FromStr for GroupAdvantage {
 }
 
 /// Parameters of credit assignment: the `[credit]` section of a run configuration.
-/// Defaults follow the seed.
+/// Defaults: `negative_reward` −1.0, `max_error_span` 64.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct CreditConfig {

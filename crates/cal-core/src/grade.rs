@@ -12,7 +12,7 @@
 //! what the trainer rewards.
 //!
 //! Answers are compared as numbers, never by substring containment (`"2"` is not a
-//! correct answer to `12`, a bug of the original code).
+//! correct answer to `12`, a classic grading bug).
 //!
 //! ```
 //! use cal_core::grade::{extract, is_correct};

@@ -2,7 +2,7 @@
 //! (feature `openblas`, Debian's `libopenblas-dev`), as a differentiable candle op.
 //!
 //! Why: candle's CPU matmul (the `gemm` crate) reached about half of the f32 rate that
-//! PyTorch gets from the same two cores on SmolLM2's training shapes (issue 13), and
+//! PyTorch gets from the same two cores on SmolLM2's training shapes, and
 //! the linear layers are most of a training step's FLOPs. OpenBLAS's packed kernels are
 //! tuned per CPU at run time (DYNAMIC_ARCH). Which product wins is a measurement:
 //! `cal-grpo bench gemm` runs both alternately on the model's shapes.

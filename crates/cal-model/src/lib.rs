@@ -2,7 +2,9 @@
 //! Llama-family decoder on candle with loading, generation, log-probs and LoRA.
 
 pub mod attention;
+pub mod bench;
 pub mod blas;
+pub mod compose;
 pub mod config;
 pub mod device;
 pub mod gemv;

@@ -485,6 +485,14 @@ pub fn save_safetensors(params: &Params, path: &Path, filter: impl Fn(&str) -> b
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&map, &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
+    // The safetensors writer creates its file with mode 0600; give it the mode every
+    // other file of the folder gets (0666 under the user's umask), read off a fresh file.
+    let probe = path.with_extension("safetensors.mode");
+    std::fs::File::create(&probe).with_context(|| format!("creating {}", probe.display()))?;
+    let mode = std::fs::metadata(&probe)?.permissions();
+    std::fs::remove_file(&probe)?;
+    std::fs::set_permissions(&tmp, mode)
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }

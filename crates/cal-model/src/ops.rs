@@ -1,49 +1,11 @@
-//! Differentiable building blocks.
-//!
-//! candle-nn 0.11's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope*`
-//! kernels have no backward pass: a graph through them silently drops gradients. Every
-//! op here is a composition of candle-core primitives that do have one (checked against
-//! finite differences in `tests/gradients.rs`).
+//! The ops a forward pass calls, and which implementation serves each: [`Kernels`]
+//! picks this crate's differentiable kernels ([`crate::rowwise`], falling back to the
+//! compositions of [`crate::compose`]) or candle-nn's fused inference kernels; the
+//! linear layers pick candle's matmul, OpenBLAS or the decoding kernel of
+//! [`crate::gemv`].
 
 use candle_core::{DType, Result, Shape, Tensor, D};
 use rand::{Rng, SeedableRng};
-
-/// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`, computed in the input dtype.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(weight)
-}
-
-/// Softmax over the last dimension. The max is subtracted (and detached: it cancels
-/// out of the gradient) so that large logits do not overflow.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// Log-softmax over the last dimension.
-pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
-}
-
-/// `[..., d]` → `[..., d]` with halves swapped and the first negated (HF Llama RoPE).
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
-}
-
-/// Rotary embedding of `x: [B, H, T, D]` with `cos, sin: [B, 1, T, D]` (per-row
-/// positions, so left-padded batches rotate each row from its own first token).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
-}
 
 /// Which kernels a forward pass runs. candle-nn's fused RMSNorm, RoPE and softmax have
 /// no backward pass, so they may serve only a pass that records no gradient (the
@@ -52,7 +14,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
     /// Differentiable: [`crate::rowwise`]'s kernels with hand-written backward passes
-    /// (f32/f64 CPU) or the compositions above.
+    /// (f32/f64 CPU) or the compositions of [`crate::compose`].
     Differentiable,
     /// candle-nn's fused kernels, which have no backward: inference only.
     Inference,
@@ -212,7 +174,7 @@ pub fn dropout_mask(
     name: &str,
     dev: &candle_core::Device,
 ) -> Result<Tensor> {
-    // FNV-1a of the module name, mixed into the seed.
+    // FNV-1a of the module name, mixed into the dropout seed.
     let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });

@@ -2,7 +2,7 @@
 //! and the SwiGLU gate (per element), each one op forward and one op backward with the
 //! gradient written by hand.
 //!
-//! The compositions in [`crate::ops`] are correct but costly: RMSNorm is 6 candle ops
+//! The compositions in [`crate::compose`] are correct but costly: RMSNorm is 6 candle ops
 //! forward and about 10 backward, softmax 5 and 8, each allocating and streaming a full
 //! tensor. On SmolLM2's training step the attention-probability tensors alone are
 //! `[8, 9, 256, 256]` (19 MB) per layer. Here each runs as one pass per row forward and
@@ -26,7 +26,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         x.contiguous()?
             .apply_op2(&weight.contiguous()?, RmsNorm { eps })
     } else {
-        crate::ops::rms_norm(x, weight, eps)
+        crate::compose::rms_norm(x, weight, eps)
     }
 }
 
@@ -35,7 +35,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fusable(x) {
         x.contiguous()?.apply_op1(Softmax)
     } else {
-        crate::ops::softmax_last_dim(x)
+        crate::compose::softmax_last_dim(x)
     }
 }
 
@@ -60,7 +60,7 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotary embedding of `x: [B, H, T, D]` with tables `cos, sin: [B, 1, T, D]` (halves
-/// duplicated, as [`crate::ops::Kernels::rope_tables`] builds them), differentiable in
+/// duplicated, as `Kernels::rope_tables` in `ops.rs` builds them), differentiable in
 /// `x`.
 ///
 /// The composition is 5 ops forward (two products, a negation, a concatenation, a sum)
@@ -79,7 +79,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             Rope { backward: false },
         )
     } else {
-        crate::ops::rope(x, cos, sin)
+        crate::compose::rope(x, cos, sin)
     }
 }
 

@@ -24,7 +24,7 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             .contiguous()?
             .apply_op2(&targets.contiguous()?, TokenLogProb)
     } else {
-        crate::ops::log_softmax_last_dim(logits)?
+        crate::compose::log_softmax_last_dim(logits)?
             .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
             .squeeze(D::Minus1)
     }
@@ -36,7 +36,7 @@ pub fn entropy(logits: &Tensor) -> Result<Tensor> {
     if fusable(&logits) {
         logits.contiguous()?.apply_op1_no_bwd(&Entropy)
     } else {
-        let lp = crate::ops::log_softmax_last_dim(&logits)?;
+        let lp = crate::compose::log_softmax_last_dim(&logits)?;
         (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()
     }
 }

@@ -6,8 +6,8 @@
 //! kernels switched off ([`cal_model::device::portable`]), which takes exactly the ops a
 //! GPU takes; it runs in every `cargo test`. `Cuda` is the GPU group: the same checks on
 //! `cuda:0`, compiled with `--features cuda` (see `scripts/build-cuda.sh`) and listed as
-//! ignored otherwise. A CUDA build on a machine without a device prints `SKIPPED` for
-//! them, or fails when `CAL_GRPO_REQUIRE_CUDA=1` (set it on the GPU machine).
+//! ignored otherwise. A CUDA build on a machine without a device fails them, unless
+//! `CAL_GRPO_SKIP_CUDA=1` skips them (printing `SKIPPED`).
 
 use cal_model::generate::{build_batch, completion_logprobs, generate, sample_on_device};
 use cal_model::generate::{SamplingConfig, SequenceBatch};

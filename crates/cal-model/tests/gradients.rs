@@ -301,7 +301,7 @@ fn kv_cache_does_not_hold_the_graph_of_a_trainable_policy() {
     }
 }
 
-/// The fused vocabulary kernels against the differentiable composition of `ops`
+/// The fused vocabulary kernels against the differentiable composition of `compose`
 /// (itself checked by finite differences above): values, gradients and entropy.
 #[test]
 fn fused_token_logprobs_match_the_composition() {
@@ -315,7 +315,7 @@ fn fused_token_logprobs_match_the_composition() {
     let y = Tensor::from_vec(y, (b, t), &dev).unwrap();
     let w = Tensor::randn(0f32, 1.0, (b, t), &dev).unwrap();
     let fused_lp = vocab::token_logprobs(x.as_tensor(), &y).unwrap();
-    let reference = cal_model::ops::log_softmax_last_dim(x.as_tensor())
+    let reference = cal_model::compose::log_softmax_last_dim(x.as_tensor())
         .unwrap()
         .gather(&y.unsqueeze(2).unwrap(), 2)
         .unwrap()
@@ -349,7 +349,7 @@ fn fused_token_logprobs_match_the_composition() {
         &flat(g_ref.get(x.as_tensor()).unwrap()),
         "grad",
     );
-    let lp = cal_model::ops::log_softmax_last_dim(x.as_tensor()).unwrap();
+    let lp = cal_model::compose::log_softmax_last_dim(x.as_tensor()).unwrap();
     let h_ref = (lp.exp().unwrap() * &lp)
         .unwrap()
         .sum(2)
@@ -449,11 +449,11 @@ fn fused_inference_path_matches_the_training_path() {
 }
 
 /// The row-wise kernels (one pass forward, hand-written backward) against the
-/// differentiable compositions in `ops`, in f64: values and the gradients of every
+/// differentiable compositions in `compose`, in f64: values and the gradients of every
 /// input, for RMSNorm (x and weight) and softmax (with a masked, all-equal row).
 #[test]
 fn rowwise_kernels_match_the_compositions() {
-    use cal_model::{ops, rowwise};
+    use cal_model::{compose, rowwise};
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (3, 5, 67), &dev).unwrap()).unwrap();
     let w = Var::from_tensor(&Tensor::randn(1f64, 0.3, 67, &dev).unwrap()).unwrap();
@@ -480,7 +480,7 @@ fn rowwise_kernels_match_the_compositions() {
         }
     };
     let fused = run(rowwise::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap());
-    let reference = run(ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap());
+    let reference = run(compose::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap());
     close(&fused.0, &reference.0, "rms_norm");
     close(&fused.1, &reference.1, "rms_norm dx");
     close(&fused.2, &reference.2, "rms_norm dw");
@@ -505,7 +505,7 @@ fn rowwise_kernels_match_the_compositions() {
             .unwrap()
     };
     let fused = run(rowwise::softmax_last_dim(&logits()).unwrap());
-    let reference = run(ops::softmax_last_dim(&logits()).unwrap());
+    let reference = run(compose::softmax_last_dim(&logits()).unwrap());
     close(&fused.0, &reference.0, "softmax");
     close(&fused.1, &reference.1, "softmax dx");
     close(&fused.2, &reference.2, "softmax dw");
@@ -565,7 +565,7 @@ fn values_and_grads(y: &Tensor, probe: &Tensor, wrt: &[&Var]) -> Vec<Vec<f64>> {
 /// order, so a training run does not change by switching).
 #[test]
 fn rope_kernel_matches_the_composition_bit_for_bit() {
-    use cal_model::{ops, rowwise};
+    use cal_model::{compose, rowwise};
     let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
         let x = Var::from_tensor(&randn(1.5, &[2, 3, 5, 8], dtype)).unwrap();
@@ -584,7 +584,7 @@ fn rope_kernel_matches_the_composition_bit_for_bit() {
         let probe = randn(1.0, &[2, 3, 5, 8], dtype);
         let run = |y: Tensor| values_and_grads(&y, &probe, &[&x]);
         let fused = run(rowwise::rope(x.as_tensor(), &cos, &sin).unwrap());
-        let reference = run(ops::rope(x.as_tensor(), &cos, &sin).unwrap());
+        let reference = run(compose::rope(x.as_tensor(), &cos, &sin).unwrap());
         assert_eq!(fused[0], reference[0], "{dtype:?} rope values");
         assert_eq!(fused[1], reference[1], "{dtype:?} rope gradient");
         // And it is a rotation: norms of each (j, j + D/2) pair are kept.

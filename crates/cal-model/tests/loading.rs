@@ -114,6 +114,15 @@ fn export_round_trip_merges_lora() {
     );
     let dir = tempfile::tempdir().unwrap();
     load::export_hf(&l.model, &l.tokenizer, dir.path()).unwrap();
+    // every file of the exported folder has the same mode (the weights were 0600 once)
+    let mode = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().permissions();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert_eq!(mode(f), mode("config.json"), "{f}");
+    }
     let back = load::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let merged = logits(&back);
     let diff = with_lora

@@ -4,9 +4,10 @@
 //! median is reported, so a noisy neighbour shows up as spread rather than as a wrong
 //! number.
 
+use crate::adamw::{AdamW, OptimConfig};
 use crate::policy::Policy;
-use crate::update::{AdamW, OptimConfig};
 use anyhow::Result;
+use cal_model::bench::median;
 use cal_model::generate::{build_batch, completion_logprobs, generate, SamplingConfig};
 use cal_model::tokenizer::TokenizerBundle;
 use cal_model::Forward;
@@ -27,23 +28,6 @@ pub struct BenchRow {
     pub peak_rss_mib: f64,
     pub repeats: usize,
     pub spread: String,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// Median wall time of `calls` calls of `f`, after one untimed warm-up call.
-fn median_time<T>(calls: usize, f: &dyn Fn() -> Result<T>) -> Result<f64> {
-    f()?;
-    let mut v = Vec::with_capacity(calls);
-    for _ in 0..calls {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(v))
 }
 
 pub fn peak_rss_mib() -> f64 {
@@ -238,200 +222,6 @@ pub fn table(rows: &[BenchRow]) -> String {
         ));
     }
     s
-}
-
-/// One row of `cal-grpo bench kernels`: a decoding-step product `[m, k] × [k, n]`
-/// through candle's matmul (gemm) and through [`cal_model::gemv`], alternately.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct KernelRow {
-    pub shape: String,
-    pub gemm_ms: f64,
-    pub gemv_ms: f64,
-    /// Weight bytes streamed per second, GB/s.
-    pub gemm_gbs: f64,
-    pub gemv_gbs: f64,
-    /// Largest |gemv − gemm| relative to the largest |gemm| value.
-    pub rel_diff: f64,
-}
-
-/// Decoding-step products of SmolLM2's shapes (batch 8): the vocabulary product and
-/// the per-layer ones, each measured `rounds` times alternating gemm and the
-/// small-batch kernel (median of 9 calls per round), plus a streaming reference: the
-/// GB/s of summing a 1 GiB tensor. The layer weights fit in L2/L3 when called in a
-/// loop, so only the vocabulary product (113 MB) shows the memory-bound rate.
-pub fn bench_kernels(rounds: usize) -> Result<(f64, Vec<KernelRow>)> {
-    let dev = Device::Cpu;
-    let time = |f: &dyn Fn() -> Result<Tensor>| median_time(9, f);
-    let big = Tensor::ones(256 << 20, DType::F32, &dev)?;
-    let stream = (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            big.sum_all()?.to_scalar::<f32>()?;
-            Ok(t.elapsed().as_secs_f64())
-        })
-        .collect::<Result<Vec<f64>>>()?;
-    let stream_gbs = (1u64 << 30) as f64 / median(stream) / 1e9;
-    drop(big);
-    let mut rows = Vec::new();
-    for (n, k) in [
-        (49152, 576),
-        (1536, 576),
-        (576, 1536),
-        (576, 576),
-        (192, 576),
-    ] {
-        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
-        let x = Tensor::randn(0f32, 1.0, (8, k), &dev)?;
-        let gemm = || -> Result<Tensor> { Ok(x.matmul(&w.t()?)?) };
-        let gemv = || -> Result<Tensor> { Ok(cal_model::gemv::matmul_nt(&x, &w)?) };
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..rounds.max(1) {
-            a.push(time(&gemm)?);
-            b.push(time(&gemv)?);
-        }
-        let want = x.matmul(&w.t()?)?;
-        let got = cal_model::gemv::matmul_nt(&x, &w)?;
-        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let bytes = (n * k * 4) as f64 / 1e9;
-        let (ga, gb) = (median(a), median(b));
-        rows.push(KernelRow {
-            shape: format!("[8, {k}] x [{k}, {n}]"),
-            gemm_ms: ga * 1e3,
-            gemv_ms: gb * 1e3,
-            gemm_gbs: bytes / ga,
-            gemv_gbs: bytes / gb,
-            rel_diff: f64::from(diff / scale),
-        });
-    }
-    Ok((stream_gbs, rows))
-}
-
-pub fn kernel_table(stream_gbs: f64, rows: &[KernelRow]) -> String {
-    let mut s = String::from(
-        "| decoding product (f32) | gemm ms | small-batch kernel ms | gemm GB/s | kernel GB/s | speed-up | max rel. diff |\n|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s += &format!(
-            "| {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.2}x | {:.1e} |\n",
-            r.shape,
-            r.gemm_ms,
-            r.gemv_ms,
-            r.gemm_gbs,
-            r.gemv_gbs,
-            r.gemm_ms / r.gemv_ms,
-            r.rel_diff
-        );
-    }
-    s + &format!("\nstreaming reference (sum of a 1 GiB f32 tensor): {stream_gbs:.1} GB/s\n")
-}
-
-/// One training-shape product timed with candle's matmul and with the BLAS op.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GemmRow {
-    pub shape: String,
-    /// `forward` (`x · Wᵀ`) or `fwd+bwd` (the same plus both gradient products).
-    pub pass: &'static str,
-    pub candle_ms: f64,
-    pub blas_ms: f64,
-    pub candle_gflops: f64,
-    pub blas_gflops: f64,
-    /// min–max of each side's rounds, ms.
-    pub spread: String,
-}
-
-/// f32 products of the training path (`linear`'s `[rows, in] · [out, in]ᵀ`, forward
-/// and forward+backward) on SmolLM2-135M's layer shapes at 8 × 256 rows and the tiny
-/// model's at 8 × 96, plus a 2048³ square product: candle's gemm and
-/// [`cal_model::blas`] alternate within each of `rounds` rounds (median of 3 calls per
-/// round). The best rate seen on the square product is the machine's GEMM reference.
-pub fn bench_gemm(rounds: usize) -> Result<Vec<GemmRow>> {
-    use cal_model::blas;
-    anyhow::ensure!(
-        blas::compiled(),
-        "bench gemm compares candle with OpenBLAS: build with `--features openblas`"
-    );
-    let dev = Device::Cpu;
-    let time = |f: &dyn Fn() -> Result<()>| median_time(3, f);
-    let mut rows = Vec::new();
-    let shapes = [
-        ("square", 2048, 2048, 2048),
-        ("SmolLM2 gate/up", 2048, 576, 1536),
-        ("SmolLM2 down", 2048, 1536, 576),
-        ("SmolLM2 q/o", 2048, 576, 576),
-        ("SmolLM2 k/v", 2048, 576, 192),
-        ("tiny up", 768, 256, 688),
-        ("tiny down", 768, 688, 256),
-        ("tiny q/o", 768, 256, 256),
-    ];
-    for (name, m, k, n) in shapes {
-        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev)?)?;
-        let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.02, (n, k), &dev)?)?;
-        let up = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
-        for pass in ["forward", "fwd+bwd"] {
-            let run = |on: bool| -> Result<()> {
-                blas::set_enabled(on);
-                let y = cal_model::ops::linear(x.as_tensor(), w.as_tensor(), None)?;
-                if pass == "fwd+bwd" {
-                    let g = (y * &up)?.sum_all()?.backward()?;
-                    anyhow::ensure!(g.get(&w).is_some() && g.get(&x).is_some());
-                } else {
-                    anyhow::ensure!(y.dims() == [m, n]);
-                }
-                Ok(())
-            };
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            for _ in 0..rounds.max(1) {
-                a.push(time(&|| run(false))?);
-                b.push(time(&|| run(true))?);
-            }
-            let products = if pass == "forward" { 1.0 } else { 3.0 };
-            let flops = products * 2.0 * (m * k * n) as f64;
-            let span = |v: &[f64]| {
-                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = v.iter().copied().fold(0.0, f64::max);
-                format!("{:.1}–{:.1}", lo * 1e3, hi * 1e3)
-            };
-            let spread = format!("candle {} / blas {}", span(&a), span(&b));
-            let (ma, mb) = (median(a), median(b));
-            rows.push(GemmRow {
-                shape: format!("{name} [{m}, {k}] x [{k}, {n}]"),
-                pass,
-                candle_ms: ma * 1e3,
-                blas_ms: mb * 1e3,
-                candle_gflops: flops / ma / 1e9,
-                blas_gflops: flops / mb / 1e9,
-                spread,
-            });
-        }
-    }
-    blas::set_enabled(true);
-    Ok(rows)
-}
-
-pub fn gemm_table(rows: &[GemmRow]) -> String {
-    let best = rows
-        .iter()
-        .map(|r| r.candle_gflops.max(r.blas_gflops))
-        .fold(0.0, f64::max);
-    let mut s = String::from(
-        "| product (f32) | pass | candle ms | OpenBLAS ms | candle GFLOP/s | OpenBLAS GFLOP/s | speed-up | OpenBLAS / best | spread (ms) |\n|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s += &format!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.0}% | {} |\n",
-            r.shape,
-            r.pass,
-            r.candle_ms,
-            r.blas_ms,
-            r.candle_gflops,
-            r.blas_gflops,
-            r.candle_ms / r.blas_ms,
-            100.0 * r.blas_gflops / best,
-            r.spread
-        );
-    }
-    s + &format!("\nbest rate seen (the normaliser): {best:.0} GFLOP/s\n")
 }
 
 /// One side of [`bench_train_step`].

@@ -87,7 +87,7 @@ pub struct Resumed {
 }
 
 /// Loads the latest checkpoint of `out` into the optimizer's variables and moments.
-pub fn resume(out: &Path, opt: &mut crate::update::AdamW) -> Result<Resumed> {
+pub fn resume(out: &Path, opt: &mut crate::adamw::AdamW) -> Result<Resumed> {
     let ck = latest(out).with_context(|| {
         format!(
             "--resume: no checkpoint in {}",

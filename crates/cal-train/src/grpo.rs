@@ -8,6 +8,7 @@
 //! pass) ─► map ─► credit ─► optimize: loss, accumulate, step ─► log (metrics), checkpoint
 //! ```
 
+use crate::adamw::{lr_at, AdamW};
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, step_accuracy, EvalConfig};
@@ -18,7 +19,6 @@ use crate::policy::Policy;
 use crate::rollout::{self, Rollouts};
 use crate::rundir::{self, RunLock, Start};
 use crate::score::{self, Spans};
-use crate::update::{lr_at, AdamW};
 use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
 use cal_core::evaluate::{accuracy, GradedExample};
@@ -72,7 +72,7 @@ pub enum RunEnd {
 
 impl Trainer {
     /// Builds the trainer for `cfg` (output in `cfg.output_dir()`, locked for the
-    /// trainer's life). `start` is a [`Start`] or the seed's `resume` boolean: `Resume`
+    /// trainer's life). `start` is a [`Start`] or a `resume` boolean: `Resume`
     /// continues from the latest checkpoint there (an error if there is none) with the
     /// logs cut back to it; `Fresh` refuses a folder holding another run; `Overwrite`
     /// moves that run aside first.
@@ -86,28 +86,18 @@ impl Trainer {
         if data.is_empty() {
             bail!("no training data");
         }
-        if cfg.rollout.num_generations < 2 {
-            bail!("num_generations must be at least 2");
-        }
-        cfg.loss.max_completion_len = cfg.rollout.max_new_tokens;
+        // The same checks and derived values as a resolved configuration (a no-op on one).
+        cfg.finish()?;
         let out_dir = cfg.output_dir();
         let lock = RunLock::acquire(&out_dir)?;
         rundir::prepare(&out_dir, start)?;
+        let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
         // The reference is a real frozen copy (full fine-tuning) or the same base with
-        // adapters switched off (LoRA): never the policy being trained.
-        let (reference, vars) = match cfg.model.lora.adapters() {
-            Some(l) => {
-                policy.model.add_lora(l, cfg.run.seed)?;
-                let vars = policy.model.make_trainable(|k| k.contains(".lora_"))?;
-                (None, vars)
-            }
-            None => {
-                let reference = (cfg.loss.beta > 0.0)
-                    .then(|| policy.model.frozen_copy())
-                    .transpose()?;
-                (reference, policy.model.make_trainable(|_| true)?)
-            }
-        };
+        // the adapters switched off (LoRA): never the policy being trained.
+        let reference = (cfg.model.lora.rank == 0 && cfg.loss.beta > 0.0)
+            .then(|| policy.model.frozen_copy())
+            .transpose()?;
+        let vars = policy.model.make_trainable(trainable)?;
         let mut opt = AdamW::new(vars, cfg.optim)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.run.seed);
         let (mut step, mut cursor, mut skipped) = (0, 0, 0);
@@ -389,14 +379,4 @@ impl Trainer {
         m.insert("perf/padding_fraction".into(), padding);
         Ok(m)
     }
-}
-
-/// SplitMix64-style mixing of several integers into one seed.
-pub fn mix_seed(parts: &[u64]) -> u64 {
-    parts.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &p| {
-        let mut z = h ^ p.wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_add(h << 6);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    })
 }

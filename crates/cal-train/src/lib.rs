@@ -2,14 +2,16 @@
 //!
 //! The GRPO step in [`grpo`] reads like the method: [`rollout`] (generate) → [`score`]
 //! (grade, locate, map, credit) → [`optimize`] (micro-batches, [`loss`], accumulate,
-//! [`update`]) → [`metrics`] and [`log`]. [`config`] is the one run configuration.
+//! [`adamw`]) → [`metrics`] and [`log`]. [`config`] is the one run configuration. The
+//! experiment tools (baseline against CAL, comparisons, tables over seeds) live apart,
+//! in [`study`].
 
+pub mod adamw;
 pub mod bench;
+pub mod cache;
 pub mod checkpoint;
-pub mod compare;
 pub mod config;
 pub mod evaluate;
-pub mod experiment;
 pub mod grpo;
 pub mod log;
 pub mod loss;
@@ -19,8 +21,7 @@ pub mod policy;
 pub mod rollout;
 pub mod rundir;
 pub mod score;
+pub mod seed;
 pub mod sft;
 pub mod study;
-pub mod summarize;
 pub mod tiny;
-pub mod update;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 pub enum Aggregation {
     /// Mean over all completion tokens of the batch (DAPO, TRL's default).
     TokenMean,
-    /// Mean over sequences of the per-sequence token mean (original GRPO).
+    /// Mean over sequences of the per-sequence token mean (GRPO as published).
     SeqMeanTokenMean,
     /// Sum over tokens divided by `B × max_completion_len` (Dr. GRPO).
     SeqMeanTokenSumNorm,
@@ -54,7 +54,7 @@ pub struct LossConfig {
     pub aggregation: Aggregation,
     pub importance: Importance,
     /// Normaliser of [`Aggregation::SeqMeanTokenSumNorm`]: the rollouts' max new tokens,
-    /// set by the trainer.
+    /// derived from `rollout.max-new-tokens` when the run configuration is finished.
     #[serde(skip)]
     pub max_completion_len: usize,
 }
@@ -69,6 +69,13 @@ impl Default for LossConfig {
             importance: Importance::Token,
             max_completion_len: 128,
         }
+    }
+}
+
+impl LossConfig {
+    /// The upper clip range in force: `epsilon_high`, or `epsilon` when unset.
+    pub fn clip_high(&self) -> f64 {
+        self.epsilon_high.unwrap_or(self.epsilon)
     }
 }
 
@@ -101,7 +108,7 @@ pub fn policy_loss(
             mean.exp()?.broadcast_as(logp.shape())?
         }
     };
-    let eps_high = cfg.epsilon_high.unwrap_or(cfg.epsilon);
+    let eps_high = cfg.clip_high();
     let clipped = ratio.clamp(1.0 - cfg.epsilon, 1.0 + eps_high)?;
     let pg = (adv * &ratio)?.minimum(&(adv * &clipped)?)?.neg()?;
     let mut per_token = pg;

@@ -6,12 +6,12 @@
 //! gradients are accumulated with [`micro_batch_weight`]s that make the sum equal the
 //! full-batch gradient, so `micro_batch` changes memory, not the update.
 
+use crate::adamw::AdamW;
 use crate::config::RunConfig;
-use crate::grpo::mix_seed;
 use crate::loss::{micro_batch_weight, policy_loss};
 use crate::policy::Policy;
 use crate::rollout::Rollouts;
-use crate::update::AdamW;
+use crate::seed::mix_seed;
 use anyhow::Result;
 use cal_core::credit::AdvantageMatrix;
 use cal_model::generate::{build_batch, completion_logprobs, SequenceBatch};

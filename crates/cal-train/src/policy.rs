@@ -1,5 +1,6 @@
 //! A policy = model + tokenizer + the way a question becomes a prompt.
 
+use crate::config::LoraSection;
 use anyhow::Result;
 use cal_model::generate::{generate, Generation, SamplingConfig};
 use cal_model::tokenizer::TokenizerBundle;
@@ -68,6 +69,25 @@ impl Policy {
         let mut ids = self.tok.encode(&text)?;
         ids.push(self.tok.eos_ids[0]);
         Ok(ids)
+    }
+
+    /// Adds the configured LoRA adapters (none when `lora.rank` is 0) and says which
+    /// parameters train: the adapters alone with LoRA, every weight without. One place
+    /// for RL and SFT, so both train the same parameters for the same configuration.
+    pub fn attach_lora(&mut self, lora: &LoraSection, seed: u64) -> Result<fn(&str) -> bool> {
+        fn adapters(name: &str) -> bool {
+            name.contains(".lora_")
+        }
+        fn all(_: &str) -> bool {
+            true
+        }
+        Ok(match lora.adapters() {
+            Some(l) => {
+                self.model.add_lora(l, seed)?;
+                adapters
+            }
+            None => all,
+        })
     }
 
     /// Samples one completion per prompt, in batches of at most `batch`.

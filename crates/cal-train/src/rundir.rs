@@ -26,7 +26,7 @@ pub enum Start {
 }
 
 impl From<bool> for Start {
-    /// `resume` as the seed's boolean.
+    /// `resume` as a boolean (`--resume`).
     fn from(resume: bool) -> Self {
         if resume {
             Start::Resume
@@ -52,11 +52,14 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The lock file a run holds in its output folder.
+pub const LOCK_FILE: &str = ".lock";
+
 impl RunLock {
     /// Takes `dir/.lock` (creating `dir`), or fails at once naming the live holder.
     pub fn acquire(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(".lock");
+        let path = dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -169,7 +172,7 @@ fn move_aside(dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_name() == ".lock" {
+        if entry.file_name() == LOCK_FILE {
             continue;
         }
         let to = dest.join(entry.file_name());

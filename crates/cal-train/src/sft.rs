@@ -1,10 +1,10 @@
 //! Supervised fine-tuning on reference solutions: the warm start that makes RL start
 //! from a policy that is sometimes right and sometimes slips in one step.
 
+use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::log::Progress;
 use crate::optimize::plan_micro_batches;
 use crate::policy::Policy;
-use crate::update::{lr_at, AdamW, OptimConfig};
 use anyhow::{bail, Result};
 use cal_core::data::Example;
 use cal_model::generate::{build_batch, completion_logprobs};
@@ -88,7 +88,7 @@ pub fn sft(
         // log-likelihood is divided by the batch's token count.
         let n = lens.iter().map(|l| l.1).sum::<usize>().max(1) as f64;
         let plan = plan_micro_batches(&lens, 0, cfg.micro_batch_tokens);
-        let seed = crate::grpo::mix_seed(&[cfg.seed, step as u64]);
+        let seed = crate::seed::mix_seed(&[cfg.seed, step as u64]);
         let mut acc = opt.zero_accumulator();
         let mut lv = 0.0;
         for rows in &plan {

@@ -2,9 +2,9 @@
 //! GSM8K-format problems (tokenizer + SFT), cached on disk so that later runs start in
 //! seconds. Nothing is downloaded.
 
+use crate::adamw::OptimConfig;
 use crate::policy::Policy;
 use crate::sft::{sft, SftConfig, SftReport};
-use crate::update::OptimConfig;
 use anyhow::{Context, Result};
 use cal_core::data::{generate, misconception, Example, GenConfig, Style};
 use cal_model::{load, tokenizer, ModelConfig, Transformer};
@@ -146,7 +146,8 @@ impl TinySpec {
             // Two-digit values keep the arithmetic learnable in minutes; demonstrations
             // that show a classic carry/borrow misconception on 60% of the steps where
             // it can show give a warm start that has both the bug and the rule, which
-            // is what RL can act on (DESIGN §7; measured in the README).
+            // is what RL can act on (`docs/design.md`, "The embedded benchmark";
+            // measured in `docs/results.md`).
             spec.generator.max_value = Some(99);
             spec.misconception_rate = 0.6;
         }
@@ -198,15 +199,6 @@ impl TinySpec {
         .collect();
         (train, test)
     }
-}
-
-/// Where cached artefacts live: `$CAL_GRPO_CACHE`, else `~/.cache/cal-grpo`.
-pub fn cache_root() -> PathBuf {
-    if let Ok(p) = std::env::var("CAL_GRPO_CACHE") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    Path::new(&home).join(".cache/cal-grpo")
 }
 
 pub struct TinyPolicy {

@@ -4,8 +4,8 @@
 //! The `portable_*` tests run them on the CPU with this build's own kernels switched off
 //! (the ops a GPU runs) in every `cargo test`. The `cuda_*` tests are the GPU group:
 //! compiled with `--features cuda` (`scripts/build-cuda.sh`), listed as ignored
-//! otherwise; a CUDA build without a device prints `SKIPPED`, or fails when
-//! `CAL_GRPO_REQUIRE_CUDA=1`.
+//! otherwise; a CUDA build without a device fails them unless
+//! `CAL_GRPO_SKIP_CUDA=1` skips them.
 
 mod common;
 
@@ -127,6 +127,10 @@ fn check_grpo(dev: &Device, dtype: DType, exact: bool, lora: bool) {
     // The same checkpoint resumes on the CPU (f32) too.
     let c = tempfile::tempdir().unwrap();
     copy_dir(b.path(), c.path());
+    assert!(
+        !c.path().join(cal_train::rundir::LOCK_FILE).exists(),
+        "a copied run folder must not carry the other run's lock"
+    );
     std::fs::remove_file(c.path().join("metrics.jsonl")).ok();
     let mut cpu_cfg = config(c.path(), lora);
     cpu_cfg.run.steps = Some(3);
@@ -142,7 +146,7 @@ fn copy_dir(from: &Path, to: &Path) {
         if e.file_type().unwrap().is_dir() {
             std::fs::create_dir_all(&dst).unwrap();
             copy_dir(&e.path(), &dst);
-        } else if e.file_name() != "lock" {
+        } else if e.file_name() != cal_train::rundir::LOCK_FILE {
             std::fs::copy(e.path(), dst).unwrap();
         }
     }
@@ -154,7 +158,7 @@ fn check_sft(dev: &Device, dtype: DType) {
     let cfg = SftConfig {
         steps: 30,
         batch_size: 4,
-        optim: cal_train::update::OptimConfig {
+        optim: cal_train::adamw::OptimConfig {
             lr: 3e-3,
             ..Default::default()
         },

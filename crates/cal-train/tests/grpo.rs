@@ -5,7 +5,10 @@ mod common;
 
 use cal_core::credit::CreditMode;
 use cal_core::data::Example;
-use cal_model::generate::{decode_with_offsets, FinishReason, Generation};
+use cal_model::generate::{
+    build_batch, completion_logprobs, decode_with_offsets, FinishReason, Generation,
+};
+use cal_model::Forward;
 use cal_train::config::RunConfig;
 use cal_train::grpo::Trainer;
 use cal_train::loss::{policy_loss, Aggregation, Importance, LossConfig};
@@ -212,7 +215,50 @@ fn every_credit_mode_trains_end_to_end() {
         assert_eq!(jsonl.lines().count(), 2);
         let tb = std::fs::read_dir(dir.path().join("tb")).unwrap().count();
         assert_eq!(tb, 1);
+        // A group with one right and one wrong answer has a signal in every mode: the
+        // update must move the weights and make the right answer more likely than the
+        // wrong one (an update that does nothing, or the wrong way, fails here).
+        let (_, rollouts) = mia(&t.policy, ["7", "8"]);
+        let gap = |t: &Trainer| {
+            let lp = sequence_logprobs(&t.policy, &rollouts);
+            lp[0] - lp[1]
+        };
+        let (before, gap0) = (params_snapshot(&t), gap(&t));
+        let m = t.learn(&rollouts).unwrap();
+        assert!(m["optim/grad_norm"] > 0.0, "{mode:?}: no gradient");
+        assert_ne!(
+            before,
+            params_snapshot(&t),
+            "{mode:?}: the weights did not move"
+        );
+        assert!(
+            gap(&t) > gap0,
+            "{mode:?}: log p(right) − log p(wrong) went from {gap0} to {}",
+            gap(&t)
+        );
     }
+}
+
+/// Summed completion log-probabilities of each rollout under the current policy.
+fn sequence_logprobs(p: &Policy, r: &Rollouts) -> Vec<f64> {
+    let completions: Vec<Vec<u32>> = r.gens.iter().map(|g| g.ids.clone()).collect();
+    let batch = build_batch(&r.prompts, &completions, p.tok.pad_id, &p.model.device).unwrap();
+    let (logp, _) = completion_logprobs(&p.model, &batch, Forward::INFERENCE).unwrap();
+    let logp = logp
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    logp.iter()
+        .zip(&batch.completion_mask)
+        .map(|(row, m)| {
+            row.iter()
+                .zip(m)
+                .filter(|(_, &k)| k == 1)
+                .map(|(x, _)| x)
+                .sum()
+        })
+        .collect()
 }
 
 #[test]
@@ -398,7 +444,7 @@ fn sft_micro_batches_accumulate_to_the_whole_batch() {
         let cfg = SftConfig {
             steps: 2,
             batch_size: 6,
-            optim: cal_train::update::OptimConfig {
+            optim: cal_train::adamw::OptimConfig {
                 lr: 1e-3,
                 ..Default::default()
             },

@@ -265,7 +265,7 @@ fn load_parquet(path: &Path) -> Result<Vec<Example>, DataError> {
     })
 }
 
-/// Selects `num_samples` examples: all when negative (the seed's `-1`), otherwise the
+/// Selects `num_samples` examples: all when negative (`--num-samples -1`), otherwise the
 /// first N, after a seeded shuffle when `shuffle_seed` is given. Deterministic.
 pub fn select(
     mut examples: Vec<Example>,

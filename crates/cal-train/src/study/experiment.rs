@@ -1,13 +1,13 @@
 //! Baseline GRPO vs CAL-GRPO at equal compute: same seed, data, steps, generations and
 //! test items, then the paired comparison. `seeds > 1` repeats and aggregates.
 
-use crate::compare::{compare, plot_curves, plot_held_out, Comparison};
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::grpo::{RunEnd, Trainer};
 use crate::policy::Policy;
 use crate::rundir::{RunLock, Start};
-use crate::study;
+use crate::study::compare::{compare, plot_curves, plot_held_out, Comparison};
+use crate::study::stats;
 use anyhow::{bail, Result};
 use cal_core::credit::CreditMode;
 use cal_core::data::Example;
@@ -52,7 +52,7 @@ pub struct SeedResult {
 }
 
 fn mean_metric(dir: &Path, metric: &str) -> f64 {
-    let c = crate::compare::read_curve(dir, metric);
+    let c = crate::study::compare::read_curve(dir, metric);
     c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64
 }
 
@@ -228,8 +228,9 @@ pub fn run(
         )
         .map_err(|e| eprintln!("plot skipped: {e:#}"));
         std::fs::write(sdir.join("comparison.md"), comparison.table())?;
-        let baseline_curve = crate::compare::read_curve(&sdir.join("baseline"), "eval/accuracy");
-        let cal_curve = crate::compare::read_curve(&sdir.join("cal"), "eval/accuracy");
+        let baseline_curve =
+            crate::study::compare::read_curve(&sdir.join("baseline"), "eval/accuracy");
+        let cal_curve = crate::study::compare::read_curve(&sdir.join("cal"), "eval/accuracy");
         let calls = mean_metric(&sdir.join("cal"), "oracle/calls");
         let located = mean_metric(&sdir.join("cal"), "spans/located");
         results.push(SeedResult {
@@ -240,7 +241,7 @@ pub fn run(
             baseline_all_wrong_frac: mean_metric(&sdir.join("baseline"), "groups/all_wrong_frac"),
             cal_all_wrong_frac: mean_metric(&sdir.join("cal"), "groups/all_wrong_frac"),
             cal_spans_located_frac: if calls > 0.0 { located / calls } else { 0.0 },
-            efficiency_ratio: study::efficiency_ratio(&baseline_curve, &cal_curve),
+            efficiency_ratio: stats::efficiency_ratio(&baseline_curve, &cal_curve),
             baseline_curve,
             cal_curve,
             comparison,
@@ -304,7 +305,7 @@ pub fn summary_table(results: &[SeedResult]) -> String {
 /// the median sample-efficiency ratio with a bootstrap interval.
 pub fn across_seeds(results: &[SeedResult]) -> String {
     let pts = |f: &dyn Fn(&SeedResult) -> f64| -> Vec<f64> { results.iter().map(f).collect() };
-    let line = |name: &str, xs: Vec<f64>| match study::mean_ci95(&xs) {
+    let line = |name: &str, xs: Vec<f64>| match stats::mean_ci95(&xs) {
         Some((m, lo, hi)) => format!("| {name} | {m:+.1} | [{lo:+.1}, {hi:+.1}] |\n"),
         None => String::new(),
     };
@@ -320,13 +321,13 @@ pub fn across_seeds(results: &[SeedResult]) -> String {
     s += &line("CAL − baseline", pts(&|r| r.comparison.diff_points));
     s += &curves_over_seeds(results);
     let ratios: Vec<f64> = results.iter().filter_map(|r| r.efficiency_ratio).collect();
-    if let Some((m, lo, hi)) = study::median_ci95(&ratios, 10_000, 0) {
-        let each: Vec<String> = ratios.iter().map(|&x| study::show_ratio(x)).collect();
+    if let Some((m, lo, hi)) = stats::median_ci95(&ratios, 10_000, 0) {
+        let each: Vec<String> = ratios.iter().map(|&x| stats::show_ratio(x)).collect();
         s += &format!(
             "\nSample efficiency (steps for CAL to reach the baseline's final held-out accuracy / the baseline's steps; < 1: CAL needs fewer rollouts): median {} [95% bootstrap CI {}, {}]; per seed {}.\n",
-            study::show_ratio(m),
-            study::show_ratio(lo),
-            study::show_ratio(hi),
+            stats::show_ratio(m),
+            stats::show_ratio(lo),
+            stats::show_ratio(hi),
             each.join(", ")
         );
     }
@@ -352,7 +353,7 @@ pub fn curves_over_seeds(results: &[SeedResult]) -> String {
         let mb = 100.0 * pairs.iter().map(|p| p.0).sum::<f64>() / n;
         let mc = 100.0 * pairs.iter().map(|p| p.1).sum::<f64>() / n;
         let d: Vec<f64> = pairs.iter().map(|p| 100.0 * (p.1 - p.0)).collect();
-        let ci = study::mean_ci95(&d).map_or(String::new(), |(m, lo, hi)| {
+        let ci = stats::mean_ci95(&d).map_or(String::new(), |(m, lo, hi)| {
             format!("{m:+.1} [{lo:+.1}, {hi:+.1}]")
         });
         rows += &format!("| {step} | {mb:.1}% | {mc:.1}% | {ci} |\n");

@@ -1,5 +1,5 @@
 //! `cal-grpo summarize DIR...`: one table across finished experiment folders (the
-//! README's chain-length map): each folder's benchmark and warm start, the gains of both
+//! chain-length map of `docs/results.md`): each folder's benchmark and warm start, the gains of both
 //! arms over the start and CAL − baseline as means over seeds with 95% t intervals, the
 //! share of arithmetic steps right at the end, and the all-wrong group fractions.
 //!
@@ -9,7 +9,7 @@
 
 use crate::config::RunConfig;
 use crate::evaluate::EvalReport;
-use crate::study::mean_ci95;
+use crate::study::stats::mean_ci95;
 use crate::tiny::TinySpec;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

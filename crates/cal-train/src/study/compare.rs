@@ -138,7 +138,7 @@ pub fn compare(
 }
 
 impl Comparison {
-    /// The original's results table, as Markdown.
+    /// The comparison as a Markdown table.
     pub fn table(&self) -> String {
         let rel = self
             .relative_percent

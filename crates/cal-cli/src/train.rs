@@ -1,0 +1,73 @@
+//! `cal-grpo train`: one GRPO or CAL-GRPO run, its held-out evaluation and the
+//! exported model.
+
+use crate::config::TrainArgs;
+use crate::source::{datasets, Source};
+use anyhow::Result;
+use cal_model::load;
+use cal_train::config::RunConfig;
+use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
+use cal_train::grpo::{RunEnd, Trainer};
+use cal_train::study::experiment::PolicySource;
+
+/// Greedy held-out evaluation after training, at the rollouts' length.
+pub fn eval_config(cfg: &RunConfig) -> EvalConfig {
+    EvalConfig {
+        max_new_tokens: cfg.rollout.max_new_tokens,
+        seed: cfg.run.seed,
+        ..EvalConfig::default()
+    }
+}
+
+/// `--print-config`: the effective configuration as TOML.
+pub fn print_config(cfg: &RunConfig) -> Result<()> {
+    print!("{}", cfg.to_toml()?);
+    Ok(())
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let cfg = args.resolve()?;
+    if args.print_config {
+        return print_config(&cfg);
+    }
+    let source = Source::of(&cfg);
+    source.prepare()?;
+    let (train, test) = datasets(&cfg)?;
+    let out = cfg.output_dir();
+    eprintln!(
+        "{} run: {} steps × {} prompts × {} generations on {} problems ({} / {}); output {}",
+        cfg.kind(),
+        cfg.steps(train.len()),
+        cfg.rollout.prompts_per_step,
+        cfg.rollout.num_generations,
+        train.len(),
+        cfg.model.device,
+        cfg.model.dtype.name(),
+        out.display()
+    );
+    let name = cfg.kind();
+    let config = serde_json::to_value(&cfg)?;
+    let eval = eval_config(&cfg);
+    let mut trainer = Trainer::new(cfg, source.fresh()?, train, args.start())?
+        .with_held_out(test.clone(), eval.clone());
+    if trainer.run()? == RunEnd::Interrupted {
+        std::process::exit(130);
+    }
+    let graded = match trainer.held_out_now() {
+        Some(g) => g.to_vec(),
+        None => evaluate(&trainer.policy, &test, &eval, "eval")?,
+    };
+    let mut report = EvalReport::new(name, out.display().to_string(), graded, test.len());
+    report.config = Some(config);
+    report.write(&out)?;
+    let model_dir = out.join("model");
+    load::export_hf(&trainer.policy.model, &trainer.policy.tok, &model_dir)?;
+    println!(
+        "held-out accuracy {:.2}% ({}/{}); model exported to {}",
+        100.0 * report.accuracy.accuracy,
+        report.accuracy.correct,
+        report.accuracy.total,
+        model_dir.display()
+    );
+    Ok(())
+}
