@@ -132,7 +132,12 @@ pub fn run(args: &SftArgs) -> Result<()> {
     };
     let examples = data::select(examples, cfg.data.num_samples, Some(cfg.run.seed));
     let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
-    let r = cal_train::sft::sft(&mut policy, &examples, &cfg.sft.recipe(&cfg), trainable)?;
+    let r = cal_train::sft::sft(
+        &mut policy,
+        &examples,
+        &cal_train::sft::SftConfig::of_run(&cfg),
+        trainable,
+    )?;
     load::export_hf(&policy.model, &policy.tok, &out)
         .with_context(|| format!("exporting to {}", out.display()))?;
     println!(
@@ -196,7 +201,7 @@ mod tests {
         assert_eq!((c.model.lora.rank, c.model.lora.alpha), (4, Some(8.0)));
         assert_eq!((c.run.seed, c.data.num_samples), (7, 9));
         assert_eq!(c.output_dir(), PathBuf::from("out"));
-        let recipe = c.sft.recipe(&c);
+        let recipe = cal_train::sft::SftConfig::of_run(&c);
         assert_eq!(
             (recipe.optim.lr, recipe.optim.warmup_steps, recipe.seed),
             (1e-3, 0, 7)

@@ -351,24 +351,6 @@ impl Default for SftSection {
     }
 }
 
-impl SftSection {
-    /// The SFT recipe of a run configuration: this section with the run's seed and
-    /// AdamW settings.
-    pub fn recipe(&self, run: &RunConfig) -> crate::sft::SftConfig {
-        crate::sft::SftConfig {
-            steps: self.steps,
-            batch_size: self.batch_size,
-            optim: OptimConfig {
-                lr: self.learning_rate,
-                warmup_steps: self.steps / 10,
-                ..run.optim
-            },
-            seed: run.run.seed,
-            micro_batch_tokens: self.micro_batch_tokens,
-        }
-    }
-}
-
 impl Default for CheckpointSection {
     fn default() -> Self {
         Self { save_every: 10 }

@@ -2,6 +2,7 @@
 //! from a policy that is sometimes right and sometimes slips in one step.
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
+use crate::config::RunConfig;
 use crate::log::Progress;
 use crate::optimize::plan_micro_batches;
 use crate::policy::Policy;
@@ -25,6 +26,25 @@ pub struct SftConfig {
     /// GSM8K needs it: 8 rows of up to ~600 tokens held 24 GB for SmolLM2-135M.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub micro_batch_tokens: usize,
+}
+
+impl SftConfig {
+    /// The recipe of a run configuration: its `[sft]` section, with the run's seed and
+    /// AdamW settings and a linear warmup over the first tenth of the steps.
+    pub fn of_run(run: &RunConfig) -> Self {
+        let s = &run.sft;
+        Self {
+            steps: s.steps,
+            batch_size: s.batch_size,
+            optim: OptimConfig {
+                lr: s.learning_rate,
+                warmup_steps: s.steps / 10,
+                ..run.optim
+            },
+            seed: run.run.seed,
+            micro_batch_tokens: s.micro_batch_tokens,
+        }
+    }
 }
 
 fn is_zero(x: &usize) -> bool {
