@@ -34,6 +34,23 @@ impl PlacementFlags {
     }
 }
 
+/// The LoRA flags, shared by `train`, `experiment` and `sft`.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct LoraFlags {
+    /// LoRA rank (0 = full fine-tuning).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha [default: 2 × rank].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated LoRA target modules.
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
+    /// Dropout on the LoRA input in training forwards, in [0, 1).
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+}
+
 /// The oracle's flags, shared by `train`, `experiment`, `oracle` and `demo`.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct OracleFlags {
@@ -222,18 +239,9 @@ pub struct TrainArgs {
     /// training); logged as eval/* in TensorBoard and metrics.jsonl.
     #[arg(long)]
     pub eval_every: Option<usize>,
-    /// LoRA rank (0 = full fine-tuning).
-    #[arg(long)]
-    pub lora_rank: Option<usize>,
-    /// LoRA alpha [default: 2 × rank].
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// Comma-separated LoRA target modules.
-    #[arg(long, value_delimiter = ',')]
-    pub lora_targets: Option<Vec<String>>,
-    /// Dropout on the LoRA input during training forwards, in [0, 1).
-    #[arg(long)]
-    pub lora_dropout: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraFlags,
     #[command(flatten)]
     #[serde(flatten)]
     pub oracle: OracleFlags,
@@ -304,19 +312,19 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("eval_every", "eval.every"),
 ];
 
-/// Flags whose default is worked out from other values (their help says how), so no
+/// Keys whose default is worked out from other values (their help says how), so no
 /// single default is shown for them.
 pub const DERIVED: &[&str] = &[
-    "output_dir",
-    "cal_model",
-    "lora_alpha",
-    "epsilon_high",
-    "steps",
-    "credit",
-    "chain_steps",
-    "sft_steps",
-    "sft_chain_steps",
-    "train_problems",
+    "run.output-dir",
+    "oracle.model",
+    "model.lora.alpha",
+    "loss.epsilon-high",
+    "run.steps",
+    "credit.mode",
+    "data.steps",
+    "model.tiny.sft-steps",
+    "model.tiny.sft-chain-steps",
+    "model.tiny.train-problems",
 ];
 
 /// Sets `path` (dotted) in a nested JSON object.
@@ -412,7 +420,11 @@ pub fn experiment_defaults() -> Value {
 
 /// Appends each train flag's default (from the run configuration, with the command's
 /// own defaults) to its help, so that `--help` shows defaults written once.
-pub fn annotate_defaults(mut cmd: Command, command_defaults: &Value) -> Command {
+pub fn annotate_defaults(
+    mut cmd: Command,
+    command_defaults: &Value,
+    table: &[(&str, &str)],
+) -> Command {
     let flags = json!({});
     let tiny = RunConfig::resolve_layers(None, command_defaults, &flags).ok();
     let other =
@@ -425,14 +437,15 @@ pub fn annotate_defaults(mut cmd: Command, command_defaults: &Value) -> Command 
         serde_json::to_value(tiny).unwrap_or_default(),
         serde_json::to_value(other).unwrap_or_default(),
     );
-    for (id, path) in FLAGS {
-        if DERIVED.contains(id) {
+    for (id, path) in table {
+        if DERIVED.contains(path) {
             continue; // derived from other values; their help says how
         }
         let (Some(t), Some(o)) = (lookup(&tiny, path), lookup(&other, path)) else {
             continue;
         };
-        let default = if t == o {
+        // the "other" profile is made by naming another model: its name is no default
+        let default = if t == o || *path == "model.name" {
             show(t)
         } else {
             format!("{} for tiny, {} otherwise", show(t), show(o))

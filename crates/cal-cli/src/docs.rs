@@ -47,8 +47,8 @@ pub fn configuration_markdown(cli: &Command) -> anyhow::Result<String> {
             .map(|h| h.to_string().replace('\n', " ").replace('|', "\\|"))
             .unwrap_or_default();
         let default = match (lookup(&tiny, path), lookup(&other, path)) {
-            _ if config::DERIVED.contains(id) => "derived (see meaning)".to_string(),
-            (Some(t), _) if *id == "model" => format!("`{}`", config::show(t)),
+            _ if config::DERIVED.contains(path) => "derived (see meaning)".to_string(),
+            (Some(t), _) if *path == "model.name" => format!("`{}`", config::show(t)),
             (Some(t), Some(o)) if t == o => format!("`{}`", config::show(t)),
             (Some(t), Some(o)) => format!(
                 "`{}` (tiny), `{}` (other models)",

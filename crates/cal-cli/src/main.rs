@@ -101,15 +101,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The parser, with `train` and `experiment` showing each flag's default and
+/// The parser, with `train`, `experiment` and `sft` showing each flag's default and
 /// configuration key, taken from the run configuration itself.
 fn cli_command() -> clap::Command {
     Cli::command()
         .mut_subcommand("train", |c| {
-            config::annotate_defaults(c, &serde_json::json!({}))
+            config::annotate_defaults(c, &serde_json::json!({}), config::FLAGS)
         })
         .mut_subcommand("experiment", |c| {
-            config::annotate_defaults(c, &config::experiment_defaults())
+            config::annotate_defaults(c, &config::experiment_defaults(), config::FLAGS)
+        })
+        .mut_subcommand("sft", |c| {
+            config::annotate_defaults(c, &sft::defaults(), sft::SFT_FLAGS)
         })
 }
 

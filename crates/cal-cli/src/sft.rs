@@ -1,7 +1,7 @@
 //! `cal-grpo sft`: supervised fine-tuning on reference solutions (the warm start of a
 //! real model), full or LoRA, exported as a Hugging Face folder.
 
-use crate::config::{self, PlacementFlags};
+use crate::config::{self, LoraFlags, PlacementFlags};
 use crate::source::Source;
 use anyhow::{Context, Result};
 use cal_core::data;
@@ -26,48 +26,39 @@ pub struct SftArgs {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
-    /// `tiny` (export the embedded default) or a model path [default: tiny].
+    /// `tiny` (export the embedded default) or a model path.
     #[arg(long)]
     pub model: Option<String>,
     #[command(flatten)]
     #[serde(flatten)]
     pub placement: PlacementFlags,
-    /// GSM8K-format training file (`generated` for the embedded problems) [default: generated].
+    /// GSM8K-format training file (`generated` for the embedded problems).
     #[arg(long)]
     pub dataset: Option<String>,
-    /// Training problems, drawn with --seed; -1 uses the whole dataset [default: -1].
+    /// Training problems, drawn with --seed; -1 uses the whole dataset.
     #[arg(long, allow_negative_numbers = true)]
     pub num_samples: Option<i64>,
-    /// Optimizer steps [default: 200].
+    /// Optimizer steps.
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Examples per step [default: 8].
+    /// Examples per step.
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Peak learning rate, with a linear warmup over the first tenth [default: 2e-5].
+    /// Peak learning rate, with a linear warmup over the first tenth.
     #[arg(long)]
     pub learning_rate: Option<f64>,
     /// Padded tokens per forward/backward; a batch that does not fit is split into
-    /// length-sorted micro-batches, gradients accumulated exactly (0 = whole batches)
-    /// [default: 2048].
+    /// length-sorted micro-batches, gradients accumulated exactly (0 = whole batches).
     #[arg(long)]
     pub micro_batch_tokens: Option<usize>,
-    /// LoRA rank (0 = full fine-tuning) [default: 0].
-    #[arg(long)]
-    pub lora_rank: Option<usize>,
-    /// LoRA alpha [default: 2 × rank].
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// Comma-separated LoRA target modules [default: q_proj,k_proj,v_proj,o_proj].
-    #[arg(long, value_delimiter = ',')]
-    pub lora_targets: Option<Vec<String>>,
-    /// Dropout on the LoRA input while training, in [0, 1) [default: 0].
-    #[arg(long)]
-    pub lora_dropout: Option<f64>,
-    /// Where the fine-tuned model is exported (Hugging Face folder) [default: runs/sft/model].
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraFlags,
+    /// Where the fine-tuned model is exported (Hugging Face folder) [default:
+    /// runs/sft/model].
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
-    /// Data order and initialisation [default: 42].
+    /// Data order and initialisation.
     #[arg(long)]
     pub seed: Option<u64>,
 }
@@ -91,12 +82,16 @@ pub const SFT_FLAGS: &[(&str, &str)] = &[
     ("seed", "run.seed"),
 ];
 
+/// `sft`'s own defaults, below a `--config` file.
+pub fn defaults() -> serde_json::Value {
+    json!({"run": {"output-dir": "runs/sft/model"}})
+}
+
 impl SftArgs {
     /// Defaults → model profile → `sft`'s own defaults → `--config` → flags.
     pub fn resolve(&self) -> Result<RunConfig> {
-        let defaults = json!({"run": {"output-dir": "runs/sft/model"}});
         let layer = config::flag_layer(self, SFT_FLAGS)?;
-        RunConfig::resolve_layers(self.config.as_deref(), &defaults, &layer)
+        RunConfig::resolve_layers(self.config.as_deref(), &defaults(), &layer)
     }
 }
 

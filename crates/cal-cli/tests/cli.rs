@@ -611,3 +611,70 @@ fn experiment_arms_in_parallel_processes_give_the_sequential_results() {
         "{err}"
     );
 }
+
+#[test]
+fn sft_reads_the_run_configuration_and_exports_a_loadable_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cal-model/tests/fixtures/qwen2-tiny");
+    let cfg = dir.path().join("sft.toml");
+    // the file sets the recipe, a flag overrides one key of it
+    std::fs::write(
+        &cfg,
+        "[sft]\nsteps = 3\nbatch-size = 2\nmicro-batch-tokens = 0\n",
+    )
+    .unwrap();
+    let out = dir.path().join("model");
+    let printed = bin()
+        .args(["sft", "--print-config", "--config"])
+        .arg(&cfg)
+        .args(["--steps", "2", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    assert!(
+        text.contains("[sft]\nsteps = 2\nbatch-size = 2\n"),
+        "{text}"
+    );
+    let run = bin()
+        .args(["sft", "--config"])
+        .arg(&cfg)
+        .args([
+            "--steps",
+            "2",
+            "--num-samples",
+            "4",
+            "--lora-rank",
+            "2",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--output-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.starts_with("SFT 2 steps: loss "), "{stdout}");
+    // the export loads back and answers
+    let gen = bin()
+        .args(["generate", "--greedy", "--prompt", "1 + 1 =", "--model"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+}

@@ -6,20 +6,8 @@
 //! only says what the layers are. `cal-grpo train --print-config` prints the result as
 //! TOML, and that file read back through `--config` gives the same configuration.
 //!
-//! ```toml
-//! [run]        seed, steps, output-dir, num-iterations, micro-batch
-//! [model]      name, device, dtype, [model.lora]
-//! [data]       dataset, eval-dataset, num-samples, eval-samples
-//! [rollout]    num-generations, prompts-per-step, max-new-tokens, temperature, top-p, ...
-//! [reward]     functions (`correctness=1.0,format=0.2`), length-budget
-//! [credit]     mode, advantage, negative-reward, prefix-reward, max-error-span, eps
-//! [oracle]     provider, model, base-url, max-cost, concurrency, timeout, cache
-//! [locate]     min-similarity, max-fuzzy-cells
-//! [loss]       beta, epsilon, epsilon-high, aggregation, importance
-//! [optim]      learning-rate, beta1, beta2, eps, weight-decay, max-grad-norm, ...
-//! [eval]       every
-//! [checkpoint] save-every
-//! ```
+//! Every key with its default and its flag: `docs/configuration.md`, generated from
+//! these types and the flags (`cal-grpo config-docs`) and checked by `cargo test`.
 
 use crate::adamw::OptimConfig;
 use crate::loss::LossConfig;
