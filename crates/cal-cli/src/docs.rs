@@ -107,6 +107,8 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
     ("T", "1.0"),
     ("S", "42"),
     ("TEXT", "text"),
+    ("DIR", "runs/dir"),
+    ("ADAPTER", "runs/a/adapter"),
     ("FILE", "file.txt"),
     ("PORT", "8000"),
     ("DIR...", "runs/a"),

@@ -8,6 +8,7 @@ mod demo;
 mod docs;
 mod eval;
 mod experiment;
+mod export;
 mod gen_data;
 mod generate;
 mod oracle;
@@ -65,6 +66,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Supervised fine-tuning on reference solutions (warm start).
     Sft(sft::SftArgs),
+    /// Write any model we load (GGUF included), optionally with a PEFT adapter merged
+    /// in, as a Hugging Face folder.
+    Export(export::ExportArgs),
     /// Generate a completion with a model.
     Generate(generate::GenerateArgs),
     /// Write generated GSM8K-format problems as JSONL (the embedded default dataset).
@@ -94,6 +98,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Demo(args) => demo::run(&args)?,
         Command::Sft(args) => sft::run(&args)?,
+        Command::Export(args) => export::run(&args)?,
         Command::Generate(args) => generate::run(&args)?,
         Command::GenData(args) => gen_data::run(&args)?,
         Command::ConfigDocs => print!("{}", docs::configuration_markdown(&Cli::command())?),

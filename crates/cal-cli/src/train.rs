@@ -62,8 +62,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     report.write(&out)?;
     let model_dir = out.join("model");
     load::export_hf(&trainer.policy.model, &trainer.policy.tok, &model_dir)?;
+    // A LoRA run also writes its adapter alone, in PEFT's format, beside the merged model.
+    let adapter = if trainer.policy.model.lora.is_some() {
+        let dir = out.join("adapter");
+        cal_model::peft::export_adapter(&trainer.policy.model, &dir)?;
+        format!(", PEFT adapter to {}", dir.display())
+    } else {
+        String::new()
+    };
     println!(
-        "held-out accuracy {:.2}% ({}/{}); model exported to {}",
+        "held-out accuracy {:.2}% ({}/{}); model exported to {}{adapter}",
         100.0 * report.accuracy.accuracy,
         report.accuracy.correct,
         report.accuracy.total,

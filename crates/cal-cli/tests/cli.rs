@@ -678,3 +678,89 @@ fn sft_reads_the_run_configuration_and_exports_a_loadable_folder() {
         String::from_utf8_lossy(&gen.stderr)
     );
 }
+
+#[test]
+fn lora_run_writes_a_peft_adapter_that_export_merges_into_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cal-model/tests/fixtures/qwen2-tiny");
+    let run = dir.path().join("run");
+    let out = bin()
+        .env("CAL_GRPO_CACHE", dir.path().join("cache"))
+        .arg("train")
+        .arg("--model")
+        .arg(&base)
+        .args([
+            "--lora-rank",
+            "2",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--learning-rate",
+            "1e-2",
+            "--steps",
+            "1",
+            "--num-samples",
+            "2",
+            "--eval-samples",
+            "2",
+            "--prompts-per-step",
+            "1",
+            "--num-generations",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--output-dir",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
+        (Some(2), Some(4.0))
+    );
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    // base + adapter, merged by `export`, is the run's own merged model to the bit
+    let merged = dir.path().join("merged");
+    let out = bin()
+        .arg("export")
+        .arg("--model")
+        .arg(&base)
+        .arg("--adapter")
+        .arg(run.join("adapter"))
+        .arg("--output-dir")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    assert!(
+        bytes(merged.join("model.safetensors")) == bytes(run.join("model/model.safetensors")),
+        "export --adapter differs from the run's merged model"
+    );
+    // a folder that holds a model is not overwritten
+    let again = bin()
+        .args(["export", "--model"])
+        .arg(&base)
+        .arg("--output-dir")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a model"));
+}

@@ -10,6 +10,7 @@ pub mod device;
 pub mod gemv;
 pub mod model;
 pub mod ops;
+pub mod peft;
 pub mod rowwise;
 pub mod tokenizer;
 pub mod vocab;

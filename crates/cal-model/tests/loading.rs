@@ -171,3 +171,72 @@ fn broken_folders_give_clear_errors() {
     .unwrap();
     assert!(err(dir.path()).contains("gpt_neox"));
 }
+
+#[test]
+fn peft_adapter_round_trips_and_gives_the_same_logits() {
+    let mut l = load::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    l.model
+        .add_lora(
+            LoraConfig {
+                rank: 2,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
+            },
+            3,
+        )
+        .unwrap();
+    for (k, t) in l.model.params.iter_mut() {
+        if k.ends_with("lora_B") {
+            *t = (t.ones_like().unwrap() * 0.03).unwrap();
+        }
+    }
+    let with_lora = logits(&l);
+    let dir = tempfile::tempdir().unwrap();
+    cal_model::peft::export_adapter(&l.model, dir.path()).unwrap();
+    // PEFT's layout: the key names, the config fields PEFT reads
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["r"].as_u64()),
+        (Some("LORA"), Some(2))
+    );
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "up_proj", "v_proj"])
+    );
+    let tensors =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"];
+    let q = &l.model.params["model.layers.0.self_attn.q_proj.weight"];
+    assert_eq!(a.dims(), [2, q.dim(1).unwrap()]);
+    assert_eq!(b.dims(), [q.dim(0).unwrap(), 2]);
+    assert!(tensors
+        .keys()
+        .all(|k| k.starts_with("base_model.model.model.layers.")));
+    // the adapter on a fresh base gives the adapted model's logits
+    let mut fresh = load::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    assert_ne!(logits(&fresh), with_lora);
+    cal_model::peft::load_adapter(&mut fresh.model, dir.path()).unwrap();
+    assert_eq!(logits(&fresh), with_lora);
+    // a wrong shape names the file and the tensor
+    let mut other = load::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        r#"{"r": 3, "lora_alpha": 8.0}"#,
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        cal_model::peft::load_adapter(&mut other.model, dir.path()).unwrap_err()
+    );
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("expected"),
+        "{err}"
+    );
+}
