@@ -23,7 +23,7 @@ def main():
         sys.exit(__doc__)
     base_dir, run_dir = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (2, 12))
     with torch.no_grad():
@@ -31,7 +31,7 @@ def main():
         peft_model = PeftModel.from_pretrained(base, f"{run_dir}/adapter")
         adapted = peft_model(input_ids=ids).logits
         merged = AutoModelForCausalLM.from_pretrained(
-            f"{run_dir}/model", torch_dtype=torch.float32
+            f"{run_dir}/model", dtype=torch.float32
         )(input_ids=ids).logits
     moved = (adapted - plain).abs().max().item()
     diff = (adapted - merged).abs().max().item()
