@@ -4,7 +4,7 @@
 use crate::source::Source;
 use anyhow::Result;
 use cal_model::Placement;
-use cal_train::study::experiment::PolicySource;
+use cal_train::policy::PolicySource;
 use clap::Args;
 use std::path::Path;
 

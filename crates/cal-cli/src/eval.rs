@@ -8,7 +8,7 @@ use cal_core::data;
 use cal_core::evaluate::{grade_predictions, load_predictions};
 use cal_model::Placement;
 use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
-use cal_train::study::experiment::PolicySource;
+use cal_train::policy::PolicySource;
 use clap::Args;
 use std::path::{Path, PathBuf};
 

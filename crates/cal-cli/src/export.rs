@@ -6,7 +6,7 @@ use crate::config::PlacementFlags;
 use crate::source::Source;
 use anyhow::{bail, Context, Result};
 use cal_model::load;
-use cal_train::study::experiment::PolicySource;
+use cal_train::policy::PolicySource;
 use clap::Args;
 use std::path::PathBuf;
 

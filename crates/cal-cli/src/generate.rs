@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, Result};
 use cal_model::generate::{generate, SamplingConfig};
-use cal_train::study::experiment::PolicySource;
+use cal_train::policy::PolicySource;
 use clap::Args;
 use rand::SeedableRng;
 use std::path::PathBuf;

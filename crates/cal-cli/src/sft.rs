@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use cal_core::data;
 use cal_model::load;
 use cal_train::config::RunConfig;
-use cal_train::study::experiment::PolicySource;
+use cal_train::policy::PolicySource;
 use cal_train::tiny::{self, TinySpec};
 use clap::Args;
 use serde::Serialize;

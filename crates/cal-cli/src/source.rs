@@ -7,7 +7,7 @@ use cal_core::data::{self, Example};
 use cal_model::{load, Placement};
 use cal_train::config::RunConfig;
 use cal_train::policy::Policy;
-use cal_train::study::experiment::PolicySource;
+use cal_train::policy::PolicySource;
 use cal_train::tiny::{self, TinySpec};
 use std::path::PathBuf;
 

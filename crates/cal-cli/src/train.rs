@@ -8,7 +8,7 @@ use cal_model::load;
 use cal_train::config::RunConfig;
 use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
 use cal_train::grpo::{RunEnd, Trainer};
-use cal_train::study::experiment::PolicySource;
+use cal_train::policy::PolicySource;
 
 /// Greedy held-out evaluation after training, at the rollouts' length.
 pub fn eval_config(cfg: &RunConfig) -> EvalConfig {

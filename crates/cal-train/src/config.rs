@@ -495,9 +495,6 @@ impl RunConfig {
             );
         }
         self.reward.functions()?;
-        if self.sft.steps == 0 || self.sft.batch_size == 0 {
-            bail!("sft.steps and sft.batch-size must be at least 1");
-        }
         if self.data.steps == Some(0) {
             bail!("data.steps must be at least 1");
         }

@@ -24,6 +24,14 @@ pub const CHAT_INSTRUCTION: &str =
     "Solve the problem step by step. Write every calculation as an equation like 3 * 4 = 12. \
      End with a final line of the form '#### <number>'.";
 
+/// Where a run's starting policy comes from (the embedded `tiny`, a folder, a GGUF
+/// file): every run of an experiment takes a fresh copy of the same start.
+pub trait PolicySource {
+    /// A fresh copy of the starting policy.
+    fn fresh(&self) -> Result<Policy>;
+    fn describe(&self) -> String;
+}
+
 pub struct Policy {
     pub model: Transformer,
     pub tok: TokenizerBundle,

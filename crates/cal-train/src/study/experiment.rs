@@ -4,7 +4,7 @@
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::grpo::{RunEnd, Trainer};
-use crate::policy::Policy;
+use crate::policy::PolicySource;
 use crate::rundir::{RunLock, Start};
 use crate::study::compare::{compare, plot_curves, plot_held_out, Comparison};
 use crate::study::stats;
@@ -13,13 +13,6 @@ use cal_core::credit::CreditMode;
 use cal_core::data::Example;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// Where the policy of every run starts from.
-pub trait PolicySource {
-    /// A fresh copy of the starting policy.
-    fn fresh(&self) -> Result<Policy>;
-    fn describe(&self) -> String;
-}
 
 pub struct ExperimentConfig {
     pub out_dir: PathBuf,
