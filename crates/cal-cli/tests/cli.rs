@@ -764,3 +764,61 @@ fn lora_run_writes_a_peft_adapter_that_export_merges_into_the_same_model() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a model"));
 }
+
+#[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh --with-model"]
+fn export_turns_the_smollm2_gguf_into_a_folder_that_answers_the_same() {
+    let gguf = cal_core::assets::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let run = bin()
+        .args(["export", "--model"])
+        .arg(&gguf)
+        .arg("--output-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(mode(f), mode("config.json"), "{f}");
+    }
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert!(
+        tc["chat_template"]
+            .as_str()
+            .is_some_and(|t| t.contains("im_start")),
+        "{tc}"
+    );
+    // the folder and the GGUF give the same greedy chat answer, token for token
+    let answer = |model: &std::path::Path| {
+        let o = bin()
+            .args([
+                "generate",
+                "--chat",
+                "--greedy",
+                "--json",
+                "--max-new-tokens",
+                "12",
+            ])
+            .args(["--prompt", "What is 12 + 7?", "--model"])
+            .arg(model)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (v["prompt_ids"].clone(), v["ids"].clone())
+    };
+    assert_eq!(answer(&out), answer(&gguf));
+}
