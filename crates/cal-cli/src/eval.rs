@@ -47,6 +47,7 @@ pub struct EvalArgs {
     #[arg(
         long = "eval-samples",
         visible_alias = "num-samples",
+        value_name = "N",
         default_value_t = -1,
         allow_negative_numbers = true
     )]

@@ -237,6 +237,37 @@ fn gen_data_roundtrips_through_eval() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("strict-match     100.00%  (50/50)"));
+    // eval's names match train's (--eval-samples, --num-generations); the old spellings
+    // still parse and say they are aliases
+    let old = bin()
+        .args([
+            "eval",
+            "--num-samples",
+            "5",
+            "--samples",
+            "1",
+            "--predictions",
+        ])
+        .arg(&p)
+        .arg("--dataset")
+        .arg(&ds)
+        .output()
+        .unwrap();
+    assert!(
+        old.status.success(),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+    let help = bin().args(["eval", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--eval-samples") && help.contains("[alias: --num-samples]"),
+        "{help}"
+    );
+    assert!(
+        help.contains("--num-generations") && help.contains("[alias: --samples]"),
+        "{help}"
+    );
 }
 
 /// Writes predictions for every row of `ds`: the reference solution, or for rows where
