@@ -121,7 +121,7 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
 /// Every `cal-grpo …` command in a Markdown text, as (line number, words), with the
 /// program name first. Commands are read from code blocks (continuation lines joined,
 /// comments and redirections cut) and from inline code spans; `cargo run --release -p
-/// cal-cli --` counts as `cal-grpo`. Placeholders get sample values, `$VARS` a path,
+/// cal-cli --` counts as `cal-grpo`. Placeholders get sample values, `$VARS` sample values,
 /// `[optional]` brackets are dropped and `a|b` alternatives keep the first.
 pub fn commands_in(text: &str) -> Vec<(usize, Vec<String>)> {
     let mut found = Vec::new();
@@ -166,7 +166,7 @@ fn command_of(line: &str) -> Option<Vec<String>> {
         .iter()
         .filter_map(|p| line.find(p).map(|i| (i, p.len())))
         .min()?;
-    // only a command at the start of the line or after `&&`, `;`, `|` or assignments
+    // only a command at the start of the line, after `&&` or `;`, or after assignments
     let before = line[..start.0].trim();
     let starts_command = before.is_empty()
         || before.ends_with("&&")
