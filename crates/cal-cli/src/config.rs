@@ -225,6 +225,22 @@ pub struct TrainArgs {
     /// Rows per generation call (bounds memory).
     #[arg(long)]
     pub generation_batch: Option<usize>,
+    /// Who samples the rollouts: `local` (this process) or `vllm` (--rollout-url
+    /// servers; the policy's LoRA adapter is hot-loaded there after every step).
+    #[arg(long, value_enum)]
+    pub rollout_engine: Option<cal_train::config::RolloutEngine>,
+    /// vLLM servers, comma-separated (`http://127.0.0.1:8000`), replicas of one base
+    /// model that share each step's prompts.
+    #[arg(long, value_delimiter = ',')]
+    pub rollout_url: Option<Vec<String>>,
+    /// A folder the servers can read, for each step's adapter [default:
+    /// <output-dir>/engine-sync].
+    #[arg(long)]
+    pub rollout_sync_dir: Option<PathBuf>,
+    /// Cap C of the truncated importance weights min(exp(logp_old − logq), C) on an
+    /// engine's samples (0 = off).
+    #[arg(long)]
+    pub engine_is_cap: Option<f64>,
     /// Checkpoint every N steps (0 = only at the end).
     #[arg(long)]
     pub save_every: Option<usize>,
@@ -285,6 +301,10 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("temperature", "rollout.temperature"),
     ("top_p", "rollout.top-p"),
     ("generation_batch", "rollout.generation-batch"),
+    ("rollout_engine", "rollout.engine"),
+    ("rollout_url", "rollout.urls"),
+    ("rollout_sync_dir", "rollout.sync-dir"),
+    ("engine_is_cap", "loss.engine-is-cap"),
     ("credit", "credit.mode"),
     ("advantage", "credit.advantage"),
     ("negative_reward", "credit.negative-reward"),

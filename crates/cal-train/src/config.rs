@@ -252,6 +252,26 @@ pub struct RolloutConfig {
     pub top_p: f64,
     /// Rows per generation call (bounds memory).
     pub generation_batch: usize,
+    /// Who samples the rollouts: `local` (this process) or `vllm` (the servers in
+    /// `urls`, with the policy's LoRA adapter hot-loaded after every step).
+    pub engine: RolloutEngine,
+    /// vLLM servers (`http://host:port`), data-parallel replicas of one base model.
+    pub urls: Vec<String>,
+    /// A folder the servers can read, where each step's adapter is written (`None`:
+    /// `<output-dir>/engine-sync`, for servers on this machine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_dir: Option<PathBuf>,
+}
+
+/// Where rollouts are generated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutEngine {
+    /// In this process, with the trainer's own weights.
+    #[default]
+    Local,
+    /// On vLLM servers (`rollout.urls`), through their OpenAI-compatible API.
+    Vllm,
 }
 
 impl Default for RolloutConfig {
@@ -263,6 +283,9 @@ impl Default for RolloutConfig {
             temperature: 1.0,
             top_p: 1.0,
             generation_batch: 64,
+            engine: RolloutEngine::Local,
+            urls: Vec::new(),
+            sync_dir: None,
         }
     }
 }
@@ -495,6 +518,25 @@ impl RunConfig {
             );
         }
         self.reward.functions()?;
+        if self.rollout.engine == RolloutEngine::Vllm {
+            if self.rollout.urls.is_empty() {
+                bail!(
+                    "rollout.engine = \"vllm\" needs rollout.urls (--rollout-url http://HOST:PORT)"
+                );
+            }
+            if self.model.lora.rank == 0 {
+                bail!(
+                    "rollout.engine = \"vllm\" syncs the policy to the servers as a LoRA adapter: \
+                     set model.lora.rank (--lora-rank 8); full fine-tuning on vLLM is not supported yet"
+                );
+            }
+        }
+        if self.loss.engine_is_cap < 0.0 {
+            bail!(
+                "loss.engine-is-cap must be 0 (off) or positive, got {}",
+                self.loss.engine_is_cap
+            );
+        }
         if self.data.steps == Some(0) {
             bail!("data.steps must be at least 1");
         }

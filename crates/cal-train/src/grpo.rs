@@ -10,7 +10,8 @@
 
 use crate::adamw::{lr_at, AdamW};
 use crate::checkpoint::{self, TrainState};
-use crate::config::RunConfig;
+use crate::config::{RolloutEngine, RunConfig};
+use crate::engine::VllmEngine;
 use crate::evaluate::{evaluate, step_accuracy, EvalConfig};
 use crate::log::{JsonlLog, Progress, TensorBoard};
 use crate::metrics::{step_metrics, Metrics, StepRecord};
@@ -45,6 +46,8 @@ pub struct Trainer {
     /// Optimizer steps of the whole run.
     pub total_steps: usize,
     oracle: Arc<dyn Oracle>,
+    /// The serving engine that samples the rollouts (`rollout.engine = "vllm"`).
+    engine: Option<VllmEngine>,
     rt: tokio::runtime::Runtime,
     pub out_dir: PathBuf,
     tb: TensorBoard,
@@ -124,6 +127,18 @@ impl Trainer {
         }
         let jsonl = JsonlLog::append(&metrics_path)?;
         std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
+        let engine = match cfg.rollout.engine {
+            RolloutEngine::Local => None,
+            RolloutEngine::Vllm => {
+                let sync =
+                    (cfg.rollout.sync_dir.clone()).unwrap_or_else(|| out_dir.join("engine-sync"));
+                let timeout = std::time::Duration::from_secs(600);
+                let mut e = rt.block_on(VllmEngine::connect(&cfg.rollout.urls, sync, timeout))?;
+                // the servers start from the trainer's weights (a resumed run's included)
+                rt.block_on(e.sync_lora(&policy.model, step))?;
+                Some(e)
+            }
+        };
         Ok(Self {
             total_steps: cfg.steps(data.len()),
             cfg,
@@ -135,6 +150,7 @@ impl Trainer {
             rng,
             step,
             oracle,
+            engine,
             rt,
             out_dir,
             tb,
@@ -314,11 +330,42 @@ impl Trainer {
     /// One GRPO step: generate, then [`Trainer::learn`] from the samples; logged.
     pub fn train_step(&mut self) -> Result<Metrics> {
         let t0 = Instant::now();
+        let (cursor, rng) = (self.cursor, self.rng.clone());
         let examples = self.next_examples(self.cfg.rollout.prompts_per_step);
-        let rollouts = rollout::generate(&self.policy, examples, &self.cfg.rollout, &mut self.rng)?;
+        let rollouts = match &self.engine {
+            None => rollout::generate(&self.policy, examples, &self.cfg.rollout, &mut self.rng)?,
+            Some(e) => match rollout::generate_on_engine(
+                e,
+                &self.rt,
+                &self.policy,
+                examples,
+                &self.cfg.rollout,
+                &mut self.rng,
+            ) {
+                Ok(r) => r,
+                Err(err) => {
+                    // no partial group is trained on: back to the state after the last
+                    // step, saved, so that --resume asks for the same samples again
+                    (self.cursor, self.rng) = (cursor, rng);
+                    let dir = self.save()?;
+                    return Err(err.context(format!(
+                        "rollouts failed at step {}; checkpoint saved to {}, continue with --resume",
+                        self.step + 1,
+                        dir.display()
+                    )));
+                }
+            },
+        };
         let t_gen = t0.elapsed().as_secs_f64();
         let n_tokens = rollouts.completion_tokens();
         let mut m = self.learn(&rollouts)?;
+        if let Some(e) = &mut self.engine {
+            // after every optimizer step the servers get the new weights
+            let t = Instant::now();
+            self.rt
+                .block_on(e.sync_lora(&self.policy.model, self.step))?;
+            m.insert("perf/sync_seconds".into(), t.elapsed().as_secs_f64());
+        }
         m.insert("perf/step_seconds".into(), t0.elapsed().as_secs_f64());
         m.insert("perf/generate_seconds".into(), t_gen);
         m.insert(

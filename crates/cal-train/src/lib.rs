@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod evaluate;
 pub mod grpo;
 pub mod log;

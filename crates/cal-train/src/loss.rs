@@ -53,6 +53,10 @@ pub struct LossConfig {
     pub epsilon_high: Option<f64>,
     pub aggregation: Aggregation,
     pub importance: Importance,
+    /// Truncated importance sampling of an engine's samples: each token's advantage is
+    /// weighted by `min(exp(logp_old − logq), cap)`, `logq` being the engine's log-prob
+    /// of the token (0 = off; only used when an engine sampled).
+    pub engine_is_cap: f64,
     /// Normaliser of [`Aggregation::SeqMeanTokenSumNorm`]: the rollouts' max new tokens,
     /// derived from `rollout.max-new-tokens` when the run configuration is finished.
     #[serde(skip)]
@@ -67,6 +71,7 @@ impl Default for LossConfig {
             epsilon_high: None,
             aggregation: Aggregation::TokenMean,
             importance: Importance::Token,
+            engine_is_cap: 2.0,
             max_completion_len: 128,
         }
     }

@@ -60,6 +60,11 @@ pub fn step_metrics(s: &StepRecord) -> Metrics {
     put("optim/iterations", u.iterations as f64);
     put("optim/skipped_steps", s.skipped_total as f64);
     put("optim/skipped_now", f64::from(u8::from(u.skipped)));
+    if let Some(e) = &u.engine {
+        put("rollout/logprob_abs_diff", e.logprob_abs_diff);
+        put("rollout/mismatch_kl", e.kl);
+        put("rollout/is_weight_mean", e.is_weight);
+    }
     put("credit/fallbacks", s.advantages.fallbacks as f64);
     put("credit/span_credited", s.advantages.span_credited as f64);
     let o = s.spans;

@@ -33,6 +33,9 @@ pub struct MicroBatch {
     pub ref_logp: Option<Tensor>,
     /// Log-probs of the policy that sampled (when it is updated more than once).
     pub old_logp: Option<Tensor>,
+    /// The sampling engine's log-probs `logq` (`[b, Tc]`, 0 on padding), when an engine
+    /// other than the trainer sampled.
+    pub engine_logp: Option<Tensor>,
 }
 
 /// Which rows go together: with a token budget, rows sorted by length (longest first)
@@ -106,6 +109,20 @@ pub fn micro_batches(
         let tokens: f64 = mask_f.iter().map(|&x| f64::from(x)).sum();
         let mask = Tensor::from_vec(mask_f, (rows_mb.len(), batch.completion_len), dev)?
             .to_dtype(dtype)?;
+        let engine_logp = match &r.engine_logp {
+            Some(lq) => {
+                let tc = batch.completion_len;
+                let padded: Vec<f32> = rows_mb
+                    .iter()
+                    .flat_map(|&i| {
+                        let row = &lq[i];
+                        (0..tc).map(move |t| row.get(t).copied().unwrap_or(0.0))
+                    })
+                    .collect();
+                Some(Tensor::from_vec(padded, (rows_mb.len(), tc), dev)?.to_dtype(dtype)?)
+            }
+            None => None,
+        };
         out.push(MicroBatch {
             weight: micro_batch_weight(
                 cfg.loss.aggregation,
@@ -120,6 +137,7 @@ pub fn micro_batches(
             tokens,
             ref_logp: None,
             old_logp: None,
+            engine_logp,
         });
     }
     Ok(out)
@@ -182,6 +200,45 @@ pub struct Update {
     pub iterations: usize,
     /// A non-finite loss stopped the update.
     pub skipped: bool,
+    /// When an engine sampled: how far its log-probs were from the trainer's before the
+    /// update (token means of `|logp_old − logq|` and of the k3 estimate of
+    /// KL(engine ‖ trainer)) and the mean truncated importance weight applied.
+    pub engine: Option<EngineMismatch>,
+}
+
+/// The trainer against the sampling engine, on one step's tokens.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EngineMismatch {
+    pub logprob_abs_diff: f64,
+    pub kl: f64,
+    pub is_weight: f64,
+}
+
+/// Truncated importance weights `min(exp(old − logq), cap)` (1 everywhere when `cap` is
+/// 0) and the mismatch sums `(Σ|old − logq|, Σ k3, Σ w)` over the masked tokens.
+pub fn engine_weights(
+    old: &Tensor,
+    logq: &Tensor,
+    mask: &Tensor,
+    cap: f64,
+) -> Result<(Tensor, [f64; 3])> {
+    let d = (old - logq)?;
+    let ratio = d.exp()?;
+    let w = if cap > 0.0 {
+        ratio.clamp(0.0, cap)?
+    } else {
+        ratio.ones_like()?
+    };
+    // k3 of KL(q ‖ p) with samples from q: r − 1 − log r, r = p/q = exp(old − logq)
+    let k3 = ((&ratio - 1.0)? - &d)?;
+    let sum = |t: &Tensor| -> Result<f64> {
+        Ok((t * mask)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    };
+    let sums = [sum(&d.abs()?)?, sum(&k3)?, sum(&w)?];
+    Ok(((w * mask)?, sums))
 }
 
 /// `num_iterations` × (loss and gradient of every micro-batch, accumulated; one AdamW
@@ -210,6 +267,7 @@ pub fn update(
         })
         .collect::<Result<_>>()?;
     let mut u = Update::default();
+    let mut engine: Option<EngineMismatch> = None;
     for it in 0..cfg.run.num_iterations.max(1) {
         let mut acc = opt.zero_accumulator();
         let (mut loss, mut kl, mut clip, mut ent) = (0.0, 0.0, 0.0, 0.0);
@@ -219,14 +277,22 @@ pub fn update(
             let (logp, entropy) =
                 completion_logprobs(&policy.model, &m.batch, Forward::training(seed))?;
             let old = m.old_logp.clone().unwrap_or_else(|| logp.detach());
-            let out = policy_loss(
-                &logp,
-                &old,
-                m.ref_logp.as_ref(),
-                &adv_t[k],
-                &m.mask,
-                &cfg.loss,
-            )?;
+            // An engine's samples: each token's advantage weighted by its truncated
+            // importance weight, computed once from the policy that sampled.
+            let adv = match &m.engine_logp {
+                Some(logq) => {
+                    let (w, sums) = engine_weights(&old, logq, &m.mask, cfg.loss.engine_is_cap)?;
+                    if it == 0 {
+                        let e = engine.get_or_insert_with(EngineMismatch::default);
+                        e.logprob_abs_diff += sums[0] / total_tokens;
+                        e.kl += sums[1] / total_tokens;
+                        e.is_weight += sums[2] / total_tokens;
+                    }
+                    (&adv_t[k] * w)?
+                }
+                None => adv_t[k].clone(),
+            };
+            let out = policy_loss(&logp, &old, m.ref_logp.as_ref(), &adv, &m.mask, &cfg.loss)?;
             let lv = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {
                 tracing::warn!(step, "non-finite loss; step skipped");
@@ -259,6 +325,7 @@ pub fn update(
         u.clip_fraction += clip;
         u.entropy += ent;
     }
+    u.engine = engine;
     let n = u.iterations.max(1) as f64;
     u.loss /= n;
     u.kl /= n;

@@ -1,6 +1,8 @@
-//! Generate: `G` completions per prompt from the current policy.
+//! Generate: `G` completions per prompt from the current policy, in this process or on
+//! a serving engine ([`crate::engine`]).
 
 use crate::config::RolloutConfig;
+use crate::engine::{EngineSampling, VllmEngine};
 use crate::policy::Policy;
 use anyhow::{bail, Result};
 use cal_core::data::Example;
@@ -15,6 +17,9 @@ pub struct Rollouts {
     pub gens: Vec<Generation>,
     /// The group size `G`.
     pub group: usize,
+    /// The sampling engine's log-prob of each completion token, when an engine other
+    /// than the trainer sampled (the importance weights correct for the difference).
+    pub engine_logp: Option<Vec<Vec<f32>>>,
 }
 
 impl Rollouts {
@@ -38,6 +43,7 @@ impl Rollouts {
             prompts,
             gens,
             group,
+            engine_logp: None,
         })
     }
 
@@ -81,4 +87,43 @@ pub fn generate(
     };
     let gens = policy.sample(&prompts, &sampling, cfg.generation_batch, rng)?;
     Rollouts::new(examples, prompts, gens, g)
+}
+
+/// [`generate`] on a serving engine: one request per example asks for its `G`
+/// completions (seeded from the run's RNG), returned as token ids with the engine's
+/// log-probs.
+pub fn generate_on_engine(
+    engine: &VllmEngine,
+    rt: &tokio::runtime::Runtime,
+    policy: &Policy,
+    examples: Vec<Example>,
+    cfg: &RolloutConfig,
+    rng: &mut impl Rng,
+) -> Result<Rollouts> {
+    let g = cfg.num_generations;
+    let prompts: Vec<Vec<u32>> = examples
+        .iter()
+        .map(|e| policy.prompt_ids(&e.question))
+        .collect::<Result<_>>()?;
+    let seeds: Vec<u64> = prompts.iter().map(|_| rng.random::<u32>() as u64).collect();
+    let sampling = EngineSampling {
+        n: g,
+        max_tokens: cfg.max_new_tokens,
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+    };
+    let replies = rt.block_on(engine.complete(&prompts, &seeds, sampling, &policy.tok))?;
+    let mut gens = Vec::with_capacity(prompts.len() * g);
+    let mut logq = Vec::with_capacity(prompts.len() * g);
+    for c in replies.into_iter().flatten() {
+        gens.push(c.generation);
+        logq.push(c.logprobs);
+    }
+    let prompts = prompts
+        .into_iter()
+        .flat_map(|p| std::iter::repeat_n(p, g))
+        .collect();
+    let mut r = Rollouts::new(examples, prompts, gens, g)?;
+    r.engine_logp = Some(logq);
+    Ok(r)
 }

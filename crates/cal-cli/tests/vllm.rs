@@ -1,0 +1,245 @@
+//! Rollouts on real vLLM servers (the CPU build, `scripts/install-vllm.sh`): a LoRA run
+//! whose samples come from two servers, the adapter hot-loaded after every step, the
+//! engine's log-probs against the trainer's, and failover when a server dies.
+//!
+//! The python comes from `CAL_VLLM_PYTHON`, or from running the install script (a
+//! cached venv of a few GB). Each server is a child process, stopped when the test ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cal-grpo"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn vllm_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("CAL_VLLM_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/install-vllm.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running scripts/install-vllm.sh");
+    assert!(out.status.success(), "scripts/install-vllm.sh failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A vLLM server on `port`, killed (with its process group) when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(python: &Path, model: &Path, port: u16, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(python);
+        cmd.args(["-m", "vllm.entrypoints.openai.api_server", "--model"])
+            .arg(model)
+            .args([
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "512",
+                "--enable-lora",
+            ])
+            .args(["--max-lora-rank", "16", "--port", &port.to_string()])
+            .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+            .env("VLLM_CPU_KVCACHE_SPACE", "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        Server {
+            child: cmd.spawn().expect("starting vLLM"),
+            port,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn models(&self) -> Option<String> {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("{}/v1/models", self.url())])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let t0 = Instant::now();
+        while self.models().is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("vLLM exited ({status}): {}", tail(&self.log));
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "vLLM not ready after {limit:?}: {}",
+                tail(&self.log)
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    fn kill(&mut self) {
+        // SIGKILL the whole group: vLLM's engine core is a child of the API server
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs vLLM: bash scripts/install-vllm.sh (CAL_VLLM_PYTHON)"]
+fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
+    let python = vllm_python();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // the base: a quickly warmed tiny policy, exported as a Hugging Face folder
+    let base_run = dir.path().join("base");
+    let quick = [
+        "--sft-steps",
+        "30",
+        "--train-problems",
+        "64",
+        "--style",
+        "chain",
+    ];
+    let out = bin()
+        .env("CAL_GRPO_CACHE", &cache)
+        .arg("train")
+        .args(quick)
+        .args(["--steps", "0", "--eval-samples", "2", "--output-dir"])
+        .arg(&base_run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base = base_run.join("model");
+    let mut a = Server::start(&python, &base, 18331, dir.path().join("a.log"));
+    let mut b = Server::start(&python, &base, 18332, dir.path().join("b.log"));
+    a.wait_ready(Duration::from_secs(600));
+    b.wait_ready(Duration::from_secs(600));
+
+    let run = dir.path().join("run");
+    let urls = format!("{},{}", a.url(), b.url());
+    let train = |steps: &str, resume: bool| {
+        let mut cmd = bin();
+        cmd.env("CAL_GRPO_CACHE", &cache)
+            .arg("train")
+            .arg("--model")
+            .arg(&base)
+            .args([
+                "--lora-rank",
+                "4",
+                "--learning-rate",
+                "1e-3",
+                "--rollout-engine",
+                "vllm",
+            ])
+            .args([
+                "--rollout-url",
+                &urls,
+                "--steps",
+                steps,
+                "--save-every",
+                "1",
+            ])
+            .args([
+                "--prompts-per-step",
+                "4",
+                "--num-generations",
+                "4",
+                "--max-new-tokens",
+                "48",
+            ])
+            .args(["--num-samples", "32", "--eval-samples", "4", "--output-dir"])
+            .arg(&run);
+        if resume {
+            cmd.arg("--resume");
+        }
+        cmd.output().unwrap()
+    };
+
+    // two steps on both servers
+    let out = train("2", false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = metrics(&run);
+    assert_eq!(m.len(), 2);
+    // step 1 sampled with the trainer's own weights: the engine's log-probs match
+    let diff = m[0]["rollout/logprob_abs_diff"].as_f64().unwrap();
+    assert!(diff < 1e-3, "mean |logp_old - logq| = {diff} at step 1");
+    assert!(m[1]["rollout/is_weight_mean"].as_f64().unwrap() > 0.5);
+    for s in [&a, &b] {
+        let models = s.models().unwrap();
+        assert!(models.contains("\"step-2\""), "{models}");
+        assert!(
+            !models.contains("\"step-1\""),
+            "the old adapter stays loaded: {models}"
+        );
+    }
+    assert!(run.join("adapter/adapter_config.json").exists());
+
+    // one server killed: the run goes on with the other
+    b.kill();
+    let out = train("3", true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(metrics(&run).len(), 3);
+    assert!(a.models().unwrap().contains("\"step-3\""));
+
+    // none left: a clear error naming the server, the checkpoint kept, no hang
+    a.kill();
+    let t0 = Instant::now();
+    let out = train("4", true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("18331"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(metrics(&run).len(), 3);
+    assert!(run.join("checkpoints/step-000003").exists());
+}
