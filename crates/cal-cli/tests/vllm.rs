@@ -209,9 +209,10 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
     assert!(m[1]["rollout/is_weight_mean"].as_f64().unwrap() > 0.5);
     for s in [&a, &b] {
         let models = s.models().unwrap();
-        assert!(models.contains("\"step-2\""), "{models}");
+        // the run's adapters are named after the run (`baseline-seed42-step-N`)
+        assert!(models.contains("\"baseline-seed42-step-2\""), "{models}");
         assert!(
-            !models.contains("\"step-1\""),
+            !models.contains("-step-1\""),
             "the old adapter stays loaded: {models}"
         );
     }
@@ -226,7 +227,7 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(metrics(&run).len(), 3);
-    assert!(a.models().unwrap().contains("\"step-3\""));
+    assert!(a.models().unwrap().contains("\"baseline-seed42-step-3\""));
 
     // none left: a clear error naming the server, the checkpoint kept, no hang
     a.kill();

@@ -9,8 +9,8 @@
 //! with its last checkpoint, never training on a partial group).
 //!
 //! Weights reach the engine as LoRA adapters in PEFT's format, hot-loaded after every
-//! optimizer step under a new name (`step-N`), the requests naming it, the previous
-//! one unloaded (vLLM's runtime LoRA loading, `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`).
+//! optimizer step under a new name (`<run>-step-N`), the requests naming it, the
+//! previous one unloaded (vLLM's runtime LoRA loading, `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`).
 
 use anyhow::{anyhow, bail, Context, Result};
 use cal_model::generate::{decode_with_offsets, FinishReason, Generation};
@@ -39,6 +39,9 @@ pub struct VllmEngine {
     adapter: Option<String>,
     /// Where adapters are written for the servers to read.
     sync_dir: PathBuf,
+    /// Names this run's adapters (`<tag>-step-N`), so that runs sharing a server, such
+    /// as an experiment's two arms, never replace each other's.
+    tag: String,
 }
 
 /// One completion with the engine's log-prob of each of its tokens.
@@ -53,7 +56,12 @@ impl VllmEngine {
     /// Connects to `urls` (each `http://host:port`, with or without `/v1`) and reads the
     /// base model each serves; they must agree. A server that does not answer is left
     /// out with a warning; none answering is an error naming them all.
-    pub async fn connect(urls: &[String], sync_dir: PathBuf, timeout: Duration) -> Result<Self> {
+    pub async fn connect(
+        urls: &[String],
+        sync_dir: PathBuf,
+        tag: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
         if urls.is_empty() {
             bail!("rollout.engine = \"vllm\" needs at least one server URL (--rollout-url)");
         }
@@ -110,6 +118,7 @@ impl VllmEngine {
             base: base.unwrap_or_default(),
             adapter: None,
             sync_dir,
+            tag: tag.to_string(),
         })
     }
 
@@ -158,7 +167,7 @@ impl VllmEngine {
     /// Writes `model`'s adapters for step `step` and hot-loads them on every server;
     /// the previous adapter is unloaded once the new one is everywhere.
     pub async fn sync_lora(&mut self, model: &Transformer, step: usize) -> Result<()> {
-        let name = format!("step-{step}");
+        let name = format!("{}-step-{step}", self.tag);
         let dir = self.sync_dir.join(&name);
         cal_model::peft::export_adapter(model, &dir)?;
         let path = std::fs::canonicalize(&dir)?;

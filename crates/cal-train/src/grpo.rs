@@ -133,7 +133,9 @@ impl Trainer {
                 let sync =
                     (cfg.rollout.sync_dir.clone()).unwrap_or_else(|| out_dir.join("engine-sync"));
                 let timeout = std::time::Duration::from_secs(600);
-                let mut e = rt.block_on(VllmEngine::connect(&cfg.rollout.urls, sync, timeout))?;
+                let tag = format!("{}-seed{}", cfg.kind(), cfg.run.seed);
+                let mut e =
+                    rt.block_on(VllmEngine::connect(&cfg.rollout.urls, sync, &tag, timeout))?;
                 // the servers start from the trainer's weights (a resumed run's included)
                 rt.block_on(e.sync_lora(&policy.model, step))?;
                 Some(e)
