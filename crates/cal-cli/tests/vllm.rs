@@ -105,6 +105,17 @@ impl Drop for Server {
     }
 }
 
+/// Two ports nobody listens on now (the OS picks them, both held until both are
+/// known), so that runs side by side do not meet.
+fn free_ports() -> [u16; 2] {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (l1, l2) = (bind(), bind());
+    [
+        l1.local_addr().unwrap().port(),
+        l2.local_addr().unwrap().port(),
+    ]
+}
+
 fn tail(p: &Path) -> String {
     let text = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -149,8 +160,9 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
         String::from_utf8_lossy(&out.stderr)
     );
     let base = base_run.join("model");
-    let mut a = Server::start(&python, &base, 18331, dir.path().join("a.log"));
-    let mut b = Server::start(&python, &base, 18332, dir.path().join("b.log"));
+    let [pa, pb] = free_ports();
+    let mut a = Server::start(&python, &base, pa, dir.path().join("a.log"));
+    let mut b = Server::start(&python, &base, pb, dir.path().join("b.log"));
     a.wait_ready(Duration::from_secs(600));
     b.wait_ready(Duration::from_secs(600));
 
@@ -235,7 +247,7 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
     let out = train("4", true);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("18331"), "{err}");
+    assert!(err.contains(&a.port.to_string()), "{err}");
     assert!(
         t0.elapsed() < Duration::from_secs(120),
         "took {:?}",
