@@ -66,6 +66,22 @@ impl Rollouts {
     }
 }
 
+/// Each example's prompt, tokenised once.
+fn prompt_ids(policy: &Policy, examples: &[Example]) -> Result<Vec<Vec<u32>>> {
+    examples
+        .iter()
+        .map(|e| policy.prompt_ids(&e.question))
+        .collect()
+}
+
+/// One prompt per rollout: each example's `g` times, in group order.
+fn per_rollout(prompts: Vec<Vec<u32>>, g: usize) -> Vec<Vec<u32>> {
+    prompts
+        .into_iter()
+        .flat_map(|p| std::iter::repeat_n(p, g))
+        .collect()
+}
+
 /// Samples `cfg.num_generations` completions for each example.
 pub fn generate(
     policy: &Policy,
@@ -74,11 +90,7 @@ pub fn generate(
     rng: &mut impl Rng,
 ) -> Result<Rollouts> {
     let g = cfg.num_generations;
-    let prompts: Vec<Vec<u32>> = examples
-        .iter()
-        .flat_map(|e| std::iter::repeat_n(e, g))
-        .map(|e| policy.prompt_ids(&e.question))
-        .collect::<Result<_>>()?;
+    let prompts = per_rollout(prompt_ids(policy, &examples)?, g);
     let sampling = SamplingConfig {
         max_new_tokens: cfg.max_new_tokens,
         temperature: cfg.temperature,
@@ -101,10 +113,7 @@ pub fn generate_on_engine(
     rng: &mut impl Rng,
 ) -> Result<Rollouts> {
     let g = cfg.num_generations;
-    let prompts: Vec<Vec<u32>> = examples
-        .iter()
-        .map(|e| policy.prompt_ids(&e.question))
-        .collect::<Result<_>>()?;
+    let prompts = prompt_ids(policy, &examples)?;
     let seeds: Vec<u64> = prompts.iter().map(|_| rng.random::<u32>() as u64).collect();
     let sampling = EngineSampling {
         n: g,
@@ -119,11 +128,7 @@ pub fn generate_on_engine(
         gens.push(c.generation);
         logq.push(c.logprobs);
     }
-    let prompts = prompts
-        .into_iter()
-        .flat_map(|p| std::iter::repeat_n(p, g))
-        .collect();
-    let mut r = Rollouts::new(examples, prompts, gens, g)?;
+    let mut r = Rollouts::new(examples, per_rollout(prompts, g), gens, g)?;
     r.engine_logp = Some(logq);
     Ok(r)
 }
