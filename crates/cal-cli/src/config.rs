@@ -438,6 +438,22 @@ pub fn experiment_defaults() -> Value {
     })
 }
 
+/// The configuration a command resolves to with no file and no flag, for the `tiny`
+/// model and for any other (the two model profiles), as JSON to look keys up in.
+pub fn profile_defaults(command_defaults: &Value) -> Result<(Value, Value)> {
+    let resolve = |flags: Value| -> Result<Value> {
+        Ok(serde_json::to_value(RunConfig::resolve_layers(
+            None,
+            command_defaults,
+            &flags,
+        )?)?)
+    };
+    Ok((
+        resolve(json!({}))?,
+        resolve(json!({"model": {"name": "other"}}))?,
+    ))
+}
+
 /// Appends each train flag's default (from the run configuration, with the command's
 /// own defaults) to its help, so that `--help` shows defaults written once.
 pub fn annotate_defaults(
@@ -445,18 +461,9 @@ pub fn annotate_defaults(
     command_defaults: &Value,
     table: &[(&str, &str)],
 ) -> Command {
-    let flags = json!({});
-    let tiny = RunConfig::resolve_layers(None, command_defaults, &flags).ok();
-    let other =
-        RunConfig::resolve_layers(None, command_defaults, &json!({"model": {"name": "other"}}))
-            .ok();
-    let (Some(tiny), Some(other)) = (tiny, other) else {
+    let Ok((tiny, other)) = profile_defaults(command_defaults) else {
         return cmd;
     };
-    let (tiny, other) = (
-        serde_json::to_value(tiny).unwrap_or_default(),
-        serde_json::to_value(other).unwrap_or_default(),
-    );
     for (id, path) in table {
         if DERIVED.contains(path) {
             continue; // derived from other values; their help says how
