@@ -10,8 +10,8 @@
 use anyhow::{bail, Context, Result};
 use cal_model::DeviceSpec;
 use cal_train::evaluate::EvalReport;
-use cal_train::grpo::INTERRUPTED;
 use cal_train::study::experiment::{Arm, ArmRunner};
+use cal_train::trainer::INTERRUPTED;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;

@@ -4,9 +4,11 @@
 //! listed in [`FLAGS`], the one table that ties the two together.
 
 use anyhow::{bail, Result};
-use cal_core::credit::{CreditMode, GroupAdvantage};
+use cal_core::credit::{CreditMode, Estimator};
 use cal_model::{DTypeSpec, DeviceSpec, Placement};
 use cal_oracle::{OracleSpec, Provider};
+use cal_train::algorithm::ppo::{CriticKind, KlPlacement};
+use cal_train::algorithm::AlgorithmKind;
 use cal_train::config::RunConfig;
 use cal_train::loss::{Aggregation, Importance};
 use clap::{Args, Command};
@@ -128,16 +130,48 @@ pub struct TrainArgs {
     /// Credit mode [default: outcome, or span with --use-cal].
     #[arg(long, value_enum)]
     pub credit: Option<CreditMode>,
-    /// Group advantage estimator.
+    /// The algorithm: `grpo` (critic-free) or `ppo` (a value head, GAE over token
+    /// rewards, a clipped value loss).
     #[arg(long, value_enum)]
-    pub advantage: Option<GroupAdvantage>,
+    pub algorithm: Option<AlgorithmKind>,
+    /// Advantage estimator: grpo, dr-grpo, rloo (groups), reinforce++ (token returns)
+    /// or gae (PPO's) [default: grpo, gae with --algorithm ppo].
+    #[arg(long, value_enum)]
+    pub advantage: Option<Estimator>,
+    /// Discount γ of gae and reinforce++.
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// GAE's λ (0 = one-step TD, 1 = returns minus values).
+    #[arg(long)]
+    pub lam: Option<f64>,
+    /// PPO's critic: a value head on the policy's trunk (`shared`) or on a copy of
+    /// the starting model (`separate`).
+    #[arg(long, value_enum)]
+    pub critic: Option<CriticKind>,
+    /// Weight of PPO's value loss.
+    #[arg(long)]
+    pub vf_coef: Option<f64>,
+    /// PPO critic's learning rate as a multiple of the policy's.
+    #[arg(long)]
+    pub value_lr_scale: Option<f64>,
+    /// Clip range of PPO's value update around the old values (0 = unclipped).
+    #[arg(long)]
+    pub value_clip: Option<f64>,
+    /// Whiten PPO's advantages over the batch (`true` or `false`).
+    #[arg(long)]
+    pub whiten_advantages: Option<bool>,
+    /// Where PPO puts the KL to the reference: in the loss (as GRPO) or as a per-token
+    /// reward penalty (classic RLHF PPO).
+    #[arg(long, value_enum)]
+    pub kl_placement: Option<KlPlacement>,
     /// Advantage of the tokens before the first error in `--credit prefix`.
     #[arg(long, allow_negative_numbers = true)]
     pub prefix_reward: Option<f64>,
     /// Random seed for data order, sampling and initialisation.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Where checkpoints, logs and results go [default: runs/<baseline|cal>-seed<SEED>].
+    /// Where checkpoints, logs and results go [default: runs/<kind>-seed<SEED>, kind
+    /// baseline or cal (grpo), ppo or cal-ppo].
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Policy model: `tiny` (embedded), a Hugging Face folder or a `.gguf` file.
@@ -225,8 +259,9 @@ pub struct TrainArgs {
     /// Rows per generation call (bounds memory).
     #[arg(long)]
     pub generation_batch: Option<usize>,
-    /// Who samples the rollouts: `local` (this process) or `vllm` (--rollout-url
-    /// servers; the policy's LoRA adapter is hot-loaded there after every step).
+    /// Who samples the rollouts: `local` (this process) or `vllm` (the --rollout-url
+    /// servers, or without one a server started for the run; the policy is synced
+    /// there after every step).
     #[arg(long, value_enum)]
     pub rollout_engine: Option<cal_train::config::RolloutEngine>,
     /// vLLM servers, comma-separated (`http://127.0.0.1:8000`), replicas of one base
@@ -237,6 +272,18 @@ pub struct TrainArgs {
     /// <output-dir>/engine-sync].
     #[arg(long)]
     pub rollout_sync_dir: Option<PathBuf>,
+    /// The python of the vLLM install a started server runs on [default:
+    /// $CAL_VLLM_PYTHON, else the venv of scripts/install-vllm.sh].
+    #[arg(long)]
+    pub vllm_python: Option<PathBuf>,
+    /// Extra arguments for a started vLLM server, space-separated, after the project's
+    /// own (`--vllm-args="--dtype bfloat16"`).
+    #[arg(long, value_delimiter = ' ', allow_hyphen_values = true)]
+    pub vllm_args: Option<Vec<String>>,
+    /// After each sync, the largest mean |logp_server − logp_trainer| on a fixed
+    /// completion that is not an error (0 = no check).
+    #[arg(long)]
+    pub sync_check_tol: Option<f64>,
     /// Cap C of the truncated importance weights min(exp(logp_old − logq), C) on an
     /// engine's samples (0 = off).
     #[arg(long)]
@@ -304,9 +351,21 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("rollout_engine", "rollout.engine"),
     ("rollout_url", "rollout.urls"),
     ("rollout_sync_dir", "rollout.sync-dir"),
+    ("vllm_python", "rollout.vllm-python"),
+    ("vllm_args", "rollout.vllm-args"),
+    ("sync_check_tol", "rollout.sync-check-tol"),
     ("engine_is_cap", "loss.engine-is-cap"),
     ("credit", "credit.mode"),
+    ("algorithm", "run.algorithm"),
     ("advantage", "credit.advantage"),
+    ("gamma", "credit.gamma"),
+    ("lam", "credit.lambda"),
+    ("critic", "ppo.critic"),
+    ("vf_coef", "ppo.vf-coef"),
+    ("value_clip", "ppo.value-clip"),
+    ("value_lr_scale", "ppo.value-lr-scale"),
+    ("whiten_advantages", "ppo.whiten"),
+    ("kl_placement", "ppo.kl"),
     ("negative_reward", "credit.negative-reward"),
     ("prefix_reward", "credit.prefix-reward"),
     ("max_error_span", "credit.max-error-span"),
@@ -341,6 +400,7 @@ pub const DERIVED: &[&str] = &[
     "loss.epsilon-high",
     "run.steps",
     "credit.mode",
+    "credit.advantage",
     "data.steps",
     "model.tiny.sft-steps",
     "model.tiny.sft-chain-steps",

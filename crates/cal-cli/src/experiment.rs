@@ -5,7 +5,9 @@ use crate::config::TrainArgs;
 use crate::source::{datasets, Source};
 use crate::train::{eval_config, print_config};
 use anyhow::{bail, Result};
-use cal_train::study::experiment::{self, ExperimentConfig};
+use cal_train::engine::server;
+use cal_train::policy::PolicySource;
+use cal_train::study::experiment::{self, ExperimentConfig, OtherArm};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -23,6 +25,11 @@ pub struct ExperimentArgs {
     /// tiny model on a CPU with at least 2 threads, else 1].
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// The arms of each seed, comma-separated: `grpo` and `cal-grpo` (the `baseline`
+    /// and `cal` folders) always run; `ppo` (PPO, outcome rewards) and `cal-ppo` (PPO
+    /// with CAL's span rewards into GAE) are added at the same budget.
+    #[arg(long, value_delimiter = ',', default_value = "grpo,cal-grpo")]
+    pub arms: Vec<String>,
     /// `quick` (one seed, runs/experiment) or `study` (five seeds in runs/study, with
     /// means, 95% intervals and the sample-efficiency ratio over seeds).
     #[arg(long, value_enum, default_value = "quick")]
@@ -38,6 +45,7 @@ pub enum Preset {
 }
 
 pub fn run(args: &ExperimentArgs) -> Result<()> {
+    let others = OtherArm::parse_list(&args.arms)?;
     let mut targs = args.train.clone();
     targs.num_samples = args.num_samples_pos.or(targs.num_samples);
     targs.num_generations = args.num_generations_pos.or(targs.num_generations);
@@ -50,7 +58,7 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
             args.seeds.unwrap_or(5)
         }
     };
-    let cfg = targs.resolve_with(defaults)?;
+    let mut cfg = targs.resolve_with(defaults)?;
     if args.train.print_config {
         return print_config(&cfg);
     }
@@ -65,8 +73,9 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
         .map(|i| cfg.run.seed + i)
         .collect();
     eprintln!(
-        "experiment: baseline vs CAL ({}), {} steps × {} prompts × {} generations, {} training / {} held-out problems, seeds {seeds:?}",
+        "experiment: baseline vs CAL ({}){}, {} steps × {} prompts × {} generations, {} training / {} held-out problems, seeds {seeds:?}",
         cfg.credit.mode.name(),
+        others.iter().map(|o| format!(", {}", o.name)).collect::<String>(),
         cfg.steps(train.len()),
         cfg.rollout.prompts_per_step,
         cfg.rollout.num_generations,
@@ -77,14 +86,25 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
     let threads = crate::arms::process_threads();
-    let jobs = args
+    let mut jobs = args
         .jobs
         .unwrap_or_else(|| crate::arms::default_jobs(&cfg.model.name, cfg.model.device, threads));
     if jobs == 0 {
         bail!("--jobs must be at least 1");
     }
+    // rollouts on vLLM without a URL: one server of our own for every arm (each arm's
+    // adapters have names of their own), stopped when the experiment ends
+    let server = match server::wanted(&cfg) {
+        true => server::serve_if_needed(&mut cfg, &source.fresh()?, &out.join("vllm"))?,
+        false => None,
+    };
+    if server.is_some() && cfg.model.lora.rank == 0 && jobs > 1 {
+        eprintln!("experiment: full fine-tuning on one vLLM server trains the arms one after another (the server holds one set of weights)");
+        jobs = 1;
+    }
     let steps = cfg.steps(train.len());
     let ecfg = ExperimentConfig {
+        others,
         out_dir: out.clone(),
         seeds,
         cal_mode: cfg.credit.mode,
@@ -106,6 +126,7 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
         };
         experiment::run(&source, &ecfg, &test, &runner)?
     };
+    drop(server);
     let table = experiment::summary_table(&results);
     std::fs::write(out.join("summary.md"), &table)?;
     println!("{table}");

@@ -22,6 +22,10 @@ pub struct ExportArgs {
     /// The folder to write; it must not hold another model.
     #[arg(long)]
     pub output_dir: PathBuf,
+    /// Write a tied model's output projection as its own `lm_head.weight`: what a vLLM
+    /// server needs when a fully fine-tuned run reloads its weights in place.
+    #[arg(long)]
+    pub untie_embeddings: bool,
     #[command(flatten)]
     pub placement: PlacementFlags,
 }
@@ -46,7 +50,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         cal_model::peft::load_adapter(&mut policy.model, a)
             .with_context(|| format!("adapter {}", a.display()))?;
     }
-    load::export_hf(&policy.model, &policy.tok, out)?;
+    load::export_hf_with(&policy.model, &policy.tok, out, args.untie_embeddings)?;
     println!(
         "{}{} exported to {} ({} parameters)",
         args.model,

@@ -90,7 +90,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Arm { file } => match arms::run_child(&file) {
             Ok(()) => {}
             // The parent tells an interrupted arm from a failed one by this code.
-            Err(e) if cal_train::grpo::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => {
+            Err(e) if cal_train::trainer::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => {
                 eprintln!("{e:#}");
                 return Ok(ExitCode::from(130));
             }
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
     // First Ctrl-C: finish the current step, save a checkpoint, exit. Second: exit now.
     let _ = ctrlc::set_handler(|| {
         use std::sync::atomic::Ordering;
-        if cal_train::grpo::INTERRUPTED.swap(true, Ordering::SeqCst) {
+        if cal_train::trainer::INTERRUPTED.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
         eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");

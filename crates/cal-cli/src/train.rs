@@ -6,9 +6,10 @@ use crate::source::{datasets, Source};
 use anyhow::Result;
 use cal_model::load;
 use cal_train::config::RunConfig;
+use cal_train::engine::server::serve_if_needed;
 use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
-use cal_train::grpo::{RunEnd, Trainer};
 use cal_train::policy::PolicySource;
+use cal_train::trainer::{RunEnd, Trainer};
 
 /// Greedy held-out evaluation after training, at the rollouts' length.
 pub fn eval_config(cfg: &RunConfig) -> EvalConfig {
@@ -26,7 +27,7 @@ pub fn print_config(cfg: &RunConfig) -> Result<()> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = args.resolve()?;
+    let mut cfg = args.resolve()?;
     if args.print_config {
         return print_config(&cfg);
     }
@@ -48,11 +49,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let name = cfg.kind();
     let config = serde_json::to_value(&cfg)?;
     let eval = eval_config(&cfg);
-    let mut trainer = Trainer::new(cfg, source.fresh()?, train, args.start())?
-        .with_held_out(test.clone(), eval.clone());
+    let policy = source.fresh()?;
+    // rollouts on vLLM without a URL: a server of our own, stopped when this returns
+    let server = serve_if_needed(&mut cfg, &policy, &out.with_extension("vllm"))?;
+    let mut trainer =
+        Trainer::new(cfg, policy, train, args.start())?.with_held_out(test.clone(), eval.clone());
     if trainer.run()? == RunEnd::Interrupted {
+        drop(server); // exit runs no destructors
         std::process::exit(130);
     }
+    drop(server);
     let graded = match trainer.held_out_now() {
         Some(g) => g.to_vec(),
         None => evaluate(&trainer.policy, &test, &eval, "eval")?,

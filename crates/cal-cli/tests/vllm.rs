@@ -4,6 +4,7 @@
 //!
 //! The python comes from `CAL_VLLM_PYTHON`, or from running the install script (a
 //! cached venv of a few GB). Each server is a child process, stopped when the test ends.
+//! The tests run one at a time: a few vLLM servers at once would not fit 2 cores.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -130,26 +131,59 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// One vLLM test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The tiny policy, warmed quickly: what every run here starts from.
+const QUICK: [&str; 6] = [
+    "--sft-steps",
+    "30",
+    "--train-problems",
+    "64",
+    "--style",
+    "chain",
+];
+
+/// A few small steps.
+const SMALL: [&str; 10] = [
+    "--prompts-per-step",
+    "4",
+    "--num-generations",
+    "4",
+    "--max-new-tokens",
+    "48",
+    "--num-samples",
+    "32",
+    "--eval-samples",
+    "4",
+];
+
+/// Processes whose command line mentions `needle` (an orphaned server's model folder).
+fn processes_with(needle: &Path) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args(["-a", "-f"])
+        .arg(needle)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 #[ignore = "needs vLLM: bash scripts/install-vllm.sh (CAL_VLLM_PYTHON)"]
 fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let python = vllm_python();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     // the base: a quickly warmed tiny policy, exported as a Hugging Face folder
     let base_run = dir.path().join("base");
-    let quick = [
-        "--sft-steps",
-        "30",
-        "--train-problems",
-        "64",
-        "--style",
-        "chain",
-    ];
     let out = bin()
         .env("CAL_GRPO_CACHE", &cache)
         .arg("train")
-        .args(quick)
+        .args(QUICK)
         .args(["--steps", "0", "--eval-samples", "2", "--output-dir"])
         .arg(&base_run)
         .output()
@@ -168,7 +202,7 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
 
     let run = dir.path().join("run");
     let urls = format!("{},{}", a.url(), b.url());
-    let train = |steps: &str, resume: bool| {
+    let train_cmd = |steps: &str, resume: bool| {
         let mut cmd = bin();
         cmd.env("CAL_GRPO_CACHE", &cache)
             .arg("train")
@@ -203,8 +237,9 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
         if resume {
             cmd.arg("--resume");
         }
-        cmd.output().unwrap()
+        cmd
     };
+    let train = |steps: &str, resume: bool| train_cmd(steps, resume).output().unwrap();
 
     // two steps on both servers
     let out = train("2", false);
@@ -230,21 +265,42 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
     }
     assert!(run.join("adapter/adapter_config.json").exists());
 
-    // one server killed: the run goes on with the other
+    // each sync checked: the servers give the trainer's log-probs on a fixed completion
+    for row in &m {
+        let d = row["rollout/sync_logprob_diff"].as_f64().unwrap();
+        assert!(d < 1e-3, "served vs trainer after a sync: {d}");
+    }
+
+    // one server killed in the middle of a run: the run goes on with the other
+    let mut running = {
+        let out = train_cmd("4", true);
+        let mut cmd = out;
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let t0 = Instant::now();
+    while metrics(&run).len() < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "step 3 never logged"
+        );
+        assert!(running.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     b.kill();
-    let out = train("3", true);
+    let out = running.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(metrics(&run).len(), 3);
-    assert!(a.models().unwrap().contains("\"baseline-seed42-step-3\""));
+    assert_eq!(metrics(&run).len(), 4);
+    assert!(a.models().unwrap().contains("\"baseline-seed42-step-4\""));
 
     // none left: a clear error naming the server, the checkpoint kept, no hang
     a.kill();
     let t0 = Instant::now();
-    let out = train("4", true);
+    let out = train("5", true);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&a.port.to_string()), "{err}");
@@ -253,6 +309,141 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
         "took {:?}",
         t0.elapsed()
     );
-    assert_eq!(metrics(&run).len(), 3);
-    assert!(run.join("checkpoints/step-000003").exists());
+    assert_eq!(metrics(&run).len(), 4);
+    assert!(run.join("checkpoints/step-000004").exists());
+}
+
+#[test]
+#[ignore = "needs vLLM: bash scripts/install-vllm.sh (CAL_VLLM_PYTHON)"]
+fn managed_server_full_fine_tuning_reloads_weights_and_stops_on_ctrl_c() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let python = vllm_python();
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let train = |steps: &str, resume: bool| {
+        let mut cmd = bin();
+        cmd.env("CAL_GRPO_CACHE", dir.path().join("cache"))
+            .env("CAL_VLLM_PYTHON", &python)
+            .arg("train")
+            .args(QUICK)
+            .args(SMALL)
+            // no --rollout-url: cal-grpo starts its own server; no LoRA: full weights
+            .args([
+                "--rollout-engine",
+                "vllm",
+                "--learning-rate",
+                "1e-3",
+                "--use-cal",
+            ])
+            .args(["--steps", steps, "--save-every", "1", "--output-dir"])
+            .arg(&run);
+        if resume {
+            cmd.arg("--resume");
+        }
+        cmd
+    };
+    let mut child = train("50", false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !run.join("metrics.jsonl").exists() || metrics(&run).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(600), "no second step");
+        if let Some(s) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the run ended early ({s}): {err}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Ctrl-C: the run saves its checkpoint and stops its server
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("vLLM ready on http://127.0.0.1:"), "{err}");
+    let base = run.with_extension("vllm").join("base");
+    assert!(base.join("model.safetensors").exists());
+    let left = processes_with(&base);
+    assert!(left.is_empty(), "orphaned server processes: {left:?}");
+
+    let m = metrics(&run);
+    assert!(m.len() >= 2);
+    for row in &m {
+        let diff = row["rollout/logprob_abs_diff"].as_f64().unwrap();
+        let served = row["rollout/sync_logprob_diff"].as_f64().unwrap();
+        let moved = row["rollout/sync_logprob_shift"].as_f64().unwrap();
+        // every step sampled with the weights the trainer had: the reload took
+        assert!(diff < 1e-3, "mean |logp_old - logq| = {diff}");
+        // and the check could tell: the step moved the probe far more than that
+        assert!(
+            served < 1e-3 && moved > 20.0 * served.max(1e-5),
+            "served {served}, moved {moved}"
+        );
+    }
+
+    // --resume starts a new server on the run's start, then syncs the checkpoint's weights
+    let steps = (m.len() + 1).to_string();
+    let out = train(&steps, true).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = metrics(&run);
+    assert_eq!(m.len().to_string(), steps);
+    let last = m.last().unwrap();
+    assert!(
+        last["rollout/logprob_abs_diff"].as_f64().unwrap() < 1e-3,
+        "{last}"
+    );
+    assert!(processes_with(&base).is_empty());
+}
+
+#[test]
+#[ignore = "needs vLLM: bash scripts/install-vllm.sh (CAL_VLLM_PYTHON)"]
+fn experiment_arms_share_one_managed_server() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let python = vllm_python();
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("exp");
+    let out = bin()
+        .env("CAL_GRPO_CACHE", dir.path().join("cache"))
+        .env("CAL_VLLM_PYTHON", &python)
+        .arg("experiment")
+        .args(QUICK)
+        .args(SMALL)
+        .args([
+            "--rollout-engine",
+            "vllm",
+            "--lora-rank",
+            "4",
+            "--steps",
+            "2",
+        ])
+        .args(["--jobs", "2", "--output-dir"])
+        .arg(&exp)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // one server for both arms, each arm's adapters under its own names
+    assert_eq!(err.matches("vLLM ready on").count(), 1, "{err}");
+    let log = std::fs::read_to_string(exp.join("vllm/server.log")).unwrap();
+    for arm in ["baseline", "cal"] {
+        assert!(
+            log.contains(&format!("{arm}-seed42-step-2")),
+            "{arm} never synced"
+        );
+        // the training steps' rows (the held-out evaluations log rows of their own)
+        let m: Vec<_> = metrics(&exp.join(format!("seed-42/{arm}")))
+            .into_iter()
+            .filter(|r| r.get("rollout/logprob_abs_diff").is_some())
+            .collect();
+        assert_eq!(m.len(), 2);
+        assert!(m[0]["rollout/logprob_abs_diff"].as_f64().unwrap() < 1e-3);
+    }
+    assert!(exp.join("summary.md").exists());
+    assert!(processes_with(&exp.join("vllm/base")).is_empty());
 }

@@ -3,7 +3,7 @@
 //!
 //! Rollouts come in groups of `G` consecutive rows (the `G` samples of one prompt).
 //! First a *group advantage* `Â_i` is computed from the outcome rewards (see
-//! [`GroupAdvantage`]); then a [`CreditMode`] decides, per token, what advantage that
+//! [`Estimator`]); then a [`CreditMode`] decides, per token, what advantage that
 //! token carries. Masked (padding / prompt) positions are always exactly `0`.
 //!
 //! The token matrix goes into the loss as is; it is never summed back into a
@@ -27,11 +27,15 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::str::FromStr;
 
-/// How outcome rewards become a per-rollout advantage inside a group.
+/// The advantage estimator, chosen by name (`--advantage`). The first three compare
+/// the outcome rewards of a group (and the credit mode then overrides the advantages
+/// of an incorrect rollout's tokens, as the table in `docs/design.md` says); the last
+/// two read token rewards ([`crate::advantage`]), so span credit reaches them as
+/// rewards on the span tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
-pub enum GroupAdvantage {
+pub enum Estimator {
     /// GRPO: `Â_i = (r_i − mean_g r) / (std_g r + eps)`, with the sample standard
     /// deviation (`n − 1`, as TRL's `torch.std`). Equal rewards give `Â = 0`, not NaN.
     Grpo,
@@ -39,6 +43,37 @@ pub enum GroupAdvantage {
     DrGrpo,
     /// RLOO: `Â_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_g r)`.
     Rloo,
+    /// GAE(γ, λ) over token rewards and a critic's values (PPO only).
+    Gae,
+    /// REINFORCE++: discounted token returns, whitened over the batch (no critic).
+    #[serde(rename = "reinforce++")]
+    #[cfg_attr(feature = "clap", value(name = "reinforce++"))]
+    ReinforcePlusPlus,
+}
+
+impl Estimator {
+    pub const ALL: [Estimator; 5] = [
+        Self::Grpo,
+        Self::DrGrpo,
+        Self::Rloo,
+        Self::Gae,
+        Self::ReinforcePlusPlus,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Grpo => "grpo",
+            Self::DrGrpo => "dr-grpo",
+            Self::Rloo => "rloo",
+            Self::Gae => "gae",
+            Self::ReinforcePlusPlus => "reinforce++",
+        }
+    }
+
+    /// Whether it compares the rollouts of a group ([`group_advantages`]).
+    pub fn is_group(&self) -> bool {
+        matches!(self, Self::Grpo | Self::DrGrpo | Self::Rloo)
+    }
 }
 
 /// Which tokens of a rollout carry which advantage (the table in `docs/design.md`).
@@ -89,17 +124,12 @@ impl FromStr for CreditMode {
     }
 }
 
-impl FromStr for GroupAdvantage {
+impl FromStr for Estimator {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "grpo" => Ok(Self::Grpo),
-            "dr-grpo" => Ok(Self::DrGrpo),
-            "rloo" => Ok(Self::Rloo),
-            _ => Err(format!(
-                "unknown advantage estimator {s:?} (expected grpo, dr-grpo or rloo)"
-            )),
-        }
+        Self::ALL.into_iter().find(|e| e.name() == s).ok_or_else(|| {
+            format!("unknown advantage estimator {s:?} (expected grpo, dr-grpo, rloo, gae or reinforce++)")
+        })
     }
 }
 
@@ -110,8 +140,8 @@ impl FromStr for GroupAdvantage {
 pub struct CreditConfig {
     pub mode: CreditMode,
     #[serde(rename = "advantage")]
-    pub group: GroupAdvantage,
-    /// Added to the std in [`GroupAdvantage::Grpo`].
+    pub group: Estimator,
+    /// Added to the std in [`Estimator::Grpo`].
     pub eps: f64,
     /// Advantage of the error tokens of an incorrect rollout (seed default −1.0).
     pub negative_reward: f64,
@@ -120,17 +150,23 @@ pub struct CreditConfig {
     /// At most this many tokens of a located span are credited (the first ones; 0 = no
     /// cap). Applied when a span is mapped to tokens ([`crate::map`]).
     pub max_error_span: usize,
+    /// Discount of the token-reward estimators (`gae`, `reinforce++`).
+    pub gamma: f64,
+    /// GAE's λ: 0 = one-step TD errors (all from the critic), 1 = returns minus values.
+    pub lambda: f64,
 }
 
 impl Default for CreditConfig {
     fn default() -> Self {
         Self {
             mode: CreditMode::Outcome,
-            group: GroupAdvantage::Grpo,
+            group: Estimator::Grpo,
             eps: 1e-4,
             negative_reward: -1.0,
             prefix_reward: 0.0,
             max_error_span: 64,
+            gamma: 1.0,
+            lambda: 0.95,
         }
     }
 }
@@ -162,24 +198,29 @@ pub enum CreditError {
     },
     #[error("rollout {row}: reward is not finite ({reward})")]
     NonFiniteReward { row: usize, reward: f64 },
+    #[error("{0} does not compare the rollouts of a group; it reads token rewards")]
+    NotGroup(&'static str),
 }
 
 /// Per-rollout group advantages `Â_i` for consecutive groups of `group_size`.
 ///
 /// ```
-/// use cal_core::credit::{group_advantages, GroupAdvantage};
-/// let a = group_advantages(&[1.0, 0.0, 0.0, 0.0], 4, GroupAdvantage::DrGrpo, 1e-4).unwrap();
+/// use cal_core::credit::{group_advantages, Estimator};
+/// let a = group_advantages(&[1.0, 0.0, 0.0, 0.0], 4, Estimator::DrGrpo, 1e-4).unwrap();
 /// assert_eq!(a, vec![0.75, -0.25, -0.25, -0.25]);
 /// // All equal: no signal, and no NaN.
-/// let a = group_advantages(&[0.0; 4], 4, GroupAdvantage::Grpo, 1e-4).unwrap();
+/// let a = group_advantages(&[0.0; 4], 4, Estimator::Grpo, 1e-4).unwrap();
 /// assert_eq!(a, vec![0.0; 4]);
 /// ```
 pub fn group_advantages(
     rewards: &[f64],
     group_size: usize,
-    kind: GroupAdvantage,
+    kind: Estimator,
     eps: f64,
 ) -> Result<Vec<f64>, CreditError> {
+    if !kind.is_group() {
+        return Err(CreditError::NotGroup(kind.name()));
+    }
     if group_size < 2 {
         return Err(CreditError::GroupTooSmall(group_size));
     }
@@ -199,9 +240,10 @@ pub fn group_advantages(
         let var = group.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (g - 1.0);
         for r in group {
             out.push(match kind {
-                GroupAdvantage::Grpo => (r - mean) / (var.sqrt() + eps),
-                GroupAdvantage::DrGrpo => r - mean,
-                GroupAdvantage::Rloo => (r - mean) * g / (g - 1.0),
+                Estimator::Grpo => (r - mean) / (var.sqrt() + eps),
+                Estimator::DrGrpo => r - mean,
+                Estimator::Rloo => (r - mean) * g / (g - 1.0),
+                Estimator::Gae | Estimator::ReinforcePlusPlus => unreachable!("checked above"),
             });
         }
     }
@@ -315,12 +357,12 @@ mod tests {
     #[test]
     fn grpo_matches_hand_computation() {
         // rewards [1, 0, 0, 1]: mean 0.5, sample std sqrt(1/3)
-        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0], 4, GroupAdvantage::Grpo, 0.0).unwrap();
+        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0], 4, Estimator::Grpo, 0.0).unwrap();
         let s = (1.0f64 / 3.0).sqrt();
         for (x, y) in a.iter().zip([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s]) {
             assert!((x - y).abs() < 1e-12);
         }
-        let r = group_advantages(&[1.0, 0.0, 0.0, 1.0], 4, GroupAdvantage::Rloo, 0.0).unwrap();
+        let r = group_advantages(&[1.0, 0.0, 0.0, 1.0], 4, Estimator::Rloo, 0.0).unwrap();
         // 1 - mean(0,0,1) = 2/3
         assert!((r[0] - 2.0 / 3.0).abs() < 1e-12);
     }
@@ -328,15 +370,15 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(
-            group_advantages(&[1.0], 1, GroupAdvantage::Grpo, 1e-4),
+            group_advantages(&[1.0], 1, Estimator::Grpo, 1e-4),
             Err(CreditError::GroupTooSmall(1))
         );
         assert!(matches!(
-            group_advantages(&[1.0, 0.0, 1.0], 2, GroupAdvantage::Grpo, 1e-4),
+            group_advantages(&[1.0, 0.0, 1.0], 2, Estimator::Grpo, 1e-4),
             Err(CreditError::Ragged { .. })
         ));
         assert!(matches!(
-            group_advantages(&[f64::NAN, 0.0], 2, GroupAdvantage::Grpo, 1e-4),
+            group_advantages(&[f64::NAN, 0.0], 2, Estimator::Grpo, 1e-4),
             Err(CreditError::NonFiniteReward { row: 0, .. })
         ));
         let bad = [rollout(1.0, 2, 3, None), rollout(0.0, 2, 4, None)];

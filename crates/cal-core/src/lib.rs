@@ -7,8 +7,10 @@
 //! - [`locate`]: find the oracle's first-error segment inside the response text.
 //! - [`map`]: turn that byte range into a range of completion tokens.
 //! - [`credit`]: turn outcome rewards and spans into a `[B, T]` advantage matrix.
+//! - [`advantage`]: token rewards and the estimators that read them (GAE, REINFORCE++).
 //! - [`data`]: GSM8K loading and the seeded GSM8K-format problem generator.
 
+pub mod advantage;
 pub mod assets;
 pub mod credit;
 pub mod data;

@@ -428,12 +428,34 @@ pub fn completion_logprobs(
     batch: &SequenceBatch,
     fwd: Forward,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let positions = positions_from_mask(&batch.mask, &model.device)?;
-    let hidden = model.forward_hidden(&batch.ids, &positions, &batch.mask, None, fwd)?;
-    // Position prompt_len - 1 + t predicts completion token t.
-    let h = hidden.narrow(1, batch.prompt_len - 1, batch.completion_len)?;
+    let (logp, entropy, _) = completion_logprobs_hidden(model, batch, fwd)?;
+    Ok((logp, entropy))
+}
+
+/// [`completion_logprobs`] and the final hidden states `[B, Tc, H]` the log-probs come
+/// from (row `t` is the state that predicts completion token `t`): what a value head
+/// on the policy's trunk reads.
+pub fn completion_logprobs_hidden(
+    model: &Transformer,
+    batch: &SequenceBatch,
+    fwd: Forward,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let h = completion_hidden(model, batch, fwd)?;
     let logits = model.logits(&h)?;
     let logp = crate::vocab::token_logprobs(&logits, &batch.completion_ids)?;
     let entropy = crate::vocab::entropy(&logits)?;
-    Ok((logp, entropy))
+    Ok((logp, entropy, h))
+}
+
+/// The final hidden states `[B, Tc, H]` that predict the completion tokens (no
+/// vocabulary product: a separate critic needs only these).
+pub fn completion_hidden(
+    model: &Transformer,
+    batch: &SequenceBatch,
+    fwd: Forward,
+) -> candle_core::Result<Tensor> {
+    let positions = positions_from_mask(&batch.mask, &model.device)?;
+    let hidden = model.forward_hidden(&batch.ids, &positions, &batch.mask, None, fwd)?;
+    // Position prompt_len - 1 + t predicts completion token t.
+    hidden.narrow(1, batch.prompt_len - 1, batch.completion_len)
 }

@@ -509,6 +509,19 @@ pub fn load_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<Pa
 /// Exports `model` (LoRA merged into the base weights) with its tokenizer as a Hugging
 /// Face folder that this project and `transformers` can load.
 pub fn export_hf(model: &Transformer, tok: &TokenizerBundle, dir: &Path) -> Result<()> {
+    export_hf_with(model, tok, dir, false)
+}
+
+/// [`export_hf`], and with `untie` a tied model's output projection written as its own
+/// `lm_head.weight` (`tie_word_embeddings: false`). A serving engine that reloads
+/// weights in place needs that: vLLM's in-place reload cannot refill a tied head, so a
+/// tied model would keep serving the old one.
+pub fn export_hf_with(
+    model: &Transformer,
+    tok: &TokenizerBundle,
+    dir: &Path,
+    untie: bool,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut merged = Params::new();
     for (k, t) in &model.params {
@@ -526,10 +539,19 @@ pub fn export_hf(model: &Transformer, tok: &TokenizerBundle, dir: &Path) -> Resu
         }
         merged.insert(k.clone(), t.to_dtype(DType::F32)?);
     }
+    let mut config = model.cfg.to_hf_json();
+    if untie && model.cfg.tie_word_embeddings {
+        let embed = merged
+            .get("model.embed_tokens.weight")
+            .ok_or_else(|| anyhow!("a tied model without model.embed_tokens.weight"))?
+            .copy()?;
+        merged.insert("lm_head.weight".into(), embed);
+        config["tie_word_embeddings"] = false.into();
+    }
     save_safetensors(&merged, &dir.join("model.safetensors"), |_| true)?;
     std::fs::write(
         dir.join("config.json"),
-        serde_json::to_string_pretty(&model.cfg.to_hf_json())?,
+        serde_json::to_string_pretty(&config)?,
     )?;
     tok.tokenizer
         .save(dir.join("tokenizer.json"), false)

@@ -60,6 +60,8 @@ pub struct AdamW {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Each variable's learning rate as a multiple of the schedule's (a critic's own).
+    lr_scale: Vec<f64>,
     pub step: usize,
 }
 
@@ -76,11 +78,21 @@ impl AdamW {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             cfg,
+            lr_scale: vec![1.0; vars.len()],
             vars,
             m,
             v,
             step: 0,
         })
+    }
+
+    /// Variables whose name `select`s learn at `scale` × the scheduled rate.
+    pub fn scale_lr(&mut self, select: impl Fn(&str) -> bool, scale: f64) {
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            if select(name) {
+                self.lr_scale[i] = scale;
+            }
+        }
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -140,6 +152,7 @@ impl AdamW {
                 continue;
             };
             let g = (g * clip)?;
+            let lr = lr * self.lr_scale[i];
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;

@@ -11,8 +11,9 @@
 
 use crate::adamw::OptimConfig;
 use crate::loss::LossConfig;
+use crate::value::PpoConfig;
 use anyhow::{bail, Context, Result};
-use cal_core::credit::CreditConfig;
+use cal_core::credit::{CreditConfig, Estimator};
 use cal_core::data::Style;
 use cal_core::locate::LocateConfig;
 use cal_core::reward::RewardFns;
@@ -22,6 +23,26 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// Which algorithm a run trains with (`[run] algorithm`, `--algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlgorithmKind {
+    /// Critic-free: group-relative advantages (grpo, dr-grpo, rloo) or REINFORCE++.
+    #[default]
+    Grpo,
+    /// A value head and GAE over token rewards, a clipped value loss.
+    Ppo,
+}
+
+impl AlgorithmKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Grpo => "grpo",
+            Self::Ppo => "ppo",
+        }
+    }
+}
 
 /// Everything a GRPO / CAL-GRPO run needs to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +57,7 @@ pub struct RunConfig {
     pub oracle: OracleSpec,
     pub locate: LocateConfig,
     pub loss: LossConfig,
+    pub ppo: PpoConfig,
     pub optim: OptimConfig,
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
@@ -45,12 +67,14 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct RunSection {
+    /// `grpo` (critic-free) or `ppo` (a value head and GAE; see `[ppo]`).
+    pub algorithm: AlgorithmKind,
     /// Data order, sampling, initialisation.
     pub seed: u64,
     /// Optimizer steps (`None`: one pass over the training problems).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
-    /// Checkpoints, logs, results, exported model (`None`: `runs/<baseline|cal>-seed<SEED>`).
+    /// Checkpoints, logs, results, exported model (`None`: `runs/<kind>-seed<SEED>`, kind `baseline`, `cal`, `ppo` or `cal-ppo`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_dir: Option<PathBuf>,
     /// Policy updates per generated batch (> 1 reuses stored old log-probs).
@@ -66,6 +90,7 @@ pub struct RunSection {
 impl Default for RunSection {
     fn default() -> Self {
         Self {
+            algorithm: AlgorithmKind::Grpo,
             seed: 42,
             steps: None,
             output_dir: None,
@@ -253,10 +278,20 @@ pub struct RolloutConfig {
     /// Rows per generation call (bounds memory).
     pub generation_batch: usize,
     /// Who samples the rollouts: `local` (this process) or `vllm` (the servers in
-    /// `urls`, with the policy's LoRA adapter hot-loaded after every step).
+    /// `urls`, or one started for the run; the policy synced after every step).
     pub engine: RolloutEngine,
-    /// vLLM servers (`http://host:port`), data-parallel replicas of one base model.
+    /// vLLM servers (`http://host:port`), data-parallel replicas of one base model
+    /// (empty: the CLI starts one on this machine and stops it at the end).
     pub urls: Vec<String>,
+    /// The python of the vLLM install a started server runs on (`None`:
+    /// `$CAL_VLLM_PYTHON`, else the venv of `scripts/install-vllm.sh`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vllm_python: Option<PathBuf>,
+    /// Extra arguments for a started server, after the project's own (they win).
+    pub vllm_args: Vec<String>,
+    /// After each sync, the largest mean |logp_server − logp_trainer| on a fixed
+    /// completion that is not an error (0 = no check).
+    pub sync_check_tol: f64,
     /// A folder the servers can read, where each step's adapter is written (`None`:
     /// `<output-dir>/engine-sync`, for servers on this machine).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -285,6 +320,9 @@ impl Default for RolloutConfig {
             generation_batch: 64,
             engine: RolloutEngine::Local,
             urls: Vec::new(),
+            vllm_python: None,
+            vllm_args: Vec::new(),
+            sync_check_tol: 0.05,
             sync_dir: None,
         }
     }
@@ -397,6 +435,7 @@ impl RunConfig {
             },
             locate: LocateConfig::default(),
             loss: LossConfig::default(),
+            ppo: PpoConfig::default(),
             optim: OptimConfig::default(),
             eval: EvalSection::default(),
             checkpoint: CheckpointSection::default(),
@@ -518,23 +557,45 @@ impl RunConfig {
             );
         }
         self.reward.functions()?;
-        if self.rollout.engine == RolloutEngine::Vllm {
-            if self.rollout.urls.is_empty() {
-                bail!(
-                    "rollout.engine = \"vllm\" needs rollout.urls (--rollout-url http://HOST:PORT)"
-                );
-            }
-            if self.model.lora.rank == 0 {
-                bail!(
-                    "rollout.engine = \"vllm\" syncs the policy to the servers as a LoRA adapter: \
-                     set model.lora.rank (--lora-rank 8); full fine-tuning on vLLM is not supported yet"
-                );
-            }
+        if self.rollout.sync_check_tol.is_nan() || self.rollout.sync_check_tol < 0.0 {
+            bail!(
+                "rollout.sync-check-tol must be 0 (off) or positive, got {}",
+                self.rollout.sync_check_tol
+            );
         }
         if self.loss.engine_is_cap < 0.0 {
             bail!(
                 "loss.engine-is-cap must be 0 (off) or positive, got {}",
                 self.loss.engine_is_cap
+            );
+        }
+        let c = &mut self.credit;
+        if !(0.0..=1.0).contains(&c.gamma) || !(0.0..=1.0).contains(&c.lambda) {
+            bail!(
+                "credit.gamma and credit.lambda must be in [0, 1], got {} and {}",
+                c.gamma,
+                c.lambda
+            );
+        }
+        match (self.run.algorithm, c.group) {
+            // PPO's estimator is GAE; the default (grpo) means "not chosen"
+            (AlgorithmKind::Ppo, Estimator::Grpo) => c.group = Estimator::Gae,
+            (AlgorithmKind::Ppo, Estimator::Gae) | (AlgorithmKind::Grpo, _) => {}
+            (AlgorithmKind::Ppo, e) => bail!(
+                "run.algorithm = \"ppo\" estimates advantages with its critic (credit.advantage = \"gae\"), not {}",
+                e.name()
+            ),
+        }
+        if self.run.algorithm == AlgorithmKind::Grpo && c.group == Estimator::Gae {
+            bail!("credit.advantage = \"gae\" needs a critic: run.algorithm = \"ppo\" (--algorithm ppo)");
+        }
+        let p = &self.ppo;
+        if !(p.vf_coef >= 0.0 && p.value_clip >= 0.0 && p.value_lr_scale >= 0.0) {
+            bail!(
+                "ppo.vf-coef, ppo.value-clip and ppo.value-lr-scale must be 0 or positive, got {}, {} and {}",
+                p.vf_coef,
+                p.value_clip,
+                p.value_lr_scale
             );
         }
         if self.data.steps == Some(0) {
@@ -554,16 +615,18 @@ impl RunConfig {
         Ok(())
     }
 
-    /// `cal` when the credit mode uses oracle spans, else `baseline`.
+    /// The run's name: `baseline` / `cal` for GRPO (outcome credit or oracle spans),
+    /// `ppo` / `cal-ppo` for PPO.
     pub fn kind(&self) -> &'static str {
-        if self.credit.mode.uses_spans() {
-            "cal"
-        } else {
-            "baseline"
+        match (self.run.algorithm, self.credit.mode.uses_spans()) {
+            (AlgorithmKind::Grpo, false) => "baseline",
+            (AlgorithmKind::Grpo, true) => "cal",
+            (AlgorithmKind::Ppo, false) => "ppo",
+            (AlgorithmKind::Ppo, true) => "cal-ppo",
         }
     }
 
-    /// Where the run writes: as configured, or `runs/<baseline|cal>-seed<SEED>`.
+    /// Where the run writes: as configured, or `runs/<kind>-seed<SEED>`, kind `baseline`, `cal`, `ppo` or `cal-ppo`.
     pub fn output_dir(&self) -> PathBuf {
         self.run
             .output_dir
@@ -642,6 +705,14 @@ mod tests {
                 "num-generations",
             ),
             ("[rollout]\nnum-generations = 1\n", "num-generations"),
+            ("[rollout]\nsync-check-tol = -1.0\n", "sync-check-tol"),
+            (
+                "[run]\nalgorithm = \"ppo\"\n[credit]\nadvantage = \"rloo\"\n",
+                "not rloo",
+            ),
+            ("[credit]\nadvantage = \"gae\"\n", "needs a critic"),
+            ("[credit]\nlambda = 1.5\n", "credit.lambda"),
+            ("[ppo]\nvalue-lr-scale = -1.0\n", "ppo.value-lr-scale"),
             ("num-generations = 8\n", "num-generations"),
         ] {
             std::fs::write(&p, text).unwrap();

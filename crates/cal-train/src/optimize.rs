@@ -14,7 +14,9 @@ use crate::rollout::Rollouts;
 use crate::seed::mix_seed;
 use anyhow::Result;
 use cal_core::credit::AdvantageMatrix;
-use cal_model::generate::{build_batch, completion_logprobs, SequenceBatch};
+use cal_model::generate::{
+    build_batch, completion_logprobs, completion_logprobs_hidden, SequenceBatch,
+};
 use cal_model::{Forward, Transformer};
 use candle_core::{DType, Tensor};
 
@@ -187,6 +189,29 @@ pub fn fixed_logprobs(
     Ok(())
 }
 
+/// A term an algorithm adds to each micro-batch's policy loss (PPO's value loss);
+/// every [`crate::algorithm::Algorithm`] is one, most add nothing.
+pub trait ExtraLoss {
+    /// Whether [`ExtraLoss::extra_loss`] reads the policy forward's hidden states.
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+
+    /// A term added to micro-batch `k`'s policy loss in iteration `iteration`
+    /// (`hidden`: the policy's completion hidden states when [`Self::wants_hidden`];
+    /// `seed`: that forward's dropout seed).
+    fn extra_loss(
+        &mut self,
+        _k: usize,
+        _iteration: usize,
+        _m: &MicroBatch,
+        _hidden: Option<&Tensor>,
+        _seed: u64,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
 /// What the update did, averaged over iterations (token-weighted within one).
 #[derive(Debug, Default, Clone)]
 pub struct Update {
@@ -241,13 +266,16 @@ pub fn engine_weights(
     Ok(((w * mask)?, sums))
 }
 
-/// `num_iterations` × (loss and gradient of every micro-batch, accumulated; one AdamW
-/// step at `lr`). `step` seeds the LoRA dropout masks.
+/// `num_iterations` × (loss and gradient of every micro-batch, the algorithm's own
+/// term included, accumulated; one AdamW step at `lr`). `step` seeds the LoRA dropout
+/// masks.
+#[allow(clippy::too_many_arguments)]
 pub fn update(
     policy: &mut Policy,
     opt: &mut AdamW,
     micro: &[MicroBatch],
     adv: &AdvantageMatrix,
+    algo: &mut dyn ExtraLoss,
     cfg: &RunConfig,
     step: usize,
     lr: f64,
@@ -274,8 +302,14 @@ pub fn update(
         for (k, m) in micro.iter().enumerate() {
             // LoRA dropout masks: a pure function of (seed, step, iteration, micro-batch).
             let seed = mix_seed(&[cfg.run.seed, step as u64, it as u64, k as u64]);
-            let (logp, entropy) =
-                completion_logprobs(&policy.model, &m.batch, Forward::training(seed))?;
+            let fwd = Forward::training(seed);
+            let (logp, entropy, hidden) = if algo.wants_hidden() {
+                let (lp, e, h) = completion_logprobs_hidden(&policy.model, &m.batch, fwd)?;
+                (lp, e, Some(h))
+            } else {
+                let (lp, e) = completion_logprobs(&policy.model, &m.batch, fwd)?;
+                (lp, e, None)
+            };
             let old = m.old_logp.clone().unwrap_or_else(|| logp.detach());
             // An engine's samples: each token's advantage weighted by its truncated
             // importance weight, computed once from the policy that sampled.
@@ -292,7 +326,10 @@ pub fn update(
                 }
                 None => adv_t[k].clone(),
             };
-            let out = policy_loss(&logp, &old, m.ref_logp.as_ref(), &adv, &m.mask, &cfg.loss)?;
+            let mut out = policy_loss(&logp, &old, m.ref_logp.as_ref(), &adv, &m.mask, &cfg.loss)?;
+            if let Some(extra) = algo.extra_loss(k, it, m, hidden.as_ref(), seed)? {
+                out.loss = (out.loss + extra)?;
+            }
             let lv = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {
                 tracing::warn!(step, "non-finite loss; step skipped");

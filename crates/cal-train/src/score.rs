@@ -1,9 +1,10 @@
 //! Score: grade (and reward) → locate → map → credit. Everything between the samples and the loss,
 //! as pure functions of the rollouts (the oracle call itself runs in
-//! [`crate::grpo::Trainer`], concurrently with the reference pass).
+//! [`crate::trainer::Trainer`], concurrently with the reference pass).
 
 use crate::rollout::Rollouts;
 use anyhow::Result;
+use cal_core::advantage::TokenMatrix;
 use cal_core::credit::{token_advantages, AdvantageMatrix, CreditConfig, RolloutCredit};
 use cal_core::grade::grade as grade_answer;
 use cal_core::map::map_span;
@@ -141,16 +142,11 @@ pub fn map_spans(
     Spans { spans, stats: s }
 }
 
-/// Credit: outcome rewards and spans → the `[B, T]` token advantages, `T` the longest
-/// completion of the step (completions are right-padded, as in the loss batches).
-pub fn credit(
-    r: &Rollouts,
-    graded: &Graded,
-    spans: &Spans,
-    cfg: &CreditConfig,
-) -> Result<AdvantageMatrix> {
+/// What credit assignment needs of each row, `T` the longest completion of the step
+/// (completions are right-padded, as in the loss batches).
+pub fn rollout_credits(r: &Rollouts, graded: &Graded, spans: &Spans) -> Vec<RolloutCredit> {
     let width = r.gens.iter().map(|g| g.ids.len()).max().unwrap_or(0).max(1);
-    let rollouts: Vec<RolloutCredit> = (0..r.len())
+    (0..r.len())
         .map(|i| {
             let n = r.gens[i].ids.len();
             RolloutCredit {
@@ -160,6 +156,42 @@ pub fn credit(
                 span: spans.spans[i].clone(),
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Credit: outcome rewards and spans → the `[B, T]` token advantages of a group
+/// estimator (grpo, dr-grpo, rloo), the credit mode overriding span rows.
+pub fn credit(
+    r: &Rollouts,
+    graded: &Graded,
+    spans: &Spans,
+    cfg: &CreditConfig,
+) -> Result<AdvantageMatrix> {
+    let rollouts = rollout_credits(r, graded, spans);
     Ok(token_advantages(&rollouts, r.group, cfg)?)
+}
+
+/// Token rewards `[B, T]` (the outcome reward on each last token, the credit mode's
+/// span rewards on incorrect rollouts: [`cal_core::advantage::token_rewards`]), the
+/// row-major completion mask, and how many incorrect rollouts were shaped from a span
+/// and how many fell back to the outcome alone (span modes only).
+pub fn token_rewards(
+    r: &Rollouts,
+    graded: &Graded,
+    spans: &Spans,
+    cfg: &CreditConfig,
+) -> (TokenMatrix, Vec<bool>, usize, usize) {
+    let rollouts = rollout_credits(r, graded, spans);
+    let (rewards, shaped) = cal_core::advantage::token_rewards(&rollouts, cfg);
+    let wrong = rollouts.iter().filter(|x| !x.correct).count();
+    let fallbacks = if cfg.mode.uses_spans() {
+        wrong - shaped
+    } else {
+        0
+    };
+    let mask = rollouts
+        .iter()
+        .flat_map(|x| x.mask.iter().copied())
+        .collect();
+    (rewards, mask, shaped, fallbacks)
 }

@@ -5,15 +5,18 @@ mod common;
 
 use cal_core::credit::CreditMode;
 use cal_core::data::Example;
+use cal_core::reward::RewardFns;
 use cal_model::generate::{
     build_batch, completion_logprobs, decode_with_offsets, FinishReason, Generation,
 };
 use cal_model::Forward;
+use cal_train::algorithm::ppo::{CriticKind, KlPlacement};
+use cal_train::algorithm::AlgorithmKind;
 use cal_train::config::RunConfig;
-use cal_train::grpo::Trainer;
 use cal_train::loss::{policy_loss, Aggregation, Importance, LossConfig};
 use cal_train::policy::Policy;
 use cal_train::rollout::Rollouts;
+use cal_train::trainer::Trainer;
 use candle_core::{Device, Tensor, Var};
 use common::{examples, policy};
 use std::path::{Path, PathBuf};
@@ -269,6 +272,81 @@ fn kill_and_resume_is_bit_exact() {
 #[test]
 fn kill_and_resume_is_bit_exact_with_lora_dropout() {
     assert_resume_is_bit_exact(|| lora_config(0.2));
+}
+
+#[test]
+fn kill_and_resume_is_bit_exact_for_ppo() {
+    // the value head travels in the checkpoint with the policy, and so do its moments
+    assert_resume_is_bit_exact(|| {
+        let mut c = config(CreditMode::Span, 0.04);
+        c.run.algorithm = AlgorithmKind::Ppo;
+        c.ppo.kl = KlPlacement::Reward;
+        c
+    });
+}
+
+#[test]
+fn kill_and_resume_is_bit_exact_for_ppo_with_a_separate_critic_and_lora() {
+    assert_resume_is_bit_exact(|| {
+        let mut c = lora_config(0.2);
+        c.run.algorithm = AlgorithmKind::Ppo;
+        c.ppo.critic = CriticKind::Separate;
+        c
+    });
+}
+
+#[test]
+fn ppo_logs_its_critic_and_trains_the_value_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(CreditMode::Span, 0.04);
+    cfg.run.algorithm = AlgorithmKind::Ppo;
+    // a dense reward, so that the returns are not all 0
+    let digits = RewardFns {
+        fns: vec![(Box::new(common::Digits), 1.0)],
+    };
+    let mut t = trainer(
+        cfg,
+        policy(3),
+        examples(16),
+        dir.path().to_path_buf(),
+        false,
+    )
+    .unwrap()
+    .with_rewards(digits);
+    let head = |t: &Trainer| -> Vec<f32> {
+        let p = t.trainable();
+        let (_, w) = p.iter().find(|(k, _)| k == "value_head.weight").unwrap();
+        w.to_vec1().unwrap()
+    };
+    assert!(head(&t).iter().all(|v| *v == 0.0));
+    let m = t.train_step().unwrap();
+    for k in ["loss/value", "value/explained_variance", "value/mean"] {
+        assert!(
+            m.get(k).is_some_and(|v| v.is_finite()),
+            "{k} missing: {m:?}"
+        );
+    }
+    assert!(m["loss/value"] > 0.0);
+    t.train_step().unwrap();
+    assert!(
+        head(&t).iter().any(|v| *v != 0.0),
+        "the value head did not move"
+    );
+    // a critic-free run has neither the head nor its metrics
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(
+        config(CreditMode::Span, 0.04),
+        policy(3),
+        examples(16),
+        dir.path().to_path_buf(),
+        false,
+    )
+    .unwrap();
+    assert!(t
+        .trainable()
+        .iter()
+        .all(|(k, _)| !k.starts_with("value_head")));
+    assert!(!t.train_step().unwrap().contains_key("loss/value"));
 }
 
 /// Span credit with rank-2 LoRA on q/v and the given adapter dropout.

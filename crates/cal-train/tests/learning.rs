@@ -6,14 +6,45 @@
 mod common;
 
 use cal_core::reward::RewardFns;
+use cal_train::algorithm::AlgorithmKind;
 use cal_train::config::RunConfig;
-use cal_train::grpo::Trainer;
+use cal_train::trainer::Trainer;
 use common::{examples, policy, Digits};
 
 #[test]
 fn grpo_raises_an_easy_reward() {
+    let (first, last, curve) = digits_curve(AlgorithmKind::Grpo, 1.0);
+    assert!(
+        last > first + 0.15 && last > 1.5 * first,
+        "GRPO did not raise the reward: {first:.3} → {last:.3} ({curve:.2?})"
+    );
+}
+
+#[test]
+fn ppo_raises_an_easy_reward() {
+    let (first, last, curve) = digits_curve(AlgorithmKind::Ppo, 1.0);
+    assert!(
+        last > first + 0.15 && last > 1.5 * first,
+        "PPO did not raise the reward: {first:.3} → {last:.3} ({curve:.2?})"
+    );
+}
+
+#[test]
+fn ppo_with_the_reward_negated_lowers_it() {
+    // the sign flipped end to end (rewards → GAE → loss): the digits must go down
+    let (first, last, curve) = digits_curve(AlgorithmKind::Ppo, -1.0);
+    assert!(
+        last < 0.5 * first,
+        "PPO on the negated reward did not lower it: {first:.3} → {last:.3} ({curve:.2?})"
+    );
+}
+
+/// 30 steps on the digit-fraction reward (weighted by `sign`): the mean digit fraction
+/// of the first and last 5 steps, and the curve.
+fn digits_curve(algorithm: AlgorithmKind, sign: f64) -> (f64, f64, Vec<f64>) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = RunConfig::default();
+    cfg.run.algorithm = algorithm;
     cfg.run.output_dir = Some(dir.path().to_path_buf());
     cfg.run.steps = Some(30);
     cfg.run.micro_batch = 0;
@@ -26,7 +57,7 @@ fn grpo_raises_an_easy_reward() {
     cfg.optim.min_lr_ratio = 1.0;
     cfg.checkpoint.save_every = 0;
     let rewards = RewardFns {
-        fns: vec![(Box::new(Digits), 1.0)],
+        fns: vec![(Box::new(Digits), sign)],
     };
     let mut t = Trainer::new(cfg, policy(1), examples(64), false)
         .unwrap()
@@ -37,9 +68,6 @@ fn grpo_raises_an_easy_reward() {
     }
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     let (first, last) = (mean(&curve[..5]), mean(&curve[25..]));
-    eprintln!("digit fraction: first 5 steps {first:.3}, last 5 steps {last:.3}: {curve:.2?}");
-    assert!(
-        last > first + 0.15 && last > 1.5 * first,
-        "GRPO did not raise the reward: {first:.3} → {last:.3} ({curve:.2?})"
-    );
+    eprintln!("{algorithm:?} ×{sign}: digit fraction first 5 steps {first:.3}, last 5 steps {last:.3}: {curve:.2?}");
+    (first, last, curve)
 }

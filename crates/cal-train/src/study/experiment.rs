@@ -1,13 +1,16 @@
 //! Baseline GRPO vs CAL-GRPO at equal compute: same seed, data, steps, generations and
-//! test items, then the paired comparison. `seeds > 1` repeats and aggregates.
+//! test items, then the paired comparison. `seeds > 1` repeats and aggregates. More
+//! arms (PPO with outcome rewards, PPO with CAL's span rewards) run beside the two at
+//! the same budget and are compared with the baseline ([`OtherArm`]).
 
+use crate::algorithm::AlgorithmKind;
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
-use crate::grpo::{RunEnd, Trainer};
 use crate::policy::PolicySource;
 use crate::rundir::{RunLock, Start};
 use crate::study::compare::{compare, plot_curves, plot_held_out, Comparison};
 use crate::study::stats;
+use crate::trainer::{RunEnd, Trainer};
 use anyhow::{bail, Result};
 use cal_core::credit::CreditMode;
 use cal_core::data::Example;
@@ -23,6 +26,65 @@ pub struct ExperimentConfig {
     /// The CAL run's credit mode (span unless asked otherwise).
     pub cal_mode: CreditMode,
     pub eval: EvalConfig,
+    /// Arms run beside `baseline` and `cal` (in this order, after them in each seed).
+    pub others: Vec<OtherArm>,
+}
+
+/// An arm beside the two: its folder name and what it trains with. The same seed,
+/// data, steps and rollouts as the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OtherArm {
+    pub name: &'static str,
+    pub algorithm: AlgorithmKind,
+    /// With the CAL run's credit mode (oracle spans), else outcome credit.
+    pub cal: bool,
+}
+
+impl OtherArm {
+    /// The arms `--arms` knows beside the two (`baseline` = `grpo`, `cal` = `cal-grpo`).
+    pub const KNOWN: [OtherArm; 2] = [
+        OtherArm {
+            name: "ppo",
+            algorithm: AlgorithmKind::Ppo,
+            cal: false,
+        },
+        OtherArm {
+            name: "cal-ppo",
+            algorithm: AlgorithmKind::Ppo,
+            cal: true,
+        },
+    ];
+
+    /// `--arms grpo,cal-grpo,ppo,cal-ppo`: the arms past the two that always run.
+    pub fn parse_list(names: &[String]) -> Result<Vec<OtherArm>> {
+        let mut out: Vec<OtherArm> = Vec::new();
+        for n in names {
+            match n.trim() {
+                "grpo" | "baseline" | "cal-grpo" | "cal" => {}
+                name => match Self::KNOWN.iter().find(|a| a.name == name) {
+                    Some(a) if !out.contains(a) => out.push(*a),
+                    Some(_) => {}
+                    None => bail!(
+                        "--arms: unknown arm {name:?} (expected grpo, cal-grpo, ppo or cal-ppo; grpo and cal-grpo, the baseline and cal folders, always run)"
+                    ),
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One arm beside the two in one seed, against that seed's baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct OtherResult {
+    pub name: String,
+    pub accuracy: f64,
+    pub vs_baseline: Comparison,
+    pub curve: Vec<(f64, f64)>,
+    /// Steps for this arm to reach the baseline's final held-out accuracy over the
+    /// baseline's steps (as [`SeedResult::efficiency_ratio`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub efficiency_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +104,9 @@ pub struct SeedResult {
     /// Held-out accuracy (step, accuracy) during training, when `eval.every` is set.
     pub baseline_curve: Vec<(f64, f64)>,
     pub cal_curve: Vec<(f64, f64)>,
+    /// The arms beside the two, in the experiment's order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<OtherResult>,
 }
 
 fn mean_metric(dir: &Path, metric: &str) -> f64 {
@@ -151,15 +216,29 @@ pub fn train_and_eval(
     Ok(report)
 }
 
-/// The two arms of each seed, in order: baseline then CAL for every seed.
+/// The arms of each seed, in order: baseline, CAL, then the others, for every seed.
 pub fn arms(cfg: &ExperimentConfig) -> Vec<Arm> {
     let before = cfg.out_dir.join("before");
     let mut arms = Vec::new();
+    let two = [
+        ("baseline", cfg.run.run.algorithm, CreditMode::Outcome),
+        ("cal", cfg.run.run.algorithm, cfg.cal_mode),
+    ];
+    let others = cfg.others.iter().map(|o| {
+        let mode = if o.cal {
+            cfg.cal_mode
+        } else {
+            CreditMode::Outcome
+        };
+        (o.name, o.algorithm, mode)
+    });
+    let all: Vec<_> = two.into_iter().chain(others).collect();
     for &seed in &cfg.seeds {
         let sdir = cfg.out_dir.join(format!("seed-{seed}"));
-        for (name, mode) in [("baseline", CreditMode::Outcome), ("cal", cfg.cal_mode)] {
+        for &(name, algorithm, mode) in &all {
             let mut run = cfg.run.clone();
             run.run.seed = seed;
+            run.run.algorithm = algorithm;
             run.credit.mode = mode;
             arms.push(Arm {
                 name: name.into(),
@@ -207,15 +286,30 @@ pub fn run(
     let before = before.accuracy.accuracy;
     let reports = runner.run_arms(&arms(cfg))?;
     let mut results = Vec::new();
-    for (&seed, pair) in cfg.seeds.iter().zip(reports.chunks(2)) {
+    let per_seed = 2 + cfg.others.len();
+    for (&seed, pair) in cfg.seeds.iter().zip(reports.chunks(per_seed)) {
         let sdir = cfg.out_dir.join(format!("seed-{seed}"));
         let (rb, rc) = (&pair[0], &pair[1]);
+        let mut others = Vec::new();
+        let base_curve = crate::study::compare::read_curve(&sdir.join("baseline"), "eval/accuracy");
+        for (o, r) in cfg.others.iter().zip(&pair[2..]) {
+            let curve = crate::study::compare::read_curve(&sdir.join(o.name), "eval/accuracy");
+            others.push(OtherResult {
+                name: o.name.into(),
+                accuracy: r.accuracy.accuracy,
+                vs_baseline: compare("baseline", &rb.examples, o.name, &r.examples)?,
+                efficiency_ratio: stats::efficiency_ratio(&base_curve, &curve),
+                curve,
+            });
+        }
         let comparison = compare("baseline", &rb.examples, "cal", &rc.examples)?;
+        let names = ["baseline", "cal"]
+            .into_iter()
+            .chain(cfg.others.iter().map(|o| o.name));
         let _ = plot_curves(
-            &[
-                ("baseline".into(), sdir.join("baseline")),
-                ("cal".into(), sdir.join("cal")),
-            ],
+            &names
+                .map(|n| (n.to_string(), sdir.join(n)))
+                .collect::<Vec<_>>(),
             "reward/accuracy",
             &sdir.join("training_curves.png"),
         )
@@ -238,6 +332,7 @@ pub fn run(
             baseline_curve,
             cal_curve,
             comparison,
+            others,
         });
     }
     std::fs::write(
@@ -254,7 +349,11 @@ pub fn run(
         };
         let png = cfg.out_dir.join("eval_curves.png");
         let per_step = cfg.run.rollout.prompts_per_step * cfg.run.rollout.num_generations;
-        match plot_held_out(&[arm("baseline"), arm("cal")], per_step, &png) {
+        let names = ["baseline", "cal"]
+            .into_iter()
+            .chain(cfg.others.iter().map(|o| o.name));
+        let arms: Vec<_> = names.map(arm).collect();
+        match plot_held_out(&arms, per_step, &png) {
             Ok(_) => eprintln!("held-out accuracy curves: {}", png.display()),
             Err(e) => eprintln!("plot skipped: {e:#}"),
         }
@@ -287,10 +386,123 @@ pub fn summary_table(results: &[SeedResult]) -> String {
     if results.len() > 1 {
         s.push_str(&across_seeds(results));
     }
+    s.push_str(&others_table(results));
     for r in results {
         s.push_str(&format!("\nseed {}: {}", r.seed, r.comparison.verdict));
     }
     s.push('\n');
+    s
+}
+
+/// The arms beside the two: each seed's accuracy and its paired difference with the
+/// baseline, then (over several seeds) the mean gains with 95% t intervals.
+pub fn others_table(results: &[SeedResult]) -> String {
+    let Some(first) = results.first().filter(|r| !r.others.is_empty()) else {
+        return String::new();
+    };
+    let mut s = String::from(
+        "\nThe other arms against the baseline (same seed, same held-out items):\n\n| seed | arm | held-out | arm − baseline (95% CI) | McNemar p |\n|---|---|---|---|---|\n",
+    );
+    for r in results {
+        for o in &r.others {
+            let c = &o.vs_baseline;
+            s += &format!(
+                "| {} | {} | {:.1}% | {:+.1} [{:+.1}, {:+.1}] | {:.3} |\n",
+                r.seed,
+                o.name,
+                100.0 * o.accuracy,
+                c.diff_points,
+                c.ci95_points.0,
+                c.ci95_points.1,
+                c.mcnemar_p
+            );
+        }
+    }
+    if results.len() > 1 {
+        s += "\nOver seeds (mean, 95% t interval, in points; sample efficiency: steps to the baseline's final held-out accuracy / the baseline's steps, median with a 95% bootstrap interval, < 1: fewer rollouts than GRPO):\n\n| arm | held-out | arm − before RL | arm − baseline | arm − CAL-GRPO | sample efficiency vs GRPO |\n|---|---|---|---|---|---|\n";
+        let ci = |xs: Vec<f64>| {
+            stats::mean_ci95(&xs).map_or("–".into(), |(m, lo, hi)| {
+                format!("{m:+.1} [{lo:+.1}, {hi:+.1}]")
+            })
+        };
+        for (k, o) in first.others.iter().enumerate() {
+            let acc = |r: &SeedResult| r.others.get(k).map_or(f64::NAN, |x| x.accuracy);
+            let mean_acc = results.iter().map(acc).sum::<f64>() / results.len() as f64;
+            let ratios: Vec<f64> = results
+                .iter()
+                .filter_map(|r| r.others.get(k)?.efficiency_ratio)
+                .collect();
+            let eff = stats::median_ci95(&ratios, 10_000, 0).map_or("–".into(), |(m, lo, hi)| {
+                format!(
+                    "{} [{}, {}]",
+                    stats::show_ratio(m),
+                    stats::show_ratio(lo),
+                    stats::show_ratio(hi)
+                )
+            });
+            s += &format!(
+                "| {} | {:.1}% | {} | {} | {} | {eff} |\n",
+                o.name,
+                100.0 * mean_acc,
+                ci(results
+                    .iter()
+                    .map(|r| 100.0 * (acc(r) - r.before))
+                    .collect()),
+                ci(results
+                    .iter()
+                    .map(|r| r
+                        .others
+                        .get(k)
+                        .map_or(f64::NAN, |x| x.vs_baseline.diff_points))
+                    .collect()),
+                ci(results.iter().map(|r| 100.0 * (acc(r) - r.cal)).collect()),
+            );
+        }
+    }
+    s + &all_curves(results)
+}
+
+/// Held-out accuracy at each evaluated step, mean over seeds, for every arm.
+fn all_curves(results: &[SeedResult]) -> String {
+    let Some(first) = results.first() else {
+        return String::new();
+    };
+    let at = |c: &[(f64, f64)], step: f64| c.iter().find(|p| p.0 == step).map(|p| p.1);
+    let mean = |xs: Vec<Option<f64>>| -> String {
+        let v: Option<Vec<f64>> = xs.into_iter().collect();
+        v.map_or("–".into(), |v| {
+            format!(
+                "{:.1}%",
+                100.0 * v.iter().sum::<f64>() / v.len().max(1) as f64
+            )
+        })
+    };
+    let names: Vec<&str> = first.others.iter().map(|o| o.name.as_str()).collect();
+    let mut s = format!(
+        "\nHeld-out accuracy during training, every arm (mean over seeds):\n\n| step | baseline | cal | {} |\n|---|---|---|{}\n",
+        names.join(" | "),
+        "---|".repeat(names.len())
+    );
+    for &(step, _) in &first.baseline_curve {
+        let mut cells = vec![
+            mean(
+                results
+                    .iter()
+                    .map(|r| at(&r.baseline_curve, step))
+                    .collect(),
+            ),
+            mean(results.iter().map(|r| at(&r.cal_curve, step)).collect()),
+        ];
+        for k in 0..names.len() {
+            cells.push(mean(
+                results
+                    .iter()
+                    .map(|r| r.others.get(k).and_then(|o| at(&o.curve, step)))
+                    .collect(),
+            ));
+        }
+        s += &format!("| {step} | {} |\n", cells.join(" | "));
+    }
     s
 }
 
@@ -357,4 +569,28 @@ pub fn curves_over_seeds(results: &[SeedResult]) -> String {
     format!(
         "\nHeld-out accuracy during training (mean over seeds; one interval per evaluated step, not corrected for looking at several):\n\n| step | baseline | CAL | CAL − baseline (95% t CI) |\n|---|---|---|---|\n{rows}"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OtherArm;
+
+    #[test]
+    fn arms_lists_name_the_arms_beside_the_two() {
+        let list = |s: &str| s.split(',').map(String::from).collect::<Vec<_>>();
+        let names = |s: &str| -> Vec<&str> {
+            OtherArm::parse_list(&list(s))
+                .unwrap()
+                .iter()
+                .map(|a| a.name)
+                .collect()
+        };
+        assert!(names("grpo,cal-grpo").is_empty());
+        assert_eq!(names("grpo,cal-grpo,ppo,cal-ppo"), ["ppo", "cal-ppo"]);
+        assert_eq!(names("cal-ppo,ppo,ppo"), ["cal-ppo", "ppo"]);
+        let e = OtherArm::parse_list(&list("grpo,dpo"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"dpo\"") && e.contains("cal-ppo"), "{e}");
+    }
 }

@@ -1,14 +1,17 @@
-//! The GRPO / CAL-GRPO training loop. One code path: the credit mode decides whether
-//! oracle spans are used.
+//! The run harness and its training loop, shared by every algorithm: the credit mode
+//! decides whether oracle spans are used, the [`crate::algorithm`] how the step's
+//! advantages are made (GRPO's groups, PPO's critic).
 //!
 //! One step, each stage a module with typed inputs and outputs:
 //!
 //! ```text
 //! generate (rollout) ─► score: grade ─► locate (oracle, concurrent with the reference
-//! pass) ─► map ─► credit ─► optimize: loss, accumulate, step ─► log (metrics), checkpoint
+//! pass) ─► map ─► credit (the algorithm's advantages) ─► optimize: loss, accumulate,
+//! step ─► log (metrics), checkpoint
 //! ```
 
 use crate::adamw::{lr_at, AdamW};
+use crate::algorithm::{self, Algorithm, AlgorithmKind, Scored};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{RolloutEngine, RunConfig};
 use crate::engine::VllmEngine;
@@ -37,6 +40,8 @@ use std::time::Instant;
 pub struct Trainer {
     pub cfg: RunConfig,
     pub policy: Policy,
+    /// How advantages are made, and what it trains besides the policy (a critic).
+    algo: Box<dyn Algorithm>,
     reference: Option<Transformer>,
     opt: AdamW,
     data: Vec<Example>,
@@ -46,8 +51,9 @@ pub struct Trainer {
     /// Optimizer steps of the whole run.
     pub total_steps: usize,
     oracle: Arc<dyn Oracle>,
-    /// The serving engine that samples the rollouts (`rollout.engine = "vllm"`).
-    engine: Option<VllmEngine>,
+    /// The serving engine that samples the rollouts (`rollout.engine = "vllm"`), and
+    /// the fixed completion that checks each sync.
+    engine: Option<(VllmEngine, SyncProbe)>,
     rt: tokio::runtime::Runtime,
     pub out_dir: PathBuf,
     tb: TensorBoard,
@@ -94,14 +100,20 @@ impl Trainer {
         let out_dir = cfg.output_dir();
         let lock = RunLock::acquire(&out_dir)?;
         rundir::prepare(&out_dir, start)?;
+        // before the adapters: a separate critic copies the base model
+        let algo = algorithm::build(&cfg, &policy)?;
         let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
         // The reference is a real frozen copy (full fine-tuning) or the same base with
         // the adapters switched off (LoRA): never the policy being trained.
         let reference = (cfg.model.lora.rank == 0 && cfg.loss.beta > 0.0)
             .then(|| policy.model.frozen_copy())
             .transpose()?;
-        let vars = policy.model.make_trainable(trainable)?;
+        let mut vars = policy.model.make_trainable(trainable)?;
+        let own = algo.params();
+        let own_names: Vec<String> = own.iter().map(|(k, _)| k.clone()).collect();
+        vars.extend(own); // checkpointed and resumed with the policy
         let mut opt = AdamW::new(vars, cfg.optim)?;
+        opt.scale_lr(|name| own_names.iter().any(|k| k == name), algo.lr_scale());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.run.seed);
         let (mut step, mut cursor, mut skipped) = (0, 0, 0);
         if start == Start::Resume {
@@ -137,14 +149,18 @@ impl Trainer {
                 let mut e =
                     rt.block_on(VllmEngine::connect(&cfg.rollout.urls, sync, &tag, timeout))?;
                 // the servers start from the trainer's weights (a resumed run's included)
-                rt.block_on(e.sync_lora(&policy.model, step))?;
-                Some(e)
+                rt.block_on(e.sync(&policy.model, &policy.tok, step))?;
+                let mut probe = SyncProbe::new(&policy, &data[0])?;
+                let (diff, _) = probe.check(&mut e, &rt, &policy, cfg.rollout.sync_check_tol)?;
+                eprintln!("rollout servers serve the trainer's weights (mean |Δlogp| {diff:.2e} on a fixed completion)");
+                Some((e, probe))
             }
         };
         Ok(Self {
             total_steps: cfg.steps(data.len()),
             cfg,
             policy,
+            algo,
             reference,
             opt,
             data,
@@ -259,10 +275,11 @@ impl Trainer {
     /// Runs until the last step (or SIGINT), checkpointing as configured.
     pub fn run(&mut self) -> Result<RunEnd> {
         let progress = Progress::new(
-            if self.cfg.credit.mode.uses_spans() {
-                "cal"
-            } else {
-                "grpo"
+            match (self.cfg.run.algorithm, self.cfg.credit.mode.uses_spans()) {
+                (AlgorithmKind::Grpo, false) => "grpo",
+                (AlgorithmKind::Grpo, true) => "cal",
+                (AlgorithmKind::Ppo, false) => "ppo",
+                (AlgorithmKind::Ppo, true) => "cal-ppo",
             },
             self.total_steps as u64,
             self.step as u64,
@@ -329,14 +346,14 @@ impl Trainer {
             .collect()
     }
 
-    /// One GRPO step: generate, then [`Trainer::learn`] from the samples; logged.
+    /// One step: generate, then [`Trainer::learn`] from the samples; logged.
     pub fn train_step(&mut self) -> Result<Metrics> {
         let t0 = Instant::now();
         let (cursor, rng) = (self.cursor, self.rng.clone());
         let examples = self.next_examples(self.cfg.rollout.prompts_per_step);
         let rollouts = match &self.engine {
             None => rollout::generate(&self.policy, examples, &self.cfg.rollout, &mut self.rng)?,
-            Some(e) => match rollout::generate_on_engine(
+            Some((e, _)) => match rollout::generate_on_engine(
                 e,
                 &self.rt,
                 &self.policy,
@@ -361,12 +378,15 @@ impl Trainer {
         let t_gen = t0.elapsed().as_secs_f64();
         let n_tokens = rollouts.completion_tokens();
         let mut m = self.learn(&rollouts)?;
-        if let Some(e) = &mut self.engine {
-            // after every optimizer step the servers get the new weights
+        if let Some((e, probe)) = &mut self.engine {
+            // after every optimizer step the servers get the new weights, checked
             let t = Instant::now();
-            self.rt
-                .block_on(e.sync_lora(&self.policy.model, self.step))?;
+            let p = &self.policy;
+            self.rt.block_on(e.sync(&p.model, &p.tok, self.step))?;
             m.insert("perf/sync_seconds".into(), t.elapsed().as_secs_f64());
+            let (diff, shift) = probe.check(e, &self.rt, p, self.cfg.rollout.sync_check_tol)?;
+            m.insert("rollout/sync_logprob_diff".into(), diff);
+            m.insert("rollout/sync_logprob_shift".into(), shift);
         }
         m.insert("perf/step_seconds".into(), t0.elapsed().as_secs_f64());
         m.insert("perf/generate_seconds".into(), t_gen);
@@ -378,7 +398,8 @@ impl Trainer {
         Ok(m)
     }
 
-    /// Everything after sampling: score (grade → locate → map → credit), then optimize.
+    /// Everything after sampling: score (grade → locate → map), the algorithm's
+    /// advantages, then optimize.
     /// Public so that a test can feed hand-written completions.
     pub fn learn(&mut self, r: &Rollouts) -> Result<Metrics> {
         let graded = score::grade(r, &self.rewards);
@@ -401,13 +422,19 @@ impl Trainer {
             None => Vec::new(),
         };
         let spans: Spans = score::map_spans(r, &wrong, &outcomes, self.cfg.credit.max_error_span);
-        let adv = score::credit(r, &graded, &spans, &self.cfg.credit)?;
+        let scored = Scored {
+            rollouts: r,
+            graded: &graded,
+            spans: &spans,
+        };
+        let adv = (self.algo).advantages(&scored, &self.policy, &mut micro, &self.cfg)?;
         let lr = lr_at(&self.cfg.optim, self.step, self.total_steps);
         let upd = update(
             &mut self.policy,
             &mut self.opt,
             &micro,
             &adv,
+            self.algo.as_mut(),
             &self.cfg,
             self.step,
             lr,
@@ -424,8 +451,73 @@ impl Trainer {
             lr,
             skipped_total: self.skipped,
         });
+        m.extend(self.algo.metrics());
         m.insert("perf/micro_batches".into(), micro.len() as f64);
         m.insert("perf/padding_fraction".into(), padding);
         Ok(m)
+    }
+}
+
+/// A fixed completion (the first training problem's prompt and the start of its
+/// reference solution) whose log-probs the servers must give as the trainer does after
+/// every sync.
+struct SyncProbe {
+    prompt: Vec<u32>,
+    completion: Vec<u32>,
+    /// The trainer's log-probs of it at the last check.
+    last: Vec<f32>,
+}
+
+impl SyncProbe {
+    const TOKENS: usize = 24;
+
+    fn new(policy: &Policy, example: &Example) -> Result<Self> {
+        let mut completion = policy.target_ids(&example.answer)?;
+        completion.truncate(Self::TOKENS);
+        Ok(Self {
+            prompt: policy.prompt_ids(&example.question)?,
+            completion,
+            last: Vec::new(),
+        })
+    }
+
+    /// The servers against the trainer now: the largest mean |Δlogp| (an error over
+    /// `tol`), and how far the trainer moved on the probe since the last check (the
+    /// check tells stale weights apart only when that is larger).
+    fn check(
+        &mut self,
+        engine: &mut VllmEngine,
+        rt: &tokio::runtime::Runtime,
+        policy: &Policy,
+        tol: f64,
+    ) -> Result<(f64, f64)> {
+        let m = &policy.model;
+        let batch = cal_model::generate::build_batch(
+            std::slice::from_ref(&self.prompt),
+            std::slice::from_ref(&self.completion),
+            policy.tok.pad_id,
+            &m.device,
+        )?;
+        let (lp, _) =
+            cal_model::generate::completion_logprobs(m, &batch, cal_model::Forward::INFERENCE)?;
+        let expected: Vec<f32> = lp.flatten_all()?.to_vec1()?;
+        let previous = (!self.last.is_empty()).then_some(self.last.as_slice());
+        let diff = rt.block_on(engine.check_served(
+            &self.prompt,
+            &self.completion,
+            &expected,
+            previous,
+            tol,
+        ))?;
+        let shift = previous.map_or(0.0, |p| {
+            let s: f64 = p
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .sum();
+            s / p.len().max(1) as f64
+        });
+        self.last = expected;
+        Ok((diff, shift))
     }
 }
