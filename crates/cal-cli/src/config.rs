@@ -53,6 +53,36 @@ pub struct LoraFlags {
     pub lora_dropout: Option<f64>,
 }
 
+/// The prompt flags, shared by `train`, `experiment`, `sft`, `eval` and `generate`
+/// (keys of `[data]`).
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct PromptFlags {
+    /// minijinja template of the user turn, with {{ question }} and {{ instruction }}.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub prompt_template: Option<String>,
+    /// System prompt (chat models; a paragraph before the prompt for plain ones).
+    #[arg(long, value_name = "TEXT")]
+    pub system_prompt: Option<String>,
+    /// The instruction after the question.
+    #[arg(long, value_name = "TEXT")]
+    pub instruction: Option<String>,
+    /// Worked examples from the training split shown before each question.
+    #[arg(long, value_name = "K")]
+    pub few_shot: Option<usize>,
+    /// Seed that draws the few-shot examples.
+    #[arg(long)]
+    pub few_shot_seed: Option<u64>,
+}
+
+/// `PromptFlags` field → key, in every command's table.
+pub const PROMPT_FLAGS: &[(&str, &str)] = &[
+    ("prompt_template", "data.prompt-template"),
+    ("system_prompt", "data.system-prompt"),
+    ("instruction", "data.instruction"),
+    ("few_shot", "data.few-shot"),
+    ("few_shot_seed", "data.few-shot-seed"),
+];
+
 /// The oracle's flags, shared by `train`, `experiment`, `oracle` and `demo`.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct OracleFlags {
@@ -308,6 +338,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub oracle: OracleFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub prompt: PromptFlags,
     /// Rows per forward/backward of the loss, gradients accumulated exactly
     /// (0 = no row cap). Bounds memory on real models.
     #[arg(long)]
@@ -339,6 +372,11 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("eval_samples", "data.eval-samples"),
     ("style", "data.style"),
     ("chain_steps", "data.steps"),
+    ("prompt_template", "data.prompt-template"),
+    ("system_prompt", "data.system-prompt"),
+    ("instruction", "data.instruction"),
+    ("few_shot", "data.few-shot"),
+    ("few_shot_seed", "data.few-shot-seed"),
     ("sft_steps", "model.tiny.sft-steps"),
     ("sft_chain_steps", "model.tiny.sft-chain-steps"),
     ("train_problems", "model.tiny.train-problems"),

@@ -1,14 +1,17 @@
 //! `cal-grpo eval`: grade precomputed responses (`--predictions`) or a model's
 //! generations against a dataset; both write the same [`EvalReport`].
 
-use crate::config::PlacementFlags;
+use crate::config::{flag_layer, PlacementFlags, PromptFlags, PROMPT_FLAGS};
 use crate::source::Source;
 use anyhow::{bail, Result};
-use cal_core::data;
+use cal_core::data::sets::{load_part, SetSpec, Split};
+use cal_core::data::{self, Example};
 use cal_core::evaluate::{grade_predictions, load_predictions};
 use cal_model::Placement;
+use cal_train::config::RunConfig;
 use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
 use cal_train::policy::PolicySource;
+use cal_train::prompt::PromptFormat;
 use clap::Args;
 use std::path::{Path, PathBuf};
 
@@ -18,9 +21,25 @@ pub struct EvalArgs {
     /// per item give pass@k).
     #[arg(long)]
     pub predictions: Option<PathBuf>,
-    /// GSM8K-format dataset (`.jsonl` or `.parquet`) holding the gold answers.
+    /// The problems and gold answers: a GSM8K `.jsonl`/`.parquet` file, or a set by name
+    /// as it ships (`asdiv:PATH`, `svamp:PATH`, `mawps:PATH`, `gsm-hard:PATH`; a plain
+    /// path is recognised by its fields).
     #[arg(long)]
-    pub dataset: PathBuf,
+    pub dataset: String,
+    /// Which part of a set without its own split is graded with --model: `held-out`
+    /// (its seeded 30%, the part `train` holds out), `train` or `all`. GSM8K files are
+    /// graded whole.
+    #[arg(long, default_value = "held-out")]
+    pub split: Split,
+    /// TOML file in the run schema; `eval` reads its prompt keys (`[data]`
+    /// prompt-template, system-prompt, instruction, few-shot); flags win.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[command(flatten)]
+    pub prompt: PromptFlags,
     /// Directory for `eval_examples.jsonl` and `eval_results.json`
     /// [default: next to the predictions file, as `<stem>.eval/`; runs/eval for --model].
     #[arg(long)]
@@ -59,6 +78,13 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
+    let cfg = RunConfig::resolve(
+        args.config.as_deref(),
+        &flag_layer(&args.prompt, PROMPT_FLAGS)?,
+    )?;
+    if args.print_config {
+        return crate::train::print_config(&cfg);
+    }
     let (report, out_dir) = match (&args.predictions, &args.model) {
         (Some(_), Some(_)) => bail!("eval takes --predictions or --model, not both"),
         (None, None) => bail!("eval needs --predictions FILE.jsonl or --model PATH"),
@@ -67,7 +93,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 .output_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("runs/eval"));
-            let cfg = EvalConfig {
+            let ecfg = EvalConfig {
                 max_new_tokens: args.max_new_tokens,
                 samples: args.samples.max(1),
                 greedy: args.samples <= 1,
@@ -79,7 +105,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             let r = eval_model(
                 model,
                 placement,
-                &args.dataset,
+                (&args.dataset, args.split),
+                &ecfg,
                 &cfg,
                 args.num_samples,
                 &out,
@@ -87,7 +114,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             (r, out)
         }
         (Some(pred_path), None) => {
-            let dataset = data::load(&args.dataset)?;
+            let dataset = load_part(&args.dataset, Split::All)?.examples;
             let preds = load_predictions(pred_path)?;
             let graded = grade_predictions(&dataset, &preds, pred_path)?;
             let name = pred_path
@@ -95,7 +122,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 .map_or("predictions".into(), |s| s.to_string_lossy().into_owned());
             let mut r =
                 EvalReport::new(name, pred_path.display().to_string(), graded, dataset.len());
-            r.dataset = Some(args.dataset.display().to_string());
+            r.dataset = Some(args.dataset.clone());
             let out = args
                 .output_dir
                 .clone()
@@ -126,21 +153,56 @@ fn default_out_dir(pred_path: &Path) -> PathBuf {
     pred_path.with_file_name(format!("{stem}.eval"))
 }
 
-/// `eval --model`: generate on the dataset, grade, write the report.
+/// `eval --model`: generate on the dataset's part, grade, write the report (with the
+/// prompt it asked with).
 fn eval_model(
     model: &str,
     placement: Placement,
-    dataset: &Path,
-    cfg: &EvalConfig,
+    (spec, split): (&str, Split),
+    ecfg: &EvalConfig,
+    run: &RunConfig,
     num_samples: i64,
     out: &Path,
 ) -> Result<EvalReport> {
-    let policy = Source::new(model, placement).fresh()?;
-    let examples = data::select(data::load(dataset)?, num_samples, None);
-    let graded = evaluate(&policy, &examples, cfg, "eval")?;
+    let part = load_part(spec, split)?;
+    let examples = data::select(part.examples, num_samples, None);
+    eprintln!(
+        "{spec}: {}: {} problems graded{}",
+        part.note,
+        examples.len(),
+        match part.skipped {
+            0 => String::new(),
+            n => format!(" ({n} rows skipped: answer not a number)"),
+        }
+    );
+    let prompt = PromptFormat::of(&run.data, &few_shot_pool(spec, run.data.few_shot)?)?;
+    let policy = Source::new(model, placement).fresh()?.with_prompt(prompt);
+    let graded = evaluate(&policy, &examples, ecfg, "eval")?;
     let mut report = EvalReport::new(model, model, graded, examples.len());
-    report.dataset = Some(dataset.display().to_string());
-    report.config = Some(serde_json::to_value(cfg)?);
+    report.dataset = Some(format!("{spec} ({})", part.note));
+    report.config = Some(serde_json::to_value(ecfg)?);
+    report.prompt = Some(policy.prompt.clone());
     report.write(out)?;
     Ok(report)
+}
+
+/// Where few-shot examples come from: the training part of the set, never the problems
+/// graded. A GSM8K file's is the `train.jsonl` beside it.
+pub fn few_shot_pool(spec: &str, k: usize) -> Result<Vec<Example>> {
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    let part = load_part(spec, Split::Train)?;
+    if !part.kind.has_own_split() {
+        return Ok(part.examples);
+    }
+    let p = SetSpec::parse(spec).path;
+    let train = p.with_file_name("train.jsonl");
+    if train == p || !train.exists() {
+        bail!(
+            "--few-shot {k} needs a training split: no train.jsonl beside {} to draw examples from",
+            p.display()
+        );
+    }
+    Ok(data::load(&train)?)
 }

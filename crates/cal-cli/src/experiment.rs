@@ -109,6 +109,7 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
         seeds,
         cal_mode: cfg.credit.mode,
         eval: eval_config(&cfg),
+        prompt: cal_train::prompt::PromptFormat::of(&cfg.data, &train)?,
         run: cfg,
     };
     let results = if jobs > 1 {

@@ -1,8 +1,9 @@
 //! `cal-grpo generate`: one completion from a model, for a quick look.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use cal_model::generate::{generate, SamplingConfig};
 use cal_train::policy::PolicySource;
+use cal_train::prompt::PromptFormat;
 use clap::Args;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -14,11 +15,31 @@ pub struct GenerateArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub placement: crate::config::PlacementFlags,
-    #[arg(long)]
-    pub prompt: String,
-    /// Wrap the prompt in the model's chat template (as a user turn).
+    /// Raw prompt text, sent as it is (see --chat); or use --question.
+    #[arg(
+        long,
+        required_unless_present = "question",
+        conflicts_with = "question"
+    )]
+    pub prompt: Option<String>,
+    /// Wrap --prompt in the model's chat template (as a user turn).
     #[arg(long)]
     pub chat: bool,
+    /// A problem, made into a prompt as `train` and `eval` make theirs: the template,
+    /// system prompt, instruction and few-shot examples of --config and the prompt flags.
+    #[arg(long)]
+    pub question: Option<String>,
+    /// Print the prompt exactly as the model gets it (and its token count) and exit.
+    #[arg(long)]
+    pub show_prompt: bool,
+    /// TOML file in the run schema, for its `[data]` prompt keys; flags win.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// The set few-shot examples are drawn from (its training part), as `eval --dataset`.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    #[command(flatten)]
+    pub prompt_flags: crate::config::PromptFlags,
     /// Argmax decoding.
     #[arg(long)]
     pub greedy: bool,
@@ -39,24 +60,47 @@ pub struct GenerateArgs {
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let model = args.model.to_string_lossy();
-    let loaded = crate::source::Source::new(&model, args.placement.placement()).fresh()?;
-    let tok = &loaded.tok;
-    let text = if args.chat {
-        let tpl = tok.chat_template.as_ref().ok_or_else(|| {
-            anyhow!(
-                "{}: the model has no chat template; drop --chat",
-                args.model.display()
-            )
-        })?;
-        tpl.render(&[("user", args.prompt.as_str())], true)?
-    } else {
-        args.prompt.clone()
+    let mut loaded = crate::source::Source::new(&model, args.placement.placement()).fresh()?;
+    let text = match (&args.prompt, &args.question) {
+        (_, Some(q)) => {
+            let layer = crate::config::flag_layer(&args.prompt_flags, crate::config::PROMPT_FLAGS)?;
+            let cfg = cal_train::config::RunConfig::resolve(args.config.as_deref(), &layer)?;
+            let pool = match &args.dataset {
+                Some(d) => crate::eval::few_shot_pool(d, cfg.data.few_shot)?,
+                None if cfg.data.few_shot > 0 => {
+                    bail!("--few-shot needs --dataset, the set to draw the examples from")
+                }
+                None => Vec::new(),
+            };
+            loaded.prompt = PromptFormat::of(&cfg.data, &pool)?;
+            loaded.prompt_text(q)?
+        }
+        (Some(p), None) if args.chat => {
+            let tpl = loaded.tok.chat_template.as_ref().ok_or_else(|| {
+                anyhow!(
+                    "{}: the model has no chat template; drop --chat",
+                    args.model.display()
+                )
+            })?;
+            tpl.render(&[("user", p.as_str())], true)?
+        }
+        (Some(p), None) => p.clone(),
+        (None, None) => bail!("generate needs --prompt TEXT or --question TEXT"),
     };
-    let mut ids = tok.encode(&text)?;
-    if let (Some(bos), false) = (tok.bos_id, args.chat) {
+    let tok = &loaded.tok;
+    let mut ids = match &args.question {
+        Some(q) => loaded.prompt_ids(q)?,
+        None => tok.encode(&text)?,
+    };
+    if let (Some(bos), false, None) = (tok.bos_id, args.chat, &args.question) {
         if ids.first() != Some(&bos) && tok.chat_template.is_none() {
             ids.insert(0, bos);
         }
+    }
+    if args.show_prompt {
+        println!("{text}");
+        eprintln!("[{} prompt tokens]", ids.len());
+        return Ok(());
     }
     let cfg = SamplingConfig {
         max_new_tokens: args.max_new_tokens,

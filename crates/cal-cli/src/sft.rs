@@ -7,12 +7,12 @@ use anyhow::{Context, Result};
 use cal_core::data;
 use cal_model::load;
 use cal_train::config::RunConfig;
-use cal_train::policy::PolicySource;
+use cal_train::policy::{PolicySource, PromptFormat};
 use cal_train::tiny::{self, TinySpec};
 use clap::Args;
 use serde::Serialize;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Flags of `cal-grpo sft`. Each sets one key of the run configuration (the table in
 /// [`SFT_FLAGS`]), over `sft`'s own defaults and a `--config` file, as `train`'s do.
@@ -54,6 +54,9 @@ pub struct SftArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub lora: LoraFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub prompt: config::PromptFlags,
     /// Where the fine-tuned model is exported (Hugging Face folder) [default:
     /// runs/sft/model].
     #[arg(long)]
@@ -70,6 +73,11 @@ pub const SFT_FLAGS: &[(&str, &str)] = &[
     ("dtype", "model.dtype"),
     ("dataset", "data.dataset"),
     ("num_samples", "data.num-samples"),
+    ("prompt_template", "data.prompt-template"),
+    ("system_prompt", "data.system-prompt"),
+    ("instruction", "data.instruction"),
+    ("few_shot", "data.few-shot"),
+    ("few_shot_seed", "data.few-shot-seed"),
     ("steps", "sft.steps"),
     ("batch_size", "sft.batch-size"),
     ("learning_rate", "sft.learning-rate"),
@@ -119,13 +127,17 @@ pub fn run(args: &SftArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let mut policy = Source::new(&cfg.model.name, placement).fresh()?;
+    let policy = Source::new(&cfg.model.name, placement).fresh()?;
     let examples = if cfg.data.dataset == "generated" {
         TinySpec::default().splits().0
     } else {
-        data::load(Path::new(&cfg.data.dataset))?
+        // the train part: SFT never sees a set's held-out problems
+        data::sets::load_part(&cfg.data.dataset, data::sets::Split::Train)?.examples
     };
     let examples = data::select(examples, cfg.data.num_samples, Some(cfg.run.seed));
+    // SFT teaches the answers behind the prompt the RL run will use
+    let policy = policy.with_prompt(PromptFormat::of(&cfg.data, &examples)?);
+    let mut policy = policy;
     let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
     let r = cal_train::sft::sft(
         &mut policy,

@@ -107,20 +107,31 @@ impl Source {
     }
 }
 
-/// Train and held-out problems for a run.
+/// Train and held-out problems for a run. A GSM8K file trains whole and is held out
+/// against `--eval-dataset` or the `test.jsonl` beside it; the sets that ship as one file
+/// (ASDiv, SVAMP, MAWPS, GSM-Hard) train on their seeded 70% and hold out the other 30%,
+/// unless `--eval-dataset` names another file.
 pub fn datasets(cfg: &RunConfig) -> Result<(Vec<Example>, Vec<Example>)> {
+    use data::sets::{load_part, Split};
     let d = &cfg.data;
     let (train, test) = if d.dataset == "generated" {
         TinySpec::run_splits(&cfg.model.tiny, d)
     } else {
-        let p = PathBuf::from(&d.dataset);
-        let train = data::load(&p)?;
-        let eval_path = match &d.eval_dataset {
-            Some(e) => PathBuf::from(e),
+        let train = load_part(&d.dataset, Split::Train)?;
+        if train.skipped > 0 {
+            eprintln!(
+                "{}: {} rows skipped (answer not a number)",
+                d.dataset, train.skipped
+            );
+        }
+        let test = match &d.eval_dataset {
+            Some(e) => load_part(e, Split::All)?.examples,
+            None if !train.kind.has_own_split() => load_part(&d.dataset, Split::HeldOut)?.examples,
             None => {
+                let p = data::sets::SetSpec::parse(&d.dataset).path;
                 let sibling = p.with_file_name("test.jsonl");
                 if sibling.exists() && sibling != p {
-                    sibling
+                    data::load(&sibling)?
                 } else {
                     bail!(
                         "no held-out data: pass --eval-dataset FILE (no test.jsonl beside {})",
@@ -129,7 +140,7 @@ pub fn datasets(cfg: &RunConfig) -> Result<(Vec<Example>, Vec<Example>)> {
                 }
             }
         };
-        (train, data::load(&eval_path)?)
+        (train.examples, test)
     };
     let train = data::select(train, d.num_samples, None);
     let test = data::select(test, d.eval_samples, None);

@@ -65,6 +65,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let mut report = EvalReport::new(name, out.display().to_string(), graded, test.len());
     report.config = Some(config);
+    report.prompt = Some(trainer.policy.prompt.clone());
     report.write(&out)?;
     let model_dir = out.join("model");
     load::export_hf(&trainer.policy.model, &trainer.policy.tok, &model_dir)?;

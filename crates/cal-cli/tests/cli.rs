@@ -853,3 +853,232 @@ fn export_turns_the_smollm2_gguf_into_a_folder_that_answers_the_same() {
     };
     assert_eq!(answer(&out), answer(&gguf));
 }
+
+/// The sets as they ship: each graded against answers read from its raw rows here (not
+/// by the loader), so a row the loader drops or misreads shows.
+#[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh"]
+fn every_word_problem_set_loads_as_it_ships_and_grades_its_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    // (spec name, file, usable rows as counted from the raw files)
+    for (name, file, rows) in [
+        ("asdiv", "asdiv/test.jsonl", 2084),
+        ("svamp", "svamp/test.jsonl", 1000),
+        ("mawps", "mawps/test.jsonl", 2065),
+        ("gsm-hard", "gsm_hard/test.jsonl", 1319),
+    ] {
+        let path = cal_core::assets::asset(file);
+        let mut preds = String::new();
+        for (i, line) in std::fs::read_to_string(&path).unwrap().lines().enumerate() {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let answer = match name {
+                "asdiv" => {
+                    let a = row["answer"].as_str().unwrap();
+                    let head = a.split(" (").next().unwrap().trim().to_string();
+                    if head.parse::<f64>().is_err() {
+                        continue;
+                    }
+                    head
+                }
+                "svamp" => row["Answer"].as_f64().unwrap().to_string(),
+                _ => row["target"].as_f64().unwrap().to_string(),
+            };
+            let idx = row["idx"].as_u64().unwrap_or(i as u64);
+            preds.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"idx": idx, "response": format!("So it is {answer}.")})
+            ));
+        }
+        let p = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&p, preds).unwrap();
+        let out = bin()
+            .args(["eval", "--predictions"])
+            .arg(&p)
+            .arg("--dataset")
+            .arg(format!("{name}:{}", path.display()))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = format!("flexible-extract 100.00%  ({rows}/{rows})");
+        assert!(stdout.contains(&want), "{name}: {stdout}");
+        // recognised by its fields without the name, too
+        let plain = bin()
+            .args(["eval", "--predictions"])
+            .arg(&p)
+            .arg("--dataset")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&plain.stdout).contains(&want),
+            "{name} unnamed"
+        );
+    }
+}
+
+/// `eval --model GGUF --dataset asdiv:PATH` with the prompt from a `--config` file: the
+/// configuration prints it, the report records it, and `compare` warns against a report
+/// made with another prompt.
+#[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh --with-model"]
+fn eval_grades_asdiv_with_the_prompt_of_the_configuration() {
+    let gguf = cal_core::assets::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let asdiv = format!(
+        "asdiv:{}",
+        cal_core::assets::asset("asdiv/test.jsonl").display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("prompt.toml");
+    std::fs::write(
+        &cfg,
+        "[data]\nsystem-prompt = \"You check every sum.\"\nfew-shot = 2\nprompt-template = \"Problem: {{ question }}\\n{{ instruction }}\"\n",
+    )
+    .unwrap();
+    let eval = |extra: &[&str], out: &str| {
+        let o = bin()
+            .args(["eval", "--model"])
+            .arg(&gguf)
+            .args([
+                "--dataset",
+                &asdiv,
+                "--eval-samples",
+                "2",
+                "--max-new-tokens",
+                "8",
+            ])
+            .arg("--output-dir")
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    let printed = eval(
+        &["--config", cfg.to_str().unwrap(), "--print-config"],
+        "unused",
+    );
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        text.contains("system-prompt = \"You check every sum.\"") && text.contains("few-shot = 2"),
+        "{text}"
+    );
+    let o = eval(&["--config", cfg.to_str().unwrap()], "a");
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("asdiv, held-out 30% (seed 0): 2 problems graded"));
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("a/eval_results.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["prompt"]["system"], "You check every sum.");
+    assert_eq!(report["prompt"]["shots"].as_array().unwrap().len(), 2);
+    assert!(report["dataset"].as_str().unwrap().contains("held-out 30%"));
+    let first = report["examples"][0]["question"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // the shots come from the train part, never the graded problems
+    for s in report["prompt"]["shots"].as_array().unwrap() {
+        assert_ne!(s["question"].as_str().unwrap(), first);
+    }
+    eval(&[], "b");
+    let c = bin()
+        .arg("compare")
+        .arg(dir.path().join("a"))
+        .arg(dir.path().join("b"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(
+        err.contains("different prompts (template, system prompt, few-shot examples)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn generate_shows_the_prompt_the_run_would_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = dir.path().join("mini.jsonl");
+    std::fs::write(
+        &set,
+        (0..10)
+            .map(|i| format!("{{\"body\":\"Ann has {i} pens and gets 2 more.\",\"question\":\"How many pens?\",\"answer\":\"{} (pens)\",\"formula\":\"{i}+2={}\"}}\n", i + 2, i + 2))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let o = bin()
+        .args([
+            "generate",
+            "--model",
+            "random:../../bench/configs/smollm2-135m.json",
+        ])
+        .args(["--question", "Bo has 4 cups. How many?", "--show-prompt"])
+        .args(["--few-shot", "2", "--system-prompt", "Be exact."])
+        .arg("--dataset")
+        .arg(format!("asdiv:{}", set.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.starts_with("Be exact.\n\nQuestion: Ann has "),
+        "{text}"
+    );
+    assert_eq!(text.matches("Question: ").count(), 3, "{text}");
+    assert!(
+        text.contains("pens and gets 2 more. How many pens?\nAnswer: "),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .ends_with("Question: Bo has 4 cups. How many?\nAnswer:"),
+        "{text}"
+    );
+    // few-shot without a set to draw from is a clear error
+    let o = bin()
+        .args([
+            "generate",
+            "--model",
+            "random:../../bench/configs/smollm2-135m.json",
+        ])
+        .args(["--question", "q", "--show-prompt", "--few-shot", "1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--few-shot needs --dataset"));
+}
+
+/// The default prompt is token for token the one runs used before prompts could be set:
+/// for a chat model, the question and the instruction as one user turn of its template.
+#[test]
+#[ignore = "needs assets: bash scripts/fetch-assets.sh --with-model"]
+fn the_default_chat_prompt_is_one_user_turn_of_question_and_instruction() {
+    let gguf = cal_core::assets::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let q = "Ann has 3 pens and buys 4 more. How many pens does she have?";
+    let ids = |args: &[&str]| {
+        let o = bin()
+            .args([
+                "generate",
+                "--greedy",
+                "--json",
+                "--max-new-tokens",
+                "1",
+                "--model",
+            ])
+            .arg(&gguf)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["prompt_ids"].clone()
+    };
+    let by_hand = format!("{q}\n{}", cal_train::prompt::DEFAULT_INSTRUCTION);
+    assert_eq!(
+        ids(&["--question", q]),
+        ids(&["--chat", "--prompt", &by_hand])
+    );
+}

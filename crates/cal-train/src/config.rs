@@ -249,6 +249,21 @@ pub struct DataSection {
     /// Arithmetic steps per generated problem (`None`: 2 or 3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
+    /// minijinja template of the user turn, with `{{ question }}` and `{{ instruction }}`
+    /// (`None`: the question, a newline and the instruction for chat models; the
+    /// question alone inside `Question: …\nAnswer:` for plain ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_template: Option<String>,
+    /// System prompt of chat models (`None`: the chat template's own default); for plain
+    /// models, a paragraph before the prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// The instruction after the question (chat models, or `{{ instruction }}`).
+    pub instruction: String,
+    /// Worked examples from the training split shown before the question.
+    pub few_shot: usize,
+    /// Seed that draws the few-shot examples.
+    pub few_shot_seed: u64,
 }
 
 impl Default for DataSection {
@@ -260,6 +275,11 @@ impl Default for DataSection {
             eval_samples: -1,
             style: Style::Story,
             steps: None,
+            prompt_template: None,
+            system_prompt: None,
+            instruction: crate::prompt::DEFAULT_INSTRUCTION.to_string(),
+            few_shot: 0,
+            few_shot_seed: 0,
         }
     }
 }

@@ -63,6 +63,10 @@ pub struct EvalReport {
     /// The configuration that produced it (a run's, or the evaluation's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
+    /// The prompt settings the model was asked with (template, system prompt,
+    /// instruction, few-shot examples); `compare` warns when two reports differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<crate::prompt::PromptFormat>,
 }
 
 fn one() -> usize {
@@ -116,6 +120,7 @@ impl EvalReport {
             step_accuracy: step_accuracy(&examples),
             examples,
             config: None,
+            prompt: None,
         }
     }
 

@@ -20,6 +20,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optimize;
 pub mod policy;
+pub mod prompt;
 pub mod rollout;
 pub mod rundir;
 pub mod score;

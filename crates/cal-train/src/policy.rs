@@ -6,23 +6,8 @@ use cal_model::generate::{generate, Generation, SamplingConfig};
 use cal_model::tokenizer::TokenizerBundle;
 use cal_model::Transformer;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 
-/// How questions are turned into prompts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PromptStyle {
-    /// `Question: ...\nAnswer:` (the `tiny` model and base models).
-    Plain,
-    /// The model's chat template with one user turn.
-    Chat,
-}
-
-/// The instruction appended to the question for chat models: it asks for the format
-/// the grader (`####`) and the calculator oracle (`a op b = c`) read best.
-pub const CHAT_INSTRUCTION: &str =
-    "Solve the problem step by step. Write every calculation as an equation like 3 * 4 = 12. \
-     End with a final line of the form '#### <number>'.";
+pub use crate::prompt::{PromptFormat, PromptStyle, DEFAULT_INSTRUCTION as CHAT_INSTRUCTION};
 
 /// Where a run's starting policy comes from (the embedded `tiny`, a folder, a GGUF
 /// file): every run of an experiment takes a fresh copy of the same start.
@@ -36,6 +21,8 @@ pub struct Policy {
     pub model: Transformer,
     pub tok: TokenizerBundle,
     pub style: PromptStyle,
+    /// Template, system prompt, instruction and few-shot examples ([`PromptFormat`]).
+    pub prompt: PromptFormat,
 }
 
 impl Policy {
@@ -45,17 +32,23 @@ impl Policy {
         } else {
             PromptStyle::Plain
         };
-        Self { model, tok, style }
+        Self {
+            model,
+            tok,
+            style,
+            prompt: PromptFormat::default(),
+        }
+    }
+
+    /// The policy with the run's prompt settings.
+    pub fn with_prompt(mut self, prompt: PromptFormat) -> Self {
+        self.prompt = prompt;
+        self
     }
 
     pub fn prompt_text(&self, question: &str) -> Result<String> {
-        Ok(match (self.style, &self.tok.chat_template) {
-            (PromptStyle::Chat, Some(t)) => {
-                let msg = format!("{question}\n{CHAT_INSTRUCTION}");
-                t.render(&[("user", msg.as_str())], true)?
-            }
-            _ => format!("Question: {question}\nAnswer:"),
-        })
+        self.prompt
+            .render(question, self.style, self.tok.chat_template.as_ref())
     }
 
     pub fn prompt_ids(&self, question: &str) -> Result<Vec<u32>> {

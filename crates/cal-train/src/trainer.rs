@@ -97,6 +97,8 @@ impl Trainer {
         }
         // The same checks and derived values as a resolved configuration (a no-op on one).
         cfg.finish()?;
+        // the prompt of the configuration, few-shot examples drawn from this run's data
+        policy.prompt = crate::prompt::PromptFormat::of(&cfg.data, &data)?;
         let out_dir = cfg.output_dir();
         let lock = RunLock::acquire(&out_dir)?;
         rundir::prepare(&out_dir, start)?;

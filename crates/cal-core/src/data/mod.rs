@@ -3,6 +3,8 @@
 pub mod generator;
 pub mod gsm8k;
 pub mod misconception;
+pub mod sets;
 
 pub use generator::{generate, GenConfig, Style};
 pub use gsm8k::{load, select, DataError, Example};
+pub use sets::{load_set, LoadedSet, SetKind};

@@ -7,6 +7,7 @@ use crate::algorithm::AlgorithmKind;
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::policy::PolicySource;
+use crate::prompt::PromptFormat;
 use crate::rundir::{RunLock, Start};
 use crate::study::compare::{compare, plot_curves, plot_held_out, Comparison};
 use crate::study::stats;
@@ -28,6 +29,9 @@ pub struct ExperimentConfig {
     pub eval: EvalConfig,
     /// Arms run beside `baseline` and `cal` (in this order, after them in each seed).
     pub others: Vec<OtherArm>,
+    /// The prompt of every arm (`PromptFormat::of(&run.data, train)`), for the
+    /// evaluation before RL.
+    pub prompt: PromptFormat,
 }
 
 /// An arm beside the two: its folder name and what it trains with. The same seed,
@@ -193,7 +197,8 @@ pub fn train_and_eval(
         .with_held_out(test.to_vec(), arm.eval.clone());
     if let Some(before) = &arm.before {
         let r = EvalReport::read(before)?;
-        let same = r.config == Some(serde_json::to_value(&arm.eval)?);
+        let same = r.config == Some(serde_json::to_value(&arm.eval)?)
+            && r.prompt.as_ref() == Some(&trainer.policy.prompt);
         if same && r.examples.len() == test.len() {
             trainer = trainer.with_start_eval(r.examples);
         }
@@ -212,6 +217,7 @@ pub fn train_and_eval(
     };
     let mut report = EvalReport::new(&arm.name, dir.display().to_string(), graded, test.len());
     report.config = Some(config);
+    report.prompt = Some(trainer.policy.prompt.clone());
     report.write(dir)?;
     Ok(report)
 }
@@ -267,8 +273,10 @@ pub fn run(
     let before = if before_dir.join(EvalReport::FILE).exists() {
         EvalReport::read(&before_dir)?
     } else {
-        let graded = evaluate(&source.fresh()?, test, &cfg.eval, "eval before RL")?;
+        let policy = source.fresh()?.with_prompt(cfg.prompt.clone());
+        let graded = evaluate(&policy, test, &cfg.eval, "eval before RL")?;
         let mut r = EvalReport::new("before RL", source.describe(), graded, test.len());
+        r.prompt = Some(cfg.prompt.clone());
         // what the arms check before taking it as their step-0 evaluation
         r.config = Some(serde_json::to_value(&cfg.eval)?);
         r.write(&before_dir)?;

@@ -13,6 +13,12 @@ pub fn examples(n: usize) -> Vec<Example> {
 
 /// 2 layers, hidden 32, a 300-token BPE trained on the generated problems.
 pub fn policy(seed: u64) -> Policy {
+    policy_shaped(seed, 16)
+}
+
+/// The same with heads of `head_dim` (2 query heads, 1 KV head, hidden 2 × head_dim).
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub fn policy_shaped(seed: u64, head_dim: usize) -> Policy {
     let corpus: Vec<String> = examples(200)
         .iter()
         .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer))
@@ -20,12 +26,12 @@ pub fn policy(seed: u64) -> Policy {
     let tok = tokenizer::train_tiny(corpus.into_iter(), 300).unwrap();
     let vocab = tok.tokenizer.get_vocab_size(true);
     let cfg = ModelConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
+        hidden_size: 2 * head_dim,
+        intermediate_size: 4 * head_dim,
         num_hidden_layers: 2,
         num_attention_heads: 2,
         num_key_value_heads: 1,
-        head_dim: 16,
+        head_dim,
         ..ModelConfig::tiny(vocab)
     };
     Policy::new(
