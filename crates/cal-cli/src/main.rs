@@ -12,6 +12,7 @@ mod export;
 mod gen_data;
 mod generate;
 mod oracle;
+mod oracle_bench;
 mod sft;
 mod source;
 mod summarize;
@@ -53,6 +54,12 @@ enum Command {
     Summarize(summarize::SummarizeArgs),
     /// Ask an oracle for the first error of one response.
     Oracle(oracle::OracleArgs),
+    /// How well an oracle locates first errors on labeled responses (a table, and JSON
+    /// with --output).
+    OracleBench(oracle_bench::OracleBenchArgs),
+    /// Labeled wrong responses from reference solutions: one step corrupted (result,
+    /// operand or operation) and carried forward, the first error known exactly.
+    PlantErrors(oracle_bench::PlantArgs),
     /// Benchmark the model stack (generation, training step, reference pass) on a device.
     Bench(bench::BenchArgs),
     /// Train and evaluate one arm of an experiment (what `experiment --jobs` starts
@@ -87,6 +94,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Summarize(args) => summarize::run(&args)?,
         Command::Oracle(args) => oracle::run(&args)?,
         Command::Bench(args) => bench::run(&args)?,
+        Command::OracleBench(args) => oracle_bench::run(&args)?,
+        Command::PlantErrors(args) => oracle_bench::plant(&args)?,
         Command::Arm { file } => match arms::run_child(&file) {
             Ok(()) => {}
             // The parent tells an interrupted arm from a failed one by this code.

@@ -1082,3 +1082,76 @@ fn the_default_chat_prompt_is_one_user_turn_of_question_and_instruction() {
         ids(&["--chat", "--prompt", &by_hand])
     );
 }
+
+/// `plant-errors` on the embedded chains, then `oracle-bench` with both offline oracles:
+/// the calculator finds every result slip and none of the true-arithmetic errors (a
+/// misread operand, a wrong operation), the reference oracle finds those too; the JSON
+/// carries the documented fields as fractions.
+#[test]
+fn oracle_bench_measures_the_offline_oracles_on_planted_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.jsonl");
+    let o = bin()
+        .args([
+            "plant-errors",
+            "--dataset",
+            "generated",
+            "--n",
+            "60",
+            "--output",
+        ])
+        .arg(&labels)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .starts_with("60 responses with a planted error and 15 correct ones"));
+    let bench = |provider: &str| {
+        let out = dir.path().join(format!("{provider}.json"));
+        let o = bin()
+            .args(["oracle-bench", "--api-provider", provider, "--labels"])
+            .arg(&labels)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("exact match of the first error"));
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out).unwrap()).unwrap()
+    };
+    let calc = bench("calculator");
+    for f in [
+        "n",
+        "located",
+        "exact_match",
+        "overlap_precision",
+        "overlap_recall",
+        "false_alarm",
+    ] {
+        assert!(calc.get(f).is_some(), "{f} missing: {calc}");
+    }
+    assert_eq!(calc["n"], 75);
+    assert_eq!(calc["by_kind"]["result"]["exact_match"], 1.0);
+    assert_eq!(calc["by_kind"]["operand"]["located"], 0.0);
+    assert_eq!(calc["false_alarm"], 0.0);
+    let reference = bench("reference");
+    let (r, c) = (
+        reference["exact_match"].as_f64().unwrap(),
+        calc["exact_match"].as_f64().unwrap(),
+    );
+    assert!(r > 0.8 && c < 0.5, "reference {r}, calculator {c}");
+    // a label that is not in its response names its line
+    std::fs::write(
+        &labels,
+        "{\"question\":\"q\",\"reference\":\"r\",\"response\":\"1 + 1 = 3\",\"first_error\":null}\n{\"question\":\"q\",\"reference\":\"r\",\"response\":\"1 + 1 = 3\",\"first_error\":\"2 + 2\"}\n",
+    )
+    .unwrap();
+    let o = bin()
+        .args(["oracle-bench", "--api-provider", "calculator", "--labels"])
+        .arg(&labels)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("labels.jsonl:2: `first_error` is not a substring"));
+}

@@ -17,6 +17,7 @@
 //! locate stage together and returns one [`SpanOutcome`].
 
 pub mod arith;
+pub mod bench;
 pub mod cache;
 pub mod calculator;
 pub mod prompt;

@@ -3,6 +3,7 @@
 pub mod generator;
 pub mod gsm8k;
 pub mod misconception;
+pub mod planted;
 pub mod sets;
 
 pub use generator::{generate, GenConfig, Style};
