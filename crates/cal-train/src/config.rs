@@ -230,6 +230,12 @@ impl LoraSection {
     }
 }
 
+/// The instruction after the question for chat models: it asks for the format the
+/// grader (`####`) and the calculator oracle (`a op b = c`) read best.
+pub const DEFAULT_INSTRUCTION: &str =
+    "Solve the problem step by step. Write every calculation as an equation like 3 * 4 = 12. \
+     End with a final line of the form '#### <number>'.";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct DataSection {
@@ -277,7 +283,7 @@ impl Default for DataSection {
             steps: None,
             prompt_template: None,
             system_prompt: None,
-            instruction: crate::prompt::DEFAULT_INSTRUCTION.to_string(),
+            instruction: DEFAULT_INSTRUCTION.to_string(),
             few_shot: 0,
             few_shot_seed: 0,
         }

@@ -16,11 +16,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-/// The instruction after the question for chat models: it asks for the format the
-/// grader (`####`) and the calculator oracle (`a op b = c`) read best.
-pub const DEFAULT_INSTRUCTION: &str =
-    "Solve the problem step by step. Write every calculation as an equation like 3 * 4 = 12. \
-     End with a final line of the form '#### <number>'.";
+/// The instruction after the question for chat models (defined with the configuration's
+/// defaults).
+pub use crate::config::DEFAULT_INSTRUCTION;
 
 /// How questions are turned into prompts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
