@@ -104,6 +104,11 @@ pub struct OracleFlags {
     /// Per-request oracle timeout in seconds.
     #[arg(long)]
     pub oracle_timeout: Option<f64>,
+    /// Degrade the oracle on purpose: `miss=P,shift=P,random=P,false-alarm=P` (drop the
+    /// span, move it to a neighbouring step, put it on a random step, blame a correct
+    /// response), for measuring how CAL depends on oracle quality.
+    #[arg(long, value_name = "KIND=P,...")]
+    pub oracle_noise: Option<String>,
 }
 
 impl OracleFlags {
@@ -413,6 +418,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("oracle_max_cost", "oracle.max-cost"),
     ("oracle_concurrency", "oracle.concurrency"),
     ("oracle_timeout", "oracle.timeout"),
+    ("oracle_noise", "oracle.noise"),
     ("beta", "loss.beta"),
     ("epsilon", "loss.epsilon"),
     ("epsilon_high", "loss.epsilon-high"),

@@ -1140,6 +1140,49 @@ fn oracle_bench_measures_the_offline_oracles_on_planted_errors() {
         calc["exact_match"].as_f64().unwrap(),
     );
     assert!(r > 0.8 && c < 0.5, "reference {r}, calculator {c}");
+    // a degraded judge: every span dropped; the flag is a configuration key too
+    let o = bin()
+        .args([
+            "oracle-bench",
+            "--api-provider",
+            "reference",
+            "--oracle-noise",
+            "miss=1",
+            "--labels",
+        ])
+        .arg(&labels)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("noise(miss=1")
+            && table.contains("located                                0.0%"),
+        "{table}"
+    );
+    let cfg = bin()
+        .args([
+            "train",
+            "--oracle-noise",
+            "shift=0.25,seed=3",
+            "--print-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&cfg.stdout).contains("noise = \"shift=0.25,seed=3\""));
+    let bad = bin()
+        .args([
+            "oracle-bench",
+            "--api-provider",
+            "reference",
+            "--oracle-noise",
+            "miss=0.7,shift=0.7",
+            "--labels",
+        ])
+        .arg(&labels)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("at most 1"));
     // a label that is not in its response names its line
     std::fs::write(
         &labels,

@@ -20,6 +20,7 @@ pub mod arith;
 pub mod bench;
 pub mod cache;
 pub mod calculator;
+pub mod noise;
 pub mod prompt;
 pub mod reference;
 pub mod remote;
@@ -319,6 +320,10 @@ pub struct OracleSpec {
     /// SQLite cache file for remote replies (`None`: no cache).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<std::path::PathBuf>,
+    /// Degrade the oracle's answers on purpose (`miss=P,shift=P,random=P,false-alarm=P`;
+    /// see [`noise::Noise`]): for measuring how CAL's gain depends on oracle quality.
+    #[serde(skip_serializing_if = "noise::Noise::is_zero")]
+    pub noise: noise::Noise,
 }
 
 impl Default for OracleSpec {
@@ -331,6 +336,7 @@ impl Default for OracleSpec {
             concurrency: 8,
             timeout: 60.0,
             cache: None,
+            noise: noise::Noise::default(),
         }
     }
 }
@@ -345,6 +351,15 @@ impl OracleSpec {
 
     /// Builds the oracle; remote providers read their key from the environment or `.env`.
     pub fn build(&self) -> Result<std::sync::Arc<dyn Oracle>, String> {
+        let oracle = self.build_exact()?;
+        self.noise.check()?;
+        Ok(match self.noise.is_zero() {
+            true => oracle,
+            false => std::sync::Arc::new(noise::NoisyOracle::new(oracle, self.noise)),
+        })
+    }
+
+    fn build_exact(&self) -> Result<std::sync::Arc<dyn Oracle>, String> {
         use remote::{Api, RemoteConfig, RemoteOracle};
         let api = match self.provider {
             Provider::Calculator => return Ok(std::sync::Arc::new(calculator::CalculatorOracle)),
