@@ -134,10 +134,11 @@ pub fn run(args: &SftArgs) -> Result<()> {
         // the train part: SFT never sees a set's held-out problems
         data::sets::load_part(&cfg.data.dataset, data::sets::Split::Train)?.examples
     };
+    // SFT teaches the answers behind the prompt an RL run on the same set uses: its
+    // few-shot examples are drawn from the training part in file order, as `train` does
+    let prompt = PromptFormat::of(&cfg.data, &examples)?;
     let examples = data::select(examples, cfg.data.num_samples, Some(cfg.run.seed));
-    // SFT teaches the answers behind the prompt the RL run will use
-    let policy = policy.with_prompt(PromptFormat::of(&cfg.data, &examples)?);
-    let mut policy = policy;
+    let mut policy = policy.with_prompt(prompt);
     let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
     let r = cal_train::sft::sft(
         &mut policy,
