@@ -166,11 +166,6 @@ impl PromptFormat {
             }
         }
     }
-
-    /// Whether two reports' prompts differ in what reaches the model.
-    pub fn same_as(&self, other: &Self) -> bool {
-        self == other
-    }
 }
 
 #[cfg(test)]
