@@ -17,18 +17,24 @@ carry=target/gpu-carry
 
 prepare() {
     bash scripts/build-cuda.sh --tests
-    rm -rf "$carry" && mkdir -p "$carry/wheels" "$carry/tok-smollm2"
+    rm -rf "$carry" && mkdir -p "$carry/wheels" "$carry/tok-smollm2" "$carry/cache"
     cp target/cuda/gpu-bundle.tar.xz "$carry/"
-    # TRL and what the GPU image lacks (it has torch, transformers, accelerate, pyarrow).
-    python3 -m pip download --quiet --no-deps --dest "$carry/wheels" \
-        trl datasets dill multiprocess
-    # SmolLM2's tokenizer, out of the GGUF (the GGUF itself is too big to carry).
-    local py=${TRL_PYTHON:-/tmp/trlvenv/bin/python}
-    "$py" - <<'EOF'
+    # TRL and what the GPU image lacks (it has torch, transformers, accelerate, pyarrow),
+    # as wheels for its Python 3.12.
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        --platform any --dest "$carry/wheels" trl datasets dill multiprocess
+    # SmolLM2's tokenizer, out of the GGUF (the GGUF itself is too big to carry); any
+    # Python with transformers and gguf.
+    "${TOKENIZER_PYTHON:-python3}" - <<'PY'
 from transformers import AutoTokenizer
 t = AutoTokenizer.from_pretrained("assets/smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 t.save_pretrained("target/gpu-carry/tok-smollm2")
-EOF
+PY
+    # The default experiment's warm start, trained here on the CPU (the GPU run then
+    # times RL and evaluation, not the SFT that every later run reads from the cache).
+    CAL_GRPO_CACHE="$PWD/$carry/cache" target/release/cal-grpo experiment --seeds 1 --steps 0 \
+        --output-dir "$(mktemp -d)/sft-only" >/dev/null
     du -sh "$carry"
     echo "carry: [\"$carry\"]; then: bash bench/gpu_session.sh run"
 }
@@ -48,13 +54,13 @@ run() {
 
 run_tests() {
     echo "== GPU tests"
-    "$1/device_path" 2>&1 | tail -15
-    "$1/gpu" 2>&1 | tail -12
+    "$1/device_path" 2>&1 | tail -40
+    "$1/gpu" 2>&1 | tail -30
 }
 
 run_bench() {
     local b=$1
-    for cfg in bench/configs/smollm2-135m.json bench/configs/qwen2.5-0.5b.json; do
+    for cfg in ${BENCH_CONFIGS:-bench/configs/smollm2-135m.json bench/configs/qwen2.5-0.5b.json}; do
         for round in 1 2; do
             echo "== $cfg round $round: cal-grpo"
             "$b/cal-grpo" bench generate --model "random:$cfg" --device cuda --dtype bf16 \
@@ -75,10 +81,13 @@ run_trl() {
 }
 
 run_experiment() {
-    echo "== experiment --device cuda (embedded benchmark, cold cache)"
-    local t0=$SECONDS
-    CAL_GRPO_CACHE=$(mktemp -d) "$1/cal-grpo" experiment --device cuda --output-dir /tmp/exp-cuda 2>&1 | tail -8
+    echo "== experiment --device cuda (embedded benchmark, the carried warm start)"
+    local cache t0=$SECONDS
+    cache=$(mktemp -d) && cp -r "$carry/cache/." "$cache/"
+    CAL_GRPO_CACHE=$cache timeout "${EXPERIMENT_TIMEOUT:-300}" "$1/cal-grpo" experiment \
+        --device cuda --output-dir /tmp/exp-cuda 2>&1 | tail -12
     echo "experiment wall time on the GPU: $((SECONDS - t0)) s"
+    [ -z "${OUT:-}" ] || cp /tmp/exp-cuda/summary.md "$OUT/experiment-summary.md" 2>/dev/null || true
 }
 
 case "${1:-}" in

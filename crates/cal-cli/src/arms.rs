@@ -47,6 +47,18 @@ pub fn process_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The program to start arms with: this very executable. On Linux `/proc/self/exe`,
+/// which stays valid when the file is replaced while the experiment runs (a rebuild, a
+/// `cargo install`); `current_exe` then names a deleted path and every later arm would
+/// fail to start.
+fn this_program() -> Result<std::path::PathBuf> {
+    let proc_exe = Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe.to_path_buf());
+    }
+    std::env::current_exe().context("finding this program to start an arm")
+}
+
 /// `cal-grpo arm FILE`: train and evaluate the arm described in FILE (written by
 /// [`Processes`]).
 pub fn run_child(file: &Path) -> Result<()> {
@@ -101,8 +113,7 @@ impl Processes {
             .append(true)
             .open(arm.log_path())
             .with_context(|| format!("opening {}", arm.log_path().display()))?;
-        let exe = std::env::current_exe().context("finding this program to start an arm")?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(this_program()?);
         cmd.arg("arm")
             .arg(&job)
             .env("RAYON_NUM_THREADS", self.threads.to_string())

@@ -109,6 +109,18 @@ pub struct OracleFlags {
     /// response), for measuring how CAL depends on oracle quality.
     #[arg(long, value_name = "KIND=P,...")]
     pub oracle_noise: Option<String>,
+    /// Ask a remote judge N times per request and keep the span most samples agree on.
+    #[arg(long, value_name = "N")]
+    pub oracle_votes: Option<usize>,
+    /// Sampling temperature of a remote judge (default: 0 for one vote, 0.7 for several).
+    #[arg(long)]
+    pub oracle_temperature: Option<f64>,
+    /// Show a remote judge the worked examples before the request (few-shot).
+    #[arg(long, value_name = "BOOL")]
+    pub oracle_few_shot: Option<bool>,
+    /// Ask a remote judge for JSON output (`response_format`).
+    #[arg(long, value_name = "BOOL")]
+    pub oracle_json_mode: Option<bool>,
 }
 
 impl OracleFlags {
@@ -223,7 +235,8 @@ pub struct TrainArgs {
     /// --dataset file].
     #[arg(long)]
     pub eval_dataset: Option<String>,
-    /// Evaluate on at most this many held-out problems (-1 = all).
+    /// Evaluate on at most this many held-out problems (-1 = all). The embedded benchmark
+    /// holds out 200 and draws more when asked (the first 200 stay the same).
     #[arg(long, allow_negative_numbers = true)]
     pub eval_samples: Option<i64>,
     /// Wording of the generated problems (and of tiny's SFT data).
@@ -419,6 +432,10 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("oracle_concurrency", "oracle.concurrency"),
     ("oracle_timeout", "oracle.timeout"),
     ("oracle_noise", "oracle.noise"),
+    ("oracle_votes", "oracle.votes"),
+    ("oracle_temperature", "oracle.temperature"),
+    ("oracle_few_shot", "oracle.few-shot"),
+    ("oracle_json_mode", "oracle.json-mode"),
     ("beta", "loss.beta"),
     ("epsilon", "loss.epsilon"),
     ("epsilon_high", "loss.epsilon-high"),
@@ -440,6 +457,7 @@ pub const FLAGS: &[(&str, &str)] = &[
 pub const DERIVED: &[&str] = &[
     "run.output-dir",
     "oracle.model",
+    "oracle.temperature",
     "model.lora.alpha",
     "loss.epsilon-high",
     "run.steps",

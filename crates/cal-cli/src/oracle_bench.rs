@@ -6,7 +6,7 @@ use crate::config::OracleFlags;
 use anyhow::{anyhow, bail, Context, Result};
 use cal_core::data::planted::{self, Slip};
 use cal_core::locate::LocateConfig;
-use cal_oracle::bench::{parse_labels, summarize, Answer, Scored};
+use cal_oracle::bench::{parse_labels, summarize, Answer, BenchReport, Case, Scored};
 use cal_oracle::{locate_error, OracleRequest};
 use clap::Args;
 use rand::{Rng, SeedableRng};
@@ -32,14 +32,12 @@ pub struct OracleBenchArgs {
 }
 
 pub fn run(args: &OracleBenchArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.labels)
-        .with_context(|| format!("reading {}", args.labels.display()))?;
-    let mut cases = parse_labels(&text, &args.labels).map_err(anyhow::Error::msg)?;
+    let mut cases = read_labels(&args.labels)?;
     if args.limit >= 0 {
         cases.truncate(args.limit as usize);
     }
     if cases.is_empty() {
-        bail!("{}: no labels", args.labels.display());
+        bail!("--limit {}: no labels left", args.limit);
     }
     let tok = match &args.tokenizer {
         Some(p) => {
@@ -47,11 +45,31 @@ pub fn run(args: &OracleBenchArgs) -> Result<()> {
         }
         None => None,
     };
-    let spec = args.oracle.spec()?;
+    let t0 = std::time::Instant::now();
+    let report = bench(&args.oracle.spec()?, &cases, tok.as_ref())?;
+    print!("{}", report.table());
+    eprintln!(
+        "{} labels in {:.1}s",
+        cases.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(p) = &args.output {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("written to {}", p.display());
+    }
+    Ok(())
+}
+
+/// Runs `spec`'s oracle over labeled cases, every request at once (a remote oracle
+/// holds its own concurrency limit), and scores its answers; `tok` adds token overlap.
+pub fn bench(
+    spec: &cal_oracle::OracleSpec,
+    cases: &[Case],
+    tok: Option<&tokenizers::Tokenizer>,
+) -> Result<BenchReport> {
     let oracle = spec.build().map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let t0 = std::time::Instant::now();
-    // every request at once: a remote oracle holds its own concurrency limit
     let outcomes = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
         for (i, c) in cases.iter().enumerate() {
@@ -88,29 +106,27 @@ pub fn run(args: &OracleBenchArgs) -> Result<()> {
         })
         .collect();
     let offsets = |text: &str| {
-        let t = tok.as_ref()?;
-        let enc = t.encode(text, false).ok()?;
+        let enc = tok?.encode(text, false).ok()?;
         Some(enc.get_offsets().to_vec())
     };
-    let report = summarize(
+    Ok(summarize(
         oracle.provider(),
         oracle.model(),
-        &cases,
+        cases,
         &scored,
         tok.is_some().then_some(&offsets as _),
-    );
-    print!("{}", report.table());
-    eprintln!(
-        "{} labels in {:.1}s",
-        cases.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    if let Some(p) = &args.output {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-        println!("written to {}", p.display());
+    ))
+}
+
+/// Reads a labels file (an error names the file, or the line of a bad row).
+pub fn read_labels(path: &std::path::Path) -> Result<Vec<Case>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cases = parse_labels(&text, path).map_err(anyhow::Error::msg)?;
+    if cases.is_empty() {
+        bail!("{}: no labels", path.display());
     }
-    Ok(())
+    Ok(cases)
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +149,10 @@ pub struct PlantArgs {
         default_value = "result,operand,operation"
     )]
     pub kinds: Vec<String>,
+    /// With `generated`: the embedded benchmark's chains of exactly K steps (the problems
+    /// `experiment --chain-steps K` trains on), instead of the default 2–3 step stories.
+    #[arg(long)]
+    pub chain_steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The JSONL file to write.
@@ -155,7 +175,20 @@ pub fn plant(args: &PlantArgs) -> Result<()> {
         bail!("--correct-share must be in [0, 1)");
     }
     let examples = if args.dataset == "generated" {
-        cal_core::data::generate(args.n * 2, args.seed, &cal_core::data::GenConfig::default())
+        let generator = match args.chain_steps {
+            Some(k) => {
+                let data = cal_train::config::DataSection {
+                    style: cal_core::data::Style::Chain,
+                    steps: Some(k),
+                    ..Default::default()
+                };
+                cal_train::tiny::TinySpec::for_data(&data).generator
+            }
+            None => cal_core::data::GenConfig::default(),
+        };
+        cal_core::data::generate(args.n * 2, args.seed, &generator)
+    } else if args.chain_steps.is_some() {
+        bail!("--chain-steps applies to --dataset generated only");
     } else {
         cal_core::data::sets::load_part(&args.dataset, cal_core::data::sets::Split::All)?.examples
     };
@@ -196,7 +229,7 @@ pub fn plant(args: &PlantArgs) -> Result<()> {
     std::fs::write(&args.output, out)
         .with_context(|| format!("writing {}", args.output.display()))?;
     println!(
-        "{} responses with a planted error and {} correct ones written to {} ({} solutions passed over: a step not of the form `a op b = <<a op b = c>>c`)",
+        "{} responses with a planted error and {} correct ones written to {} ({} solutions passed over: a step not of the form `a op b = <<a op b = c>>c`, or without notes a true `a op b = c`)",
         errors,
         correct,
         args.output.display(),

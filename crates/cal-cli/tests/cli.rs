@@ -634,6 +634,54 @@ fn experiment_arms_in_parallel_processes_give_the_sequential_results() {
         rows[0].split_once(" | ").unwrap().1,
         rows[1].split_once(" | ").unwrap().1
     );
+    // the noise map: each folder's own oracle over planted K = 3 chains, and the plot
+    let labels = dir.path().join("planted.jsonl");
+    let o = bin()
+        .args([
+            "plant-errors",
+            "--dataset",
+            "generated",
+            "--chain-steps",
+            "3",
+        ])
+        .args(["--n", "30", "--output"])
+        .arg(&labels)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = dir.path().join("map.png");
+    let out = bin()
+        .arg("summarize")
+        .arg(dir.path().join("seq"))
+        .arg(dir.path().join("par"))
+        .arg("--bench-labels")
+        .arg(&labels)
+        .arg("--plot")
+        .arg(&png)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("| calculator |"))
+        .collect();
+    assert_eq!(map.len(), 2, "{text}");
+    // the calculator sees result slips only: a third of the planted errors at most
+    let em: f64 = map[0]
+        .split(" | ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap();
+    assert!(em > 0.0 && em < 50.0, "{text}");
+    assert_eq!(map[0].split(" | ").nth(1), map[1].split(" | ").nth(1));
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
     // a folder that is not an experiment is named
     let out = bin().arg("summarize").arg(dir.path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -641,6 +689,32 @@ fn experiment_arms_in_parallel_processes_give_the_sequential_results() {
         !out.status.success() && err.contains("config.toml"),
         "{err}"
     );
+}
+
+#[test]
+fn arms_still_start_when_the_program_file_is_replaced_during_the_experiment() {
+    // a rebuild or `cargo install` while an experiment runs: the arms are started from
+    // the running program itself, not from the path it was started by
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("cal-grpo");
+    std::fs::copy(env!("CARGO_BIN_EXE_cal-grpo"), &exe).unwrap();
+    let child = Command::new(&exe)
+        .env("CAL_GRPO_CACHE", dir.path().join("cache"))
+        .args(["experiment", "--sft-steps", "2", "--train-problems", "16"])
+        .args(["--steps", "1", "--num-samples", "4", "--eval-samples", "2"])
+        .args(["--prompts-per-step", "2", "--num-generations", "2"])
+        .args(["--max-new-tokens", "8", "--jobs", "2", "--output-dir"])
+        .arg(dir.path().join("out"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // spawn returns once the program runs; its file can go at once
+    std::fs::remove_file(&exe).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("seed-42/cal: finished"), "{err}");
 }
 
 #[test]

@@ -12,6 +12,9 @@
 //!   limit, timeout, retries with backoff that honour `Retry-After`, a cost budget and a
 //!   SQLite cache, so that a rerun never pays twice.
 //!
+//! Two wrappers go around any of them: [`vote::VotingOracle`] (the majority of several
+//! sampled answers) and [`noise::NoisyOracle`] (answers degraded on purpose).
+//!
 //! Nothing here panics on bad replies: every failure is a typed [`OracleFailure`] that
 //! the trainer counts and falls back from. [`locate_error`] runs an oracle and the
 //! locate stage together and returns one [`SpanOutcome`].
@@ -24,6 +27,7 @@ pub mod noise;
 pub mod prompt;
 pub mod reference;
 pub mod remote;
+pub mod vote;
 
 use cal_core::locate::{locate, LocateConfig, Located, Method, NotLocated};
 use serde::{Deserialize, Serialize};
@@ -130,6 +134,13 @@ pub trait Oracle: Send + Sync {
     fn model(&self) -> &str;
     /// Names the first erroneous segment of `req.response`.
     async fn first_error(&self, req: &OracleRequest) -> OracleOutcome;
+    /// The `vote`-th independent sample of the answer, for voting
+    /// ([`vote::VotingOracle`]). An oracle that samples at a temperature gives each
+    /// vote its own request and cache entry; a deterministic one answers the same.
+    async fn sample(&self, req: &OracleRequest, vote: usize) -> OracleOutcome {
+        let _ = vote;
+        self.first_error(req).await
+    }
 }
 
 /// The reply of an offline (free, instant) oracle: its verdict, serialised as the raw reply.
@@ -324,6 +335,27 @@ pub struct OracleSpec {
     /// see [`noise::Noise`]): for measuring how CAL's gain depends on oracle quality.
     #[serde(skip_serializing_if = "noise::Noise::is_zero")]
     pub noise: noise::Noise,
+    /// Ask a remote judge this many times per request and keep the span most samples
+    /// agree on ([`vote::VotingOracle`]).
+    #[serde(skip_serializing_if = "is_one")]
+    pub votes: usize,
+    /// Sampling temperature of a remote judge (`None`: 0 for one vote, 0.7 for several).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Show a remote judge the prompt's worked examples (few-shot) before the request.
+    #[serde(skip_serializing_if = "is_true")]
+    pub few_shot: bool,
+    /// Ask a remote judge for JSON output (`response_format` / `responseMimeType`).
+    #[serde(skip_serializing_if = "is_true")]
+    pub json_mode: bool,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for OracleSpec {
@@ -337,6 +369,10 @@ impl Default for OracleSpec {
             timeout: 60.0,
             cache: None,
             noise: noise::Noise::default(),
+            votes: 1,
+            temperature: None,
+            few_shot: true,
+            json_mode: true,
         }
     }
 }
@@ -351,7 +387,20 @@ impl OracleSpec {
 
     /// Builds the oracle; remote providers read their key from the environment or `.env`.
     pub fn build(&self) -> Result<std::sync::Arc<dyn Oracle>, String> {
-        let oracle = self.build_exact()?;
+        let mut oracle = self.build_exact()?;
+        if self.votes == 0 {
+            return Err("oracle.votes must be at least 1".into());
+        }
+        if self.votes > 1 {
+            if !matches!(self.provider, Provider::Openai | Provider::Gemini) {
+                return Err(format!(
+                    "oracle.votes = {}: voting needs a sampling judge (openai or gemini); the {} oracle answers the same every time",
+                    self.votes,
+                    self.provider.name()
+                ));
+            }
+            oracle = std::sync::Arc::new(vote::VotingOracle::new(oracle, self.votes));
+        }
         self.noise.check()?;
         Ok(match self.noise.is_zero() {
             true => oracle,
@@ -373,8 +422,25 @@ impl OracleSpec {
             )),
             None => None,
         };
+        let temperature = self
+            .temperature
+            .unwrap_or(if self.votes > 1 { 0.7 } else { 0.0 });
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(format!(
+                "oracle.temperature must be in [0, 2], got {temperature}"
+            ));
+        }
+        if self.votes > 1 && temperature == 0.0 {
+            return Err(format!(
+                "oracle.votes = {} at temperature 0: every vote would be the same reply; set oracle.temperature above 0",
+                self.votes
+            ));
+        }
         let cfg = RemoteConfig {
             base_url: self.base_url.clone(),
+            few_shot: self.few_shot,
+            json_mode: self.json_mode,
+            temperature,
             max_cost: self.max_cost,
             concurrency: self.concurrency.max(1),
             timeout: Duration::from_secs_f64(self.timeout.max(0.001)),

@@ -48,10 +48,12 @@ fn render(question: &str, reference: &str, response: &str) -> String {
     )
 }
 
-/// Chat messages (role, content): system, the worked examples as turns, the request.
-pub fn messages(req: &OracleRequest) -> Vec<(&'static str, String)> {
+/// Chat messages (role, content): system, the worked examples as turns (`few_shot`),
+/// the request.
+pub fn messages(req: &OracleRequest, few_shot: bool) -> Vec<(&'static str, String)> {
     let mut out = vec![("system", SYSTEM_PROMPT.to_string())];
-    for (q, r, resp, err) in EXAMPLES {
+    let examples = if few_shot { &EXAMPLES[..] } else { &[] };
+    for &(q, r, resp, err) in examples {
         out.push(("user", render(q, r, resp)));
         out.push((
             "assistant",

@@ -67,6 +67,10 @@ pub struct RemoteConfig {
     pub price_per_million: Option<(f64, f64)>,
     /// Ask for JSON output (`response_format` / `responseMimeType`).
     pub json_mode: bool,
+    /// Show the worked examples as chat turns before the request.
+    pub few_shot: bool,
+    /// Sampling temperature (0: the most likely reply; above 0 for voting).
+    pub temperature: f64,
 }
 
 impl Default for RemoteConfig {
@@ -84,6 +88,8 @@ impl Default for RemoteConfig {
             max_cost: None,
             price_per_million: None,
             json_mode: true,
+            few_shot: true,
+            temperature: 0.0,
         }
     }
 }
@@ -181,8 +187,33 @@ impl RemoteOracle {
         }
     }
 
+    /// The prompt variant, in the cache key: the prompt's version, then whatever differs
+    /// from the default request (zero-shot, plain text, a temperature, the vote index),
+    /// so that the default's cache entries stay valid and no variant reads another's.
+    fn variant(&self, vote: usize) -> String {
+        let mut v = PROMPT_VERSION.to_string();
+        if !self.cfg.few_shot {
+            v += "|zero-shot";
+        }
+        if !self.cfg.json_mode {
+            v += "|plain";
+        }
+        if self.cfg.temperature != 0.0 {
+            v += &format!("|t={}", self.cfg.temperature);
+        }
+        if vote > 0 {
+            v += &format!("|vote={vote}");
+        }
+        v
+    }
+
     fn request(&self, req: &OracleRequest, json_mode: bool) -> reqwest::RequestBuilder {
-        let msgs = prompt::messages(req);
+        let msgs = prompt::messages(req, self.cfg.few_shot);
+        // 0 as the integer it always was on the wire; a sampling temperature as a float
+        let temperature = match self.cfg.temperature {
+            0.0 => json!(0),
+            t => json!(t),
+        };
         match self.api {
             Api::OpenAi => {
                 let messages: Vec<Value> = msgs
@@ -192,7 +223,7 @@ impl RemoteOracle {
                 let mut body = json!({
                     "model": self.model,
                     "messages": messages,
-                    "temperature": 0,
+                    "temperature": temperature,
                     "max_tokens": self.cfg.max_output_tokens,
                 });
                 if json_mode {
@@ -212,8 +243,7 @@ impl RemoteOracle {
                     .iter()
                     .map(|(r, c)| json!({"role": if *r == "assistant" { "model" } else { "user" }, "parts": [{"text": c}]}))
                     .collect();
-                let mut gen =
-                    json!({"temperature": 0, "maxOutputTokens": self.cfg.max_output_tokens});
+                let mut gen = json!({"temperature": temperature, "maxOutputTokens": self.cfg.max_output_tokens});
                 if json_mode {
                     gen["responseMimeType"] = json!("application/json");
                     gen["responseSchema"] = json!({
@@ -439,14 +469,13 @@ impl Oracle for RemoteOracle {
     }
 
     async fn first_error(&self, req: &OracleRequest) -> OracleOutcome {
+        self.sample(req, 0).await
+    }
+
+    async fn sample(&self, req: &OracleRequest, vote: usize) -> OracleOutcome {
         let t0 = Instant::now();
-        let key = cache::key(
-            self.api.name(),
-            &self.model,
-            &self.base_url,
-            PROMPT_VERSION,
-            req,
-        );
+        let variant = self.variant(vote);
+        let key = cache::key(self.api.name(), &self.model, &self.base_url, &variant, req);
         if let Some(mut hit) = self.cache.as_ref().and_then(|c| c.get(&key)) {
             hit.usage = Usage {
                 latency: t0.elapsed(),
@@ -479,7 +508,7 @@ impl Oracle for RemoteOracle {
                 Attempt::Done(Ok(reply)) => {
                     *self.spent.lock().unwrap() += reply.usage.cost_usd;
                     if let Some(c) = &self.cache {
-                        c.put(&key, self.api.name(), &self.model, PROMPT_VERSION, &reply);
+                        c.put(&key, self.api.name(), &self.model, &variant, &reply);
                     }
                     return Ok(reply);
                 }

@@ -555,3 +555,96 @@ async fn concurrent_requests_keep_order() {
         assert_eq!(&r.response[range], "3 * 6 = 16");
     }
 }
+
+/// Replies in turn with the given model outputs (one per request, then the last).
+struct InTurn(std::sync::Mutex<Vec<&'static str>>, Api);
+
+impl wiremock::Respond for InTurn {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        let mut left = self.0.lock().unwrap();
+        let content = if left.len() > 1 {
+            left.remove(0)
+        } else {
+            left[0]
+        };
+        ResponseTemplate::new(200).set_body_json(ok_body(self.1, content))
+    }
+}
+
+#[tokio::test]
+async fn votes_sample_at_a_temperature_and_keep_the_majority_span() {
+    use cal_oracle::vote::VotingOracle;
+    use cal_oracle::Oracle;
+    for api in APIS {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("oracle.sqlite");
+        let server = MockServer::start().await;
+        let replies = vec![
+            r#"{"first_error": "24 - 16 = 8"}"#,
+            r#"{"first_error": "3 * 6 = 16"}"#,
+            r#"{"first_error": "3 * 6 = 16."}"#,
+        ];
+        Mock::given(method("POST"))
+            .and(path(endpoint(api)))
+            .respond_with(InTurn(std::sync::Mutex::new(replies), api))
+            .mount(&server)
+            .await;
+        let cfg = RemoteConfig {
+            temperature: 0.7,
+            concurrency: 1,
+            ..config(&server, api)
+        };
+        let voting = |cfg: RemoteConfig| {
+            let inner = RemoteOracle::new(
+                api,
+                model(api),
+                Some(KEY.into()),
+                cfg,
+                Some(Arc::new(Cache::open(&db).unwrap())),
+            );
+            VotingOracle::new(Arc::new(inner), 3)
+        };
+        let reply = voting(cfg.clone()).first_error(&req()).await.unwrap();
+        assert_eq!(
+            reply.verdict,
+            cal_oracle::Verdict::Segment {
+                text: "3 * 6 = 16".into(),
+                range: None
+            },
+            "{api:?}"
+        );
+        assert!(reply.raw.ends_with("(2 of 3 votes)"), "{}", reply.raw);
+        assert_eq!(reply.usage.input_tokens, 3000);
+        let sent = requests(&server).await;
+        assert_eq!(sent.len(), 3);
+        for r in &sent {
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            let t = match api {
+                Api::OpenAi => &body["temperature"],
+                Api::Gemini => &body["generationConfig"]["temperature"],
+            };
+            assert_eq!(t.as_f64(), Some(0.7), "{body}");
+        }
+        // every vote has its own cache entry: a rerun sends nothing and votes the same
+        let again = voting(cfg.clone()).first_error(&req()).await.unwrap();
+        assert_eq!(again.verdict, reply.verdict);
+        assert!(again.usage.cached);
+        assert_eq!(requests(&server).await.len(), 3);
+        // another prompt variant (zero-shot) or temperature is another cache entry
+        let zero_shot = RemoteConfig {
+            few_shot: false,
+            ..cfg.clone()
+        };
+        let r = voting(zero_shot).first_error(&req()).await.unwrap();
+        assert!(!r.usage.cached);
+        let sent = requests(&server).await;
+        assert_eq!(sent.len(), 6);
+        let body: Value = serde_json::from_slice(&sent[5].body).unwrap();
+        let turns = match api {
+            Api::OpenAi => body["messages"].as_array().unwrap().len(),
+            Api::Gemini => body["contents"].as_array().unwrap().len(),
+        };
+        // zero-shot: the system prompt (Gemini: apart) and the request alone
+        assert_eq!(turns, if api == Api::OpenAi { 2 } else { 1 }, "{body}");
+    }
+}

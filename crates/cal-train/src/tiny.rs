@@ -122,7 +122,13 @@ impl TinySpec {
         tiny: &crate::config::TinySection,
         data: &crate::config::DataSection,
     ) -> (Vec<Example>, Vec<Example>) {
-        let sft = Self::for_run(tiny, data);
+        let mut sft = Self::for_run(tiny, data);
+        // Held-out problems come from their own seed and never feed SFT, so a run may ask
+        // for more of them (`--eval-samples 1000`) without a new warm start: the spec (and
+        // its cache key) keeps its 200, and problem i is the same whatever the count.
+        if let Ok(n) = usize::try_from(data.eval_samples) {
+            sft.test_problems = sft.test_problems.max(n);
+        }
         if tiny.sft_chain_steps.is_none() {
             return sft.splits();
         }
@@ -313,5 +319,31 @@ mod tests {
             let seen: HashSet<&str> = sft_train.iter().map(|e| e.question.as_str()).collect();
             assert!(test.iter().all(|e| !seen.contains(e.question.as_str())));
         }
+    }
+
+    #[test]
+    fn more_held_out_problems_keep_the_first_ones_and_the_warm_start() {
+        let data = |n: i64| DataSection {
+            style: Style::Chain,
+            steps: Some(4),
+            eval_samples: n,
+            ..DataSection::default()
+        };
+        let tiny = TinySection::default();
+        let (train, test) = TinySpec::run_splits(&tiny, &data(-1));
+        let (train_big, test_big) = TinySpec::run_splits(&tiny, &data(1000));
+        assert_eq!(test.len(), 200);
+        assert_eq!(test_big.len(), 1000);
+        assert_eq!(test_big[..200], test[..]);
+        assert_eq!(train_big, train);
+        let trained: HashSet<&str> = train.iter().map(|e| e.question.as_str()).collect();
+        assert!(test_big
+            .iter()
+            .all(|e| !trained.contains(e.question.as_str())));
+        // the warm start's cache key does not see the held-out size
+        assert_eq!(
+            TinySpec::for_run(&tiny, &data(1000)).key(),
+            TinySpec::for_run(&tiny, &data(-1)).key()
+        );
     }
 }

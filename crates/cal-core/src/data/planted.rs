@@ -88,10 +88,58 @@ fn apply(a: f64, op: char, b: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-/// The one-operation notes of `answer` with their visible statements, in order; `None`
-/// when a note is not of that shape (the whole solution is then left alone: a step that
-/// cannot be rewritten could not carry the corruption forward).
+/// The steps of `answer`, in order: its `<<a op b = c>>` notes with their visible
+/// statements (GSM8K), or, in a solution without notes (the embedded chains), its
+/// `a op b = c` statements. `None` when a step is not of that one-operation shape (the
+/// whole solution is then left alone: a step that cannot be rewritten could not carry
+/// the corruption forward).
 fn steps(answer: &str) -> Option<Vec<Step>> {
+    if answer.contains("<<") {
+        noted_steps(answer)
+    } else {
+        plain_steps(answer)
+    }
+}
+
+/// `a op b = c` statements, each true, and no other `=` in the solution.
+fn plain_steps(answer: &str) -> Option<Vec<Step>> {
+    let re = regex::Regex::new(
+        r"(\$?[0-9][0-9.,]*)\s*([-+*/x×])\s*(\$?[0-9][0-9.,]*)\s*=\s*(\$?)([0-9][0-9.,]*)",
+    )
+    .ok()?;
+    let mut out = Vec::new();
+    for c in re.captures_iter(answer) {
+        let vis_op = c.get(2)?.as_str();
+        let op = match vis_op {
+            "x" | "×" => '*',
+            o => o.chars().next()?,
+        };
+        let (a, b) = (
+            parse_num(c.get(1)?.as_str())?,
+            parse_num(c.get(3)?.as_str())?,
+        );
+        let shown = parse_num(c.get(5)?.as_str())?;
+        if (apply(a, op, b)? - shown).abs() > 1e-6 * shown.abs().max(1.0) {
+            return None;
+        }
+        let m = c.get(0)?;
+        let mut end = m.end();
+        if c.get(5)?.as_str().ends_with(['.', ',']) {
+            end -= 1;
+        }
+        out.push(Step {
+            span: m.start()..end,
+            a,
+            op,
+            b,
+            op_text: vis_op.to_string(),
+            dollar: !c.get(4)?.as_str().is_empty(),
+        });
+    }
+    (out.len() == answer.matches('=').count() && !out.is_empty()).then_some(out)
+}
+
+fn noted_steps(answer: &str) -> Option<Vec<Step>> {
     let re_note = regex::Regex::new(
         r"(\$?[0-9][0-9.,]*)\s*([-+*/x×])\s*(\$?[0-9][0-9.,]*)\s*=\s*(\$?)<<([^<>]*)>>([0-9][0-9.,]*)",
     )
@@ -332,6 +380,40 @@ mod tests {
             .unwrap_or_else(|| l.response.find("48 - 24").unwrap());
         let chars: String = l.response.chars().skip(start).take(12).collect();
         assert_eq!(chars, "48 - 24 = 24");
+    }
+
+    #[test]
+    fn chains_without_notes_are_planted_too() {
+        let ex = Example::new(
+            3,
+            "Start with 3. Subtract 1. Add 13. Multiply by 3. What is the result?".into(),
+            "3 - 1 = 2\n2 + 13 = 15\n15 * 3 = 45\n#### 45".into(),
+        )
+        .unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut seen = 0;
+        for kind in Slip::ALL {
+            for _ in 0..5 {
+                let Some(l) = plant(&ex, kind, &mut rng) else {
+                    continue;
+                };
+                seen += 1;
+                let err = l.first_error.clone().unwrap();
+                let at = l.response.find(&err).unwrap();
+                // before the error: the solution as written; the answer follows the error
+                assert!(ex.answer.starts_with(&l.response[..at]), "{}", l.response);
+                assert_ne!(l.response.lines().last(), ex.answer.lines().last());
+            }
+        }
+        assert!(seen >= 10, "{seen}");
+        // a false statement in the solution: not a reference to plant into
+        let bad = Example::new(
+            3,
+            ex.question.clone(),
+            "3 - 1 = 2\n2 + 13 = 16\n#### 16".into(),
+        )
+        .unwrap();
+        assert!(plant(&bad, Slip::Result, &mut rng).is_none());
     }
 
     #[test]

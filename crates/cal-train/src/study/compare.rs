@@ -175,7 +175,7 @@ pub fn read_curve(run_dir: &Path, metric: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn font_bytes() -> Option<&'static [u8]> {
+pub(crate) fn font_bytes() -> Option<&'static [u8]> {
     let candidates = [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "/usr/share/fonts/TTF/DejaVuSans.ttf",

@@ -49,6 +49,8 @@ pub struct ExperimentRow {
     pub steps_right_cal: Vec<f64>,
     pub all_wrong_baseline: Vec<f64>,
     pub all_wrong_cal: Vec<f64>,
+    /// Share of CAL's wrong rollouts in which the oracle located a span, per seed.
+    pub cal_located: Vec<f64>,
 }
 
 fn last_step_accuracy(metrics: &Path) -> Result<Option<f64>> {
@@ -121,6 +123,7 @@ pub fn read_experiment(dir: &Path) -> Result<ExperimentRow> {
         steps_right_cal: Vec::new(),
         all_wrong_baseline: Vec::new(),
         all_wrong_cal: Vec::new(),
+        cal_located: Vec::new(),
     };
     for s in &summary {
         let seed = num(s, "seed")? as u64;
@@ -132,6 +135,7 @@ pub fn read_experiment(dir: &Path) -> Result<ExperimentRow> {
         row.all_wrong_baseline
             .push(num(s, "baseline_all_wrong_frac")?);
         row.all_wrong_cal.push(num(s, "cal_all_wrong_frac")?);
+        row.cal_located.push(num(s, "cal_spans_located_frac")?);
         let sdir = dir.join(format!("seed-{seed}"));
         for (arm, out) in [
             ("baseline", &mut row.steps_right_baseline),
@@ -244,6 +248,7 @@ mod tests {
             steps_right_cal: vec![73.0, 74.0, 75.0],
             all_wrong_baseline: vec![0.30, 0.32, 0.31],
             all_wrong_cal: vec![0.28, 0.29, 0.30],
+            cal_located: vec![0.64, 0.65, 0.65],
         }
     }
 
