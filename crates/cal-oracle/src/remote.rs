@@ -496,6 +496,9 @@ impl Oracle for RemoteOracle {
             .acquire()
             .await
             .expect("semaphore never closed");
+        // latency is the judge's: from the first send (retries included), not the time a
+        // request waited here for one of the `concurrency` slots
+        let t0 = Instant::now();
         let mut json_mode = self.cfg.json_mode;
         let mut last = OracleFailure::Timeout { attempts: 0 };
         for attempt in 1..=self.cfg.max_attempts.max(1) {

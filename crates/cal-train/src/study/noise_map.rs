@@ -124,8 +124,8 @@ pub fn plot(points: &[MapPoint], out: &Path) -> Result<()> {
     )?;
     chart.draw_series(points.iter().zip(&bars).map(|(p, &(x, m, _, _))| {
         Text::new(
-            format!(" {}", p.oracle),
-            (x, m),
+            p.oracle.clone(),
+            (x + 1.2, m),
             ("sans-serif", 14).into_font(),
         )
     }))?;
