@@ -114,6 +114,13 @@ impl Processes {
             .open(arm.log_path())
             .with_context(|| format!("opening {}", arm.log_path().display()))?;
         let mut cmd = Command::new(this_program()?);
+        // the name `ps` shows, rather than `/proc/self/exe`
+        std::os::unix::process::CommandExt::arg0(
+            &mut cmd,
+            std::env::args_os()
+                .next()
+                .unwrap_or_else(|| "cal-grpo".into()),
+        );
         cmd.arg("arm")
             .arg(&job)
             .env("RAYON_NUM_THREADS", self.threads.to_string())
