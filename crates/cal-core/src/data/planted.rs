@@ -94,88 +94,46 @@ fn apply(a: f64, op: char, b: f64) -> Option<f64> {
 /// whole solution is then left alone: a step that cannot be rewritten could not carry
 /// the corruption forward).
 fn steps(answer: &str) -> Option<Vec<Step>> {
-    if answer.contains("<<") {
-        noted_steps(answer)
-    } else {
-        plain_steps(answer)
-    }
-}
-
-/// `a op b = c` statements, each true, and no other `=` in the solution.
-fn plain_steps(answer: &str) -> Option<Vec<Step>> {
-    let re = regex::Regex::new(
-        r"(\$?[0-9][0-9.,]*)\s*([-+*/x×])\s*(\$?[0-9][0-9.,]*)\s*=\s*(\$?)([0-9][0-9.,]*)",
-    )
+    let noted = answer.contains("<<");
+    let note = if noted { r"<<(?P<note>[^<>]*)>>" } else { "" };
+    let re = regex::Regex::new(&format!(
+        r"(?P<a>\$?[0-9][0-9.,]*)\s*(?P<op>[-+*/x×])\s*(?P<b>\$?[0-9][0-9.,]*)\s*=\s*(?P<dollar>\$?){note}(?P<c>[0-9][0-9.,]*)"
+    ))
     .ok()?;
+    let ok = |x: f64, y: f64| (x - y).abs() <= 1e-6 * y.abs().max(1.0);
     let mut out = Vec::new();
     for c in re.captures_iter(answer) {
-        let vis_op = c.get(2)?.as_str();
+        let vis_op = c.name("op")?.as_str();
         let op = match vis_op {
             "x" | "×" => '*',
             o => o.chars().next()?,
         };
         let (a, b) = (
-            parse_num(c.get(1)?.as_str())?,
-            parse_num(c.get(3)?.as_str())?,
+            parse_num(c.name("a")?.as_str())?,
+            parse_num(c.name("b")?.as_str())?,
         );
-        let shown = parse_num(c.get(5)?.as_str())?;
-        if (apply(a, op, b)? - shown).abs() > 1e-6 * shown.abs().max(1.0) {
-            return None;
+        let shown = parse_num(c.name("c")?.as_str())?;
+        // the note must say what its visible statement says
+        if let Some(note) = c.name("note") {
+            let (expr, res) = note.as_str().split_once('=')?;
+            let ops: Vec<(usize, char)> = expr
+                .char_indices()
+                .skip(1)
+                .filter(|(_, ch)| "+-*/".contains(*ch))
+                .collect();
+            let [(i, note_op)] = ops[..] else { return None };
+            let (na, nb) = (parse_num(&expr[..i])?, parse_num(&expr[i + 1..])?);
+            if !(ok(na, a) && ok(nb, b) && note_op == op && ok(shown, parse_num(res)?)) {
+                return None;
+            }
         }
-        let m = c.get(0)?;
-        let mut end = m.end();
-        if c.get(5)?.as_str().ends_with(['.', ',']) {
-            end -= 1;
-        }
-        out.push(Step {
-            span: m.start()..end,
-            a,
-            op,
-            b,
-            op_text: vis_op.to_string(),
-            dollar: !c.get(4)?.as_str().is_empty(),
-        });
-    }
-    (out.len() == answer.matches('=').count() && !out.is_empty()).then_some(out)
-}
-
-fn noted_steps(answer: &str) -> Option<Vec<Step>> {
-    let re_note = regex::Regex::new(
-        r"(\$?[0-9][0-9.,]*)\s*([-+*/x×])\s*(\$?[0-9][0-9.,]*)\s*=\s*(\$?)<<([^<>]*)>>([0-9][0-9.,]*)",
-    )
-    .ok()?;
-    let notes = answer.matches("<<").count();
-    let mut out = Vec::new();
-    for c in re_note.captures_iter(answer) {
-        let note = c.get(5)?.as_str();
-        let (expr, res) = note.split_once('=')?;
-        let ops: Vec<(usize, char)> = expr
-            .char_indices()
-            .skip(1)
-            .filter(|(_, ch)| "+-*/".contains(*ch))
-            .collect();
-        let [(i, op)] = ops[..] else { return None };
-        let (a, b) = (parse_num(&expr[..i])?, parse_num(&expr[i + 1..])?);
-        let (va, vb) = (
-            parse_num(c.get(1)?.as_str())?,
-            parse_num(c.get(3)?.as_str())?,
-        );
-        let c_val = parse_num(res)?;
-        let shown = parse_num(c.get(6)?.as_str())?;
-        let vis_op = c.get(2)?.as_str();
-        let vis_as = match vis_op {
-            "x" | "×" => '*',
-            o => o.chars().next()?,
-        };
-        let ok = |x: f64, y: f64| (x - y).abs() <= 1e-6 * y.abs().max(1.0);
-        let consistent = ok(a, va) && ok(b, vb) && vis_as == op && ok(shown, c_val);
-        if !consistent || !ok(apply(a, op, b)?, c_val) {
+        if !ok(apply(a, op, b)?, shown) {
             return None;
         }
         let m = c.get(0)?;
         // a trailing `.` of the result belongs to the sentence, not the number
         let mut end = m.end();
-        if c.get(6)?.as_str().ends_with(['.', ',']) {
+        if c.name("c")?.as_str().ends_with(['.', ',']) {
             end -= 1;
         }
         out.push(Step {
@@ -184,10 +142,16 @@ fn noted_steps(answer: &str) -> Option<Vec<Step>> {
             op,
             b,
             op_text: vis_op.to_string(),
-            dollar: !c.get(4)?.as_str().is_empty(),
+            dollar: !c.name("dollar")?.as_str().is_empty(),
         });
     }
-    (out.len() == notes && !out.is_empty()).then_some(out)
+    // every note (or, without notes, every `=`) must be a step
+    let expected = if noted {
+        answer.matches("<<").count()
+    } else {
+        answer.matches('=').count()
+    };
+    (out.len() == expected && !out.is_empty()).then_some(out)
 }
 
 /// Plants `kind` at a step drawn by `rng` and carries it forward. `None` when the
