@@ -201,6 +201,36 @@ mod tests {
     }
 
     #[test]
+    fn voting_is_refused_where_every_vote_would_be_the_same() {
+        use crate::{OracleSpec, Provider};
+        let err = |spec: OracleSpec| spec.build().err().unwrap_or_default();
+        let judge = OracleSpec {
+            provider: Provider::Openai,
+            base_url: Some("http://127.0.0.1:9/v1".into()),
+            votes: 3,
+            ..OracleSpec::default()
+        };
+        assert!(judge.build().is_ok());
+        let calculator = OracleSpec {
+            provider: Provider::Calculator,
+            ..judge.clone()
+        };
+        assert!(err(calculator).contains("voting needs a sampling judge"));
+        let greedy = OracleSpec {
+            temperature: Some(0.0),
+            ..judge.clone()
+        };
+        assert!(err(greedy).contains("at temperature 0"));
+        let hot = OracleSpec {
+            temperature: Some(3.0),
+            ..judge.clone()
+        };
+        assert!(err(hot).contains("oracle.temperature must be in [0, 2]"));
+        let none = OracleSpec { votes: 0, ..judge };
+        assert!(err(none).contains("at least 1"));
+    }
+
+    #[test]
     fn failed_samples_do_not_vote_and_all_failed_is_a_failure() {
         let timeout = || Err(OracleFailure::Timeout { attempts: 3 });
         let r = majority(
