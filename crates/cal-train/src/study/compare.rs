@@ -186,6 +186,14 @@ pub(crate) fn font_bytes() -> Option<&'static [u8]> {
     Some(Box::leak(bytes.into_boxed_slice()))
 }
 
+/// Registers a system TrueType font as plotters' "sans-serif" (plots need one).
+pub(crate) fn register_sans_serif() -> Result<()> {
+    let font =
+        font_bytes().context("no TrueType font found for the plot (install fonts-dejavu-core)")?;
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("cannot register font"))
+}
+
 /// One line of a plot.
 struct Series {
     name: Option<String>,
@@ -197,10 +205,7 @@ struct Series {
 /// Draws `series` to `out` (PNG).
 fn draw(series: &[Series], caption: &str, x_desc: &str, y_desc: &str, out: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let font =
-        font_bytes().context("no TrueType font found for the plot (install fonts-dejavu-core)")?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("cannot register font"))?;
+    register_sans_serif()?;
     let max_x = series
         .iter()
         .flat_map(|c| c.points.iter().map(|p| p.0))

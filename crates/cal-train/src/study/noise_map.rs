@@ -75,10 +75,7 @@ pub fn table(points: &[MapPoint]) -> String {
 /// interval as an error bar, each labelled with its oracle, and the zero line.
 pub fn plot(points: &[MapPoint], out: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let font = crate::study::compare::font_bytes()
-        .context("no TrueType font found for the plot (install fonts-dejavu-core)")?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("cannot register font"))?;
+    crate::study::compare::register_sans_serif()?;
     let bars: Vec<(f64, f64, f64, f64)> = points
         .iter()
         .map(|p| {
