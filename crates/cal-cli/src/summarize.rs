@@ -1,10 +1,12 @@
 //! `cal-grpo summarize DIR...`: one row per finished experiment folder (its chain
 //! length and warm start, both arms' gains and CAL − baseline over seeds); with
 //! `--bench-labels`, also the noise map: each folder's own oracle (noise included) run
-//! over labeled responses, and CAL − baseline against its exact match (`--plot`).
+//! over labeled responses, and CAL − baseline against its exact match (`--plot`); with
+//! `--curves`, every folder's held-out accuracy curves in one PNG.
 
 use anyhow::{Context, Result};
 use cal_train::config::RunConfig;
+use cal_train::study::compare;
 use cal_train::study::noise_map::{self, MapPoint};
 use clap::Args;
 use std::path::PathBuf;
@@ -21,6 +23,11 @@ pub struct SummarizeArgs {
     /// Draw the map as a PNG (needs --bench-labels).
     #[arg(long, requires = "bench_labels")]
     pub plot: Option<PathBuf>,
+    /// Draw every folder's held-out accuracy curves (GRPO and CAL, one thin line per
+    /// seed and the mean in bold) into one PNG; a baseline reused by a later folder is
+    /// drawn once.
+    #[arg(long)]
+    pub curves: Option<PathBuf>,
 }
 
 pub fn run(args: &SummarizeArgs) -> Result<()> {
@@ -30,6 +37,18 @@ pub fn run(args: &SummarizeArgs) -> Result<()> {
         .map(|d| cal_train::study::summarize::read_experiment(d))
         .collect::<Result<Vec<_>>>()?;
     print!("{}", cal_train::study::summarize::table(&rows));
+    if let Some(out) = &args.curves {
+        let first = &rows[0].dir;
+        let path = first.join("config.toml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let cfg = RunConfig::from_toml_str(&text, &path.display().to_string())?;
+        let per_step = cfg.rollout.prompts_per_step * cfg.rollout.num_generations;
+        let read = |d: &std::path::Path| compare::read_curve(d, "eval/accuracy");
+        let arms = cal_train::study::summarize::held_out_arms(&rows, read);
+        compare::plot_held_out(&arms, per_step, out)?;
+        println!("held-out curves written to {}", out.display());
+    }
     let Some(labels) = &args.bench_labels else {
         return Ok(());
     };

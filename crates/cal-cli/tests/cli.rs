@@ -608,11 +608,15 @@ fn experiment_arms_in_parallel_processes_give_the_sequential_results() {
     // a rerun reuses both finished arms
     let err = run("2", "par");
     assert!(!err.contains("started"), "{err}");
-    // the table across experiments reads both folders back: one row each, same numbers
+    // the table across experiments reads both folders back: one row each, same numbers;
+    // the curves of the two (identical) baselines are drawn once
+    let curves = dir.path().join("curves.png");
     let out = bin()
         .arg("summarize")
         .arg(dir.path().join("seq"))
         .arg(dir.path().join("par"))
+        .arg("--curves")
+        .arg(&curves)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -634,6 +638,8 @@ fn experiment_arms_in_parallel_processes_give_the_sequential_results() {
         rows[0].split_once(" | ").unwrap().1,
         rows[1].split_once(" | ").unwrap().1
     );
+    assert!(text.contains("held-out curves written to"), "{text}");
+    assert!(std::fs::read(&curves).unwrap().starts_with(b"\x89PNG"));
     // the noise map: each folder's own oracle over planted K = 3 chains, and the plot
     let labels = dir.path().join("planted.jsonl");
     let o = bin()

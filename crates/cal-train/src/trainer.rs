@@ -418,11 +418,17 @@ impl Trainer {
             &self.policy,
             &self.cfg,
         )?;
+        // where a step's time goes: the fixed (reference) pass, the wait for the
+        // oracle after it (it runs meanwhile), and the policy's forward + backward
+        let t = Instant::now();
         fixed_logprobs(&self.policy, self.reference.as_ref(), &mut micro, &self.cfg)?;
+        let t_fixed = t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let outcomes: Vec<SpanOutcome> = match locating {
             Some(task) => self.rt.block_on(task).context("oracle task")?,
             None => Vec::new(),
         };
+        let t_oracle = t.elapsed().as_secs_f64();
         let spans: Spans = score::map_spans(r, &wrong, &outcomes, self.cfg.credit.max_error_span);
         let scored = Scored {
             rollouts: r,
@@ -431,6 +437,7 @@ impl Trainer {
         };
         let adv = (self.algo).advantages(&scored, &self.policy, &mut micro, &self.cfg)?;
         let lr = lr_at(&self.cfg.optim, self.step, self.total_steps);
+        let t = Instant::now();
         let upd = update(
             &mut self.policy,
             &mut self.opt,
@@ -441,6 +448,7 @@ impl Trainer {
             self.step,
             lr,
         )?;
+        let t_update = t.elapsed().as_secs_f64();
         self.skipped += usize::from(upd.skipped);
         self.step += 1;
         let (_, padding) = crate::optimize::padding(&micro);
@@ -456,6 +464,9 @@ impl Trainer {
         m.extend(self.algo.metrics());
         m.insert("perf/micro_batches".into(), micro.len() as f64);
         m.insert("perf/padding_fraction".into(), padding);
+        m.insert("perf/fixed_logprob_seconds".into(), t_fixed);
+        m.insert("perf/oracle_wait_seconds".into(), t_oracle);
+        m.insert("perf/update_seconds".into(), t_update);
         Ok(m)
     }
 }

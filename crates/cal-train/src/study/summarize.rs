@@ -9,6 +9,7 @@
 
 use crate::config::RunConfig;
 use crate::evaluate::EvalReport;
+use crate::study::compare::Curve;
 use crate::study::stats::mean_ci95;
 use crate::tiny::TinySpec;
 use anyhow::{bail, Context, Result};
@@ -226,6 +227,55 @@ pub fn table(rows: &[ExperimentRow]) -> String {
     s
 }
 
+/// The arms `summarize --curves` draws, each with its per-seed run folders: every
+/// folder's CAL arm (`CAL, <folder name>`) and its baseline, except a baseline whose
+/// held-out curves repeat one already listed (an arm reused by a later experiment, as
+/// `bench/noise_map.sh` and `bench/real_model_rl.sh` do). `curve` reads a run folder's
+/// `eval/accuracy` curve.
+pub fn held_out_arms(
+    rows: &[ExperimentRow],
+    curve: impl Fn(&Path) -> Curve,
+) -> Vec<(String, Vec<PathBuf>)> {
+    let name = |r: &ExperimentRow| {
+        r.dir.file_name().map_or_else(
+            || r.dir.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        )
+    };
+    let seed_dirs = |r: &ExperimentRow, arm: &str| -> Vec<PathBuf> {
+        let dirs = r.seeds.iter();
+        dirs.map(|s| r.dir.join(format!("seed-{s}")).join(arm))
+            .collect()
+    };
+    let mut baselines: Vec<(String, Vec<PathBuf>, Vec<Curve>)> = Vec::new();
+    for r in rows {
+        let dirs = seed_dirs(r, "baseline");
+        let curves: Vec<Curve> = dirs.iter().map(|d| curve(d)).collect();
+        if !baselines.iter().any(|b| b.2 == curves) {
+            baselines.push((name(r), dirs, curves));
+        }
+    }
+    let one = baselines.len() == 1;
+    let mut arms: Vec<(String, Vec<PathBuf>)> = baselines
+        .into_iter()
+        .map(|(n, dirs, _)| {
+            (
+                if one {
+                    "GRPO".into()
+                } else {
+                    format!("GRPO, {n}")
+                },
+                dirs,
+            )
+        })
+        .collect();
+    arms.extend(
+        rows.iter()
+            .map(|r| (format!("CAL, {}", name(r)), seed_dirs(r, "cal"))),
+    );
+    arms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +327,65 @@ mod tests {
         assert!(
             t.contains("| 6 | 1200 (K 2–6) | 1 |") && t.contains("| +5.0 | +10.0 | +5.0 | – |"),
             "{t}"
+        );
+    }
+
+    #[test]
+    fn a_reused_baseline_is_drawn_once() {
+        let mut reference = row();
+        reference.dir = "runs/real-model/reference".into();
+        reference.seeds = vec![42, 43];
+        let mut calculator = reference.clone();
+        calculator.dir = "runs/real-model/calculator".into();
+        // the calculator folder's baselines are copies: the same curves
+        let curve = |d: &Path| -> Curve {
+            let cal = d.ends_with("cal");
+            let calc = d.starts_with("runs/real-model/calculator");
+            vec![
+                (0.0, 0.2),
+                (
+                    6.0,
+                    if cal && calc {
+                        0.3
+                    } else if cal {
+                        0.25
+                    } else {
+                        0.22
+                    },
+                ),
+            ]
+        };
+        let arms = held_out_arms(&[reference.clone(), calculator.clone()], curve);
+        let names: Vec<&str> = arms.iter().map(|a| a.0.as_str()).collect();
+        assert_eq!(names, ["GRPO", "CAL, reference", "CAL, calculator"]);
+        assert_eq!(
+            arms[0].1,
+            [
+                PathBuf::from("runs/real-model/reference/seed-42/baseline"),
+                PathBuf::from("runs/real-model/reference/seed-43/baseline"),
+            ]
+        );
+        // baselines that differ (a separate run) are both drawn, named by folder
+        let curve2 = |d: &Path| -> Curve {
+            vec![(
+                0.0,
+                if d.starts_with("runs/real-model/calculator") {
+                    0.1
+                } else {
+                    0.2
+                },
+            )]
+        };
+        let arms = held_out_arms(&[reference, calculator], curve2);
+        let names: Vec<&str> = arms.iter().map(|a| a.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "GRPO, reference",
+                "GRPO, calculator",
+                "CAL, reference",
+                "CAL, calculator"
+            ]
         );
     }
 }
