@@ -544,6 +544,13 @@ pub fn across_seeds(results: &[SeedResult]) -> String {
             each.join(", ")
         );
     }
+    let left = results.len() - ratios.len();
+    if left > 0 {
+        s += &format!(
+            "\nSample efficiency: no ratio for {left} of {} seeds (no curve, or a baseline that ended at or below its start, which leaves nothing to reach).\n",
+            results.len()
+        );
+    }
     s
 }
 

@@ -36,10 +36,13 @@ pub fn steps_to_reach(curve: &[(f64, f64)], target: f64) -> Option<f64> {
 
 /// The sample-efficiency ratio of one seed: steps for `cal` to reach `baseline`'s final
 /// held-out accuracy, over `baseline`'s steps (< 1: CAL needs fewer rollouts). `None`
-/// when the baseline has no curve; `Some(INFINITY)` when CAL never reaches it.
+/// when the baseline has no curve, or ended at or below where it started (there is
+/// no gain to reach, and CAL would "reach" it at step 0); `Some(INFINITY)` when CAL
+/// never reaches it.
 pub fn efficiency_ratio(baseline: &[(f64, f64)], cal: &[(f64, f64)]) -> Option<f64> {
     let &(steps, target) = baseline.last()?;
-    if steps <= 0.0 {
+    let start = baseline.first()?.1;
+    if steps <= 0.0 || target <= start + 1e-9 {
         return None;
     }
     Some(steps_to_reach(cal, target).map_or(f64::INFINITY, |s| s / steps))
@@ -108,6 +111,9 @@ mod tests {
         let slow = [(0.0, 0.2), (40.0, 0.49)];
         assert_eq!(efficiency_ratio(&base, &slow), Some(f64::INFINITY));
         assert_eq!(efficiency_ratio(&[], &cal), None);
+        // a baseline that ended below its start set no target
+        let fell = [(0.0, 0.3), (10.0, 0.35), (20.0, 0.25)];
+        assert_eq!(efficiency_ratio(&fell, &cal), None);
     }
 
     #[test]
