@@ -14,6 +14,7 @@
 # kept, an interrupted one continues from its checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/reuse_baseline.sh
 bin=${CAL_GRPO:-target/release/cal-grpo}
 out=${OUT:-runs/noise-map}
 seeds=${SEEDS:-3}
@@ -28,13 +29,7 @@ for level in "${levels[@]}"; do
     dir=$(folder "$level")
     if [ "$level" != none ]; then
         [ -d "$out/none" ] || { echo "noise_map.sh: run the level none first" >&2; exit 1; }
-        # the noise-free run's "before RL" and baseline arms, reused as they are
-        mkdir -p "$dir"
-        cp -rn "$out/none/before" "$dir/"
-        for s in "$out"/none/seed-*; do
-            mkdir -p "$dir/$(basename "$s")"
-            cp -rn "$s/baseline" "$dir/$(basename "$s")/"
-        done
+        reuse_baseline "$out/none" "$dir"
         noise=(--oracle-noise "$level")
     else
         noise=()

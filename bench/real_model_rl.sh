@@ -15,6 +15,7 @@
 # Measured on 2 cores: see docs/real-model.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/reuse_baseline.sh
 bin=${CAL_GRPO:-target/release/cal-grpo}
 out=${OUT:-runs/real-model}
 gguf=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -38,15 +39,7 @@ common=(--model "$sft" --dataset "$data" --lora-rank 16 --learning-rate "${LR:-1
 
 for oracle in reference calculator; do
     dir=$out/$oracle
-    if [ "$oracle" != reference ]; then
-        # the reference run's start and baseline arms, reused as they are
-        mkdir -p "$dir"
-        cp -rn "$out/reference/before" "$dir/"
-        for s in "$out"/reference/seed-*; do
-            mkdir -p "$dir/$(basename "$s")"
-            cp -rn "$s/baseline" "$dir/$(basename "$s")/"
-        done
-    fi
+    [ "$oracle" = reference ] || reuse_baseline "$out/reference" "$dir"
     echo "== $oracle -> $dir ($(date +%H:%M:%S))"
     t0=$SECONDS
     "$bin" experiment "${common[@]}" --api-provider "$oracle" --output-dir "$dir"

@@ -9,7 +9,7 @@ use cal_train::config::RunConfig;
 use cal_train::study::compare;
 use cal_train::study::noise_map::{self, MapPoint};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
 pub struct SummarizeArgs {
@@ -30,6 +30,14 @@ pub struct SummarizeArgs {
     pub curves: Option<PathBuf>,
 }
 
+/// The configuration an experiment folder was run with.
+fn config_of(dir: &Path) -> Result<RunConfig> {
+    let path = dir.join("config.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    RunConfig::from_toml_str(&text, &path.display().to_string())
+}
+
 pub fn run(args: &SummarizeArgs) -> Result<()> {
     let rows = args
         .dirs
@@ -38,13 +46,9 @@ pub fn run(args: &SummarizeArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     print!("{}", cal_train::study::summarize::table(&rows));
     if let Some(out) = &args.curves {
-        let first = &rows[0].dir;
-        let path = first.join("config.toml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let cfg = RunConfig::from_toml_str(&text, &path.display().to_string())?;
+        let cfg = config_of(&rows[0].dir)?;
         let per_step = cfg.rollout.prompts_per_step * cfg.rollout.num_generations;
-        let read = |d: &std::path::Path| compare::read_curve(d, "eval/accuracy");
+        let read = |d: &Path| compare::read_curve(d, "eval/accuracy");
         let arms = cal_train::study::summarize::held_out_arms(&rows, read);
         compare::plot_held_out(&arms, per_step, out)?;
         println!("held-out curves written to {}", out.display());
@@ -55,10 +59,7 @@ pub fn run(args: &SummarizeArgs) -> Result<()> {
     let cases = crate::oracle_bench::read_labels(labels)?;
     let mut points = Vec::new();
     for row in rows {
-        let path = row.dir.join("config.toml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let spec = RunConfig::from_toml_str(&text, &path.display().to_string())?.oracle;
+        let spec = config_of(&row.dir)?.oracle;
         let report = crate::oracle_bench::bench(&spec, &cases, None)
             .with_context(|| format!("benchmarking the oracle of {}", row.dir.display()))?;
         let mut oracle = spec.provider.name().to_string();
