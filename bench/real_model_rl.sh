@@ -10,7 +10,7 @@
 #   SEEDS=5 STEPS=24 OUT=runs/rm5 bash bench/real_model_rl.sh
 #   # sized for a GPU (see docs/real-model.md):
 #   EXTRA="--device cuda --dtype bf16" SEEDS=5 STEPS=300 PROMPTS=16 EVAL_EVERY=25 \
-#     SFT_STEPS=500 OUT=runs/real-model-gpu SFT=runs/smollm2-svamp-sft-gpu bash bench/real_model_rl.sh
+#     SFT_STEPS=200 OUT=runs/real-model-gpu SFT=runs/smollm2-svamp-sft-gpu bash bench/real_model_rl.sh
 #
 # Measured on 2 cores: see docs/real-model.md.
 set -euo pipefail
