@@ -9,7 +9,7 @@ use cal_model::{DTypeSpec, DeviceSpec, Placement};
 use cal_oracle::{OracleSpec, Provider};
 use cal_train::algorithm::ppo::{CriticKind, KlPlacement};
 use cal_train::algorithm::AlgorithmKind;
-use cal_train::config::RunConfig;
+use cal_train::config::{RunConfig, Switch};
 use cal_train::loss::{Aggregation, Importance};
 use clap::{Args, Command};
 use serde::Serialize;
@@ -367,6 +367,10 @@ pub struct TrainArgs {
     /// packed up to this budget (and --micro-batch rows, unless 0).
     #[arg(long)]
     pub micro_batch_tokens: Option<usize>,
+    /// Compute a group's shared prompt once (generation prefill, policy, reference,
+    /// old-policy and value passes; micro-batches hold whole groups) [default: on].
+    #[arg(long, value_enum)]
+    pub shared_prefix: Option<Switch>,
 }
 
 /// Flag (its clap id, the field name) → key of the run configuration.
@@ -377,6 +381,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("num_iterations", "run.num-iterations"),
     ("micro_batch", "run.micro-batch"),
     ("micro_batch_tokens", "run.micro-batch-tokens"),
+    ("shared_prefix", "run.shared-prefix"),
     ("model", "model.name"),
     ("device", "model.device"),
     ("dtype", "model.dtype"),

@@ -27,6 +27,10 @@ pub struct SamplingConfig {
     pub stop_tokens: Vec<u32>,
     /// Stop once the completion text contains one of these.
     pub stop_strings: Vec<String>,
+    /// Prefill each distinct prompt once and copy its keys and values to the rows that
+    /// repeat it (a GRPO group's `G` rows), instead of prefilling every row.
+    #[serde(default)]
+    pub share_prompts: bool,
 }
 
 impl Default for SamplingConfig {
@@ -39,6 +43,7 @@ impl Default for SamplingConfig {
             top_p: 1.0,
             stop_tokens: Vec::new(),
             stop_strings: Vec::new(),
+            share_prompts: false,
         }
     }
 }
@@ -215,6 +220,23 @@ pub fn decode_with_offsets(
     Ok((text, offsets))
 }
 
+/// The distinct prompts in order of first appearance, and for each row the index of
+/// its prompt among them.
+pub fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&Vec<u32>>, Vec<u32>) {
+    let mut seen: std::collections::HashMap<&[u32], u32> = std::collections::HashMap::new();
+    let mut distinct = Vec::new();
+    let rows = prompts
+        .iter()
+        .map(|p| {
+            *seen.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(p);
+                distinct.len() as u32 - 1
+            })
+        })
+        .collect();
+    (distinct, rows)
+}
+
 /// Generates completions for `prompts` (token ids) in one batch.
 pub fn generate(
     model: &Transformer,
@@ -227,10 +249,18 @@ pub fn generate(
     if b == 0 {
         return Ok(Vec::new());
     }
+    // With shared prompts the prefill runs over the distinct prompts only; `rows[i]` is
+    // the prefilled row that row i copies.
+    let (distinct, rows) = if cfg.share_prompts {
+        distinct_prompts(prompts)
+    } else {
+        (prompts.iter().collect(), (0..b as u32).collect())
+    };
+    let shared = distinct.len() < b;
     let lp = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let mut ids = Vec::with_capacity(b * lp);
-    let mut mask = Vec::with_capacity(b);
-    for p in prompts {
+    let mut ids = Vec::with_capacity(distinct.len() * lp);
+    let mut mask = Vec::with_capacity(distinct.len());
+    for p in &distinct {
         let pad = lp - p.len();
         ids.extend(std::iter::repeat_n(tok.pad_id, pad).chain(p.iter().copied()));
         mask.push(
@@ -254,7 +284,7 @@ pub fn generate(
         // cannot be seeded.)
         dev.set_seed(rng.random())?;
     }
-    let input = Tensor::from_vec(ids, (b, lp), dev)?;
+    let input = Tensor::from_vec(ids, (distinct.len(), lp), dev)?;
     let positions = positions_from_mask(&mask, dev)?;
     let mut cache = KvCache::with_capacity(model.cfg.num_hidden_layers, lp + cfg.max_new_tokens);
     let mut hidden = model.forward_hidden(
@@ -264,6 +294,14 @@ pub fn generate(
         Some(&mut cache),
         Forward::INFERENCE,
     )?;
+    if shared {
+        let idx = Tensor::new(rows.as_slice(), dev)?;
+        cache.select_rows(&rows)?;
+        hidden = hidden
+            .narrow(1, lp - 1, 1)?
+            .contiguous()?
+            .index_select(&idx, 0)?;
+    }
     let stops: Vec<u32> = tok
         .eos_ids
         .iter()
@@ -358,9 +396,42 @@ pub struct SequenceBatch {
     pub completion_ids: Tensor,
     /// `[B, Tc]` 1 for real completion tokens.
     pub completion_mask: Vec<Vec<u8>>,
+    /// Rows that share a prompt, laid out for [`Transformer::forward_shared`] (the
+    /// passes over this batch then compute each prompt once); `None`: every row
+    /// carries its own prompt.
+    pub shared: Option<SharedPrompts>,
+}
+
+/// The distinct prompts of a [`SequenceBatch`] and which one each row continues.
+#[derive(Debug, Clone)]
+pub struct SharedPrompts {
+    /// `[n, Lp]` distinct prompts, left-padded.
+    pub ids: Tensor,
+    pub mask: Vec<Vec<u8>>,
+    /// Row → prompt index.
+    pub group: Vec<u32>,
 }
 
 impl SequenceBatch {
+    /// Token positions the forward passes over this batch compute, padding included:
+    /// `B·(Lp + Tc)`, or `n·Lp + B·Tc` with shared prompts.
+    pub fn computed_tokens(&self) -> usize {
+        let b = self.mask.len();
+        match &self.shared {
+            Some(s) => s.mask.len() * s.ids.dims()[1] + b * self.completion_len,
+            None => b * (self.prompt_len + self.completion_len),
+        }
+    }
+
+    /// Real (unpadded) token positions those passes compute.
+    pub fn real_tokens(&self) -> usize {
+        let ones = |m: &[Vec<u8>]| m.iter().flatten().filter(|&&x| x == 1).count();
+        match &self.shared {
+            Some(s) => ones(&s.mask) + ones(&self.completion_mask),
+            None => ones(&self.mask),
+        }
+    }
+
     /// The completion mask as `[B * Tc]` f32 (1 = real token), row-major.
     pub fn completion_mask_f32(&self) -> Vec<f32> {
         self.completion_mask
@@ -416,7 +487,49 @@ pub fn build_batch(
         completion_len: tc,
         completion_ids: Tensor::from_vec(cids, (b, tc), dev)?,
         completion_mask: cmask,
+        shared: None,
     })
+}
+
+/// [`build_batch`] for rows that continue shared prompts: row `i` continues
+/// `prompts[group[i]]`. The batch keeps the per-row layout too (for anything that reads
+/// it), and the passes of [`completion_logprobs`] and [`completion_hidden`] take the
+/// shared-prefix forward.
+pub fn build_shared_batch(
+    prompts: &[Vec<u32>],
+    group: &[usize],
+    completions: &[Vec<u32>],
+    pad: u32,
+    dev: &candle_core::Device,
+) -> Result<SequenceBatch> {
+    if group.len() != completions.len() || group.iter().any(|&g| g >= prompts.len()) {
+        anyhow::bail!(
+            "{} completions with {} prompt indices into {} prompts",
+            completions.len(),
+            group.len(),
+            prompts.len()
+        );
+    }
+    let rows: Vec<Vec<u32>> = group.iter().map(|&g| prompts[g].clone()).collect();
+    let mut batch = build_batch(&rows, completions, pad, dev)?;
+    let lp = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(prompts.len() * lp);
+    let mut mask = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let pp = lp - p.len();
+        ids.extend(std::iter::repeat_n(pad, pp).chain(p.iter().copied()));
+        mask.push(
+            std::iter::repeat_n(0u8, pp)
+                .chain(std::iter::repeat_n(1u8, p.len()))
+                .collect(),
+        );
+    }
+    batch.shared = Some(SharedPrompts {
+        ids: Tensor::from_vec(ids, (prompts.len(), lp), dev)?,
+        mask,
+        group: group.iter().map(|&g| g as u32).collect(),
+    });
+    Ok(batch)
 }
 
 /// Per-token log-probs `[B, Tc]` of the completion tokens (differentiable through the
@@ -454,6 +567,30 @@ pub fn completion_hidden(
     batch: &SequenceBatch,
     fwd: Forward,
 ) -> candle_core::Result<Tensor> {
+    if let Some(s) = &batch.shared {
+        let (prompts, completions) = model.forward_shared(
+            &s.ids,
+            &s.mask,
+            &batch.completion_ids,
+            &batch.completion_mask,
+            &s.group,
+            fwd,
+        )?;
+        // The prompt's last state predicts completion token 0, completion state t − 1
+        // token t (the last completion token's own state predicts nothing).
+        let lp = prompts.dim(1)?;
+        let gidx = Tensor::new(s.group.as_slice(), &model.device)?;
+        let first = prompts
+            .narrow(1, lp - 1, 1)?
+            .contiguous()?
+            .index_select(&gidx, 0)?;
+        let tc = batch.completion_len;
+        return if tc == 1 {
+            Ok(first)
+        } else {
+            Tensor::cat(&[&first, &completions.narrow(1, 0, tc - 1)?], 1)
+        };
+    }
     let positions = positions_from_mask(&batch.mask, &model.device)?;
     let hidden = model.forward_hidden(&batch.ids, &positions, &batch.mask, None, fwd)?;
     // Position prompt_len - 1 + t predicts completion token t.

@@ -108,6 +108,28 @@ impl KvCache {
         Ok(kv)
     }
 
+    /// Row `i` of the cache becomes a copy of row `rows[i]` (a prefilled prompt handed
+    /// to the rows that continue it).
+    pub fn select_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
+        let Some(dev) = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone())
+        else {
+            return Ok(());
+        };
+        let idx = Tensor::new(rows, &dev)?;
+        for kv in self.layers.iter_mut().flatten() {
+            *kv = (kv.0.index_select(&idx, 0)?, kv.1.index_select(&idx, 0)?);
+        }
+        let pick = |i: &u32| i.to_owned() as usize;
+        self.mask = rows.iter().map(|i| self.mask[pick(i)].clone()).collect();
+        self.last_pos = rows.iter().map(|i| self.last_pos[pick(i)]).collect();
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.mask.first().map_or(0, |m| m.len())
     }
@@ -540,46 +562,14 @@ impl Transformer {
             )?)
         };
         let (cos, sin) = kern.rope_tables(&self.rope_angles(positions)?, self.dtype)?;
-        let mut x = self
-            .p("model.embed_tokens.weight")?
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, ()))?;
+        let mut x = self.embed(ids)?.reshape((b, t, ()))?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let h = kern.rms_norm(
-                &x,
-                &self.p(&format!("{p}.input_layernorm.weight"))?,
-                cfg.rms_norm_eps,
-            )?;
-            let heads =
-                |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-            let mut q = heads(
-                self.lin(&format!("{p}.self_attn.q_proj"), &h, decode, fwd)?,
-                nh,
-            )?;
-            let mut k = heads(
-                self.lin(&format!("{p}.self_attn.k_proj"), &h, decode, fwd)?,
-                nkv,
-            )?;
-            let v = heads(
-                self.lin(&format!("{p}.self_attn.v_proj"), &h, decode, fwd)?,
-                nkv,
-            )?;
-            if cfg.qk_norm {
-                q = kern.rms_norm(
-                    &q,
-                    &self.p(&format!("{p}.self_attn.q_norm.weight"))?,
-                    cfg.rms_norm_eps,
-                )?;
-                k = kern.rms_norm(
-                    &k,
-                    &self.p(&format!("{p}.self_attn.k_norm.weight"))?,
-                    cfg.rms_norm_eps,
-                )?;
-            }
-            let q = kern.rope(&q, &cos, &sin)?;
-            let k = kern.rope(&k, &cos, &sin)?;
+            let layer = self.layer(l, kern, decode, fwd);
+            let (q, k, v) = layer.qkv(&x)?;
+            let q = kern.rope(&layer.heads(&q, b, t, nh, "q_norm")?, &cos, &sin)?;
+            let k = kern.rope(&layer.heads(&k, b, t, nkv, "k_norm")?, &cos, &sin)?;
+            let v = layer.heads(&v, b, t, nkv, "")?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(l, offset, k, v)?,
                 None => (k, v),
@@ -588,17 +578,7 @@ impl Transformer {
                 Some(bias) => self.attend(kern, &q, &k, &v, bias)?,
                 None => attention::decode_attention(&q, &k, &v, &full_mask, scale)?,
             };
-            let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + self.lin(&format!("{p}.self_attn.o_proj"), &o, decode, fwd)?)?;
-            let h = kern.rms_norm(
-                &x,
-                &self.p(&format!("{p}.post_attention_layernorm.weight"))?,
-                cfg.rms_norm_eps,
-            )?;
-            let g = self.lin(&format!("{p}.mlp.gate_proj"), &h, decode, fwd)?;
-            let u = self.lin(&format!("{p}.mlp.up_proj"), &h, decode, fwd)?;
-            let gu = kern.swiglu(&g, &u)?;
-            x = (x + self.lin(&format!("{p}.mlp.down_proj"), &gu, decode, fwd)?)?;
+            x = layer.output_and_mlp(x, &merge_heads(&o)?)?;
         }
         if let Some(c) = cache {
             c.last_pos = positions
@@ -610,6 +590,123 @@ impl Transformer {
                 .collect();
         }
         kern.rms_norm(&x, &self.p("model.norm.weight")?, cfg.rms_norm_eps)
+    }
+
+    /// Token embeddings of `ids` (any shape) as `[ids.elem_count(), H]`.
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.p("model.embed_tokens.weight")?
+            .embedding(&ids.flatten_all()?)
+    }
+
+    /// Decoder layer `l` of one forward pass.
+    fn layer(&self, l: usize, kern: ops::Kernels, decode: bool, fwd: Forward) -> Layer<'_> {
+        Layer {
+            m: self,
+            p: format!("model.layers.{l}"),
+            kern,
+            decode,
+            fwd,
+        }
+    }
+
+    /// The shared-prefix forward: `G` completions of one prompt attend to that prompt's
+    /// keys and values, computed once.
+    ///
+    /// `prefix_ids: [n, Lp]` are the distinct prompts (left-padded, `prefix_mask`),
+    /// `suffix_ids: [B, Ts]` the continuations (right-padded, `suffix_mask`), and
+    /// `group[b]` the prompt row `b` continues. Returns the final-normed hidden states of
+    /// the prompts `[n, Lp, H]` and of the continuations `[B, Ts, H]`: the same values as
+    /// [`Self::forward_hidden`] over the concatenated rows, with sums in another order.
+    ///
+    /// Per-token work (the linear layers, norms, MLP) runs once over the `n·Lp + B·Ts`
+    /// tokens; the continuations' attention reads the prompt keys through an index
+    /// select, whose backward sums the `G` rows' gradients into the prompt (LoRA
+    /// adapters on prompt positions get their gradient there). LoRA dropout masks are
+    /// drawn per token matrix, so with dropout they differ from the unshared forward's.
+    pub fn forward_shared(
+        &self,
+        prefix_ids: &Tensor,
+        prefix_mask: &[Vec<u8>],
+        suffix_ids: &Tensor,
+        suffix_mask: &[Vec<u8>],
+        group: &[u32],
+        fwd: Forward,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let cfg = &self.cfg;
+        let ((n, lp), (b, ts)) = (prefix_ids.dims2()?, suffix_ids.dims2()?);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        if group.len() != b || group.iter().any(|&g| g as usize >= n) {
+            candle_core::bail!("forward_shared: {b} rows need a prompt index below {n} each");
+        }
+        let dev = &self.device;
+        let gidx = Tensor::new(group, dev)?;
+        // Continuation token t of row b sits at position (real prompt length) + t.
+        let prompt_len: Vec<u32> = prefix_mask
+            .iter()
+            .map(|m| m.iter().map(|&x| u32::from(x != 0)).sum())
+            .collect();
+        let suffix_pos: Vec<u32> = group
+            .iter()
+            .flat_map(|&g| {
+                let p = prompt_len[g as usize];
+                (0..ts as u32).map(move |t| p + t)
+            })
+            .collect();
+        let suffix_pos = Tensor::from_vec(suffix_pos, (b, ts), dev)?;
+        let kern = ops::Kernels::Differentiable;
+        let (cos_p, sin_p) = kern.rope_tables(
+            &self.rope_angles(&positions_from_mask(prefix_mask, dev)?)?,
+            self.dtype,
+        )?;
+        let (cos_s, sin_s) = kern.rope_tables(&self.rope_angles(&suffix_pos)?, self.dtype)?;
+        let bias_p = ops::attention_bias(prefix_mask, lp, 0, self.dtype, dev)?;
+        // A continuation sees its prompt's real tokens and its own tokens up to itself.
+        let suffix_keys: Vec<Vec<u8>> = group
+            .iter()
+            .zip(suffix_mask)
+            .map(|(&g, m)| prefix_mask[g as usize].iter().chain(m).copied().collect())
+            .collect();
+        let bias_s = ops::attention_bias(&suffix_keys, ts, lp, self.dtype, dev)?;
+        let np = n * lp;
+        let mut x = Tensor::cat(&[self.embed(prefix_ids)?, self.embed(suffix_ids)?], 0)?;
+        for l in 0..cfg.num_hidden_layers {
+            let layer = self.layer(l, kern, false, fwd);
+            let (q, k, v) = layer.qkv(&x)?;
+            let split = |y: &Tensor, heads: usize, norm: &str| -> candle_core::Result<_> {
+                Ok((
+                    layer.heads(&y.narrow(0, 0, np)?, n, lp, heads, norm)?,
+                    layer.heads(&y.narrow(0, np, b * ts)?, b, ts, heads, norm)?,
+                ))
+            };
+            let (qp, qs) = split(&q, nh, "q_norm")?;
+            let (kp, ks) = split(&k, nkv, "k_norm")?;
+            let (vp, vs) = split(&v, nkv, "")?;
+            let (qp, kp) = (
+                kern.rope(&qp, &cos_p, &sin_p)?,
+                kern.rope(&kp, &cos_p, &sin_p)?,
+            );
+            let (qs, ks) = (
+                kern.rope(&qs, &cos_s, &sin_s)?,
+                kern.rope(&ks, &cos_s, &sin_s)?,
+            );
+            let op = self.attend(kern, &qp, &kp, &vp, &bias_p)?;
+            let ks = Tensor::cat(&[&kp.index_select(&gidx, 0)?, &ks], 2)?;
+            let vs = Tensor::cat(&[&vp.index_select(&gidx, 0)?, &vs], 2)?;
+            let os = self.attend(kern, &qs, &ks, &vs, &bias_s)?;
+            let o = Tensor::cat(
+                &[
+                    merge_heads(&op)?.reshape((np, ()))?,
+                    merge_heads(&os)?.reshape((b * ts, ()))?,
+                ],
+                0,
+            )?;
+            x = layer.output_and_mlp(x, &o)?;
+        }
+        let x = kern.rms_norm(&x, &self.p("model.norm.weight")?, cfg.rms_norm_eps)?;
+        Ok((
+            x.narrow(0, 0, np)?.reshape((n, lp, ()))?,
+            x.narrow(0, np, b * ts)?.reshape((b, ts, ()))?,
+        ))
     }
 
     /// The output projection: `lm_head`, or the embedding when tied.
@@ -638,6 +735,76 @@ impl Transformer {
         let positions = positions_from_mask(mask, &self.device)?;
         let h = self.forward_hidden(ids, &positions, mask, None, Forward::INFERENCE)?;
         self.logits(&h)
+    }
+}
+
+/// `[B, nh, T, D]` attention output → `[B, T, nh·D]`.
+fn merge_heads(o: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, nh, t, hd) = o.dims4()?;
+    o.transpose(1, 2)?.reshape((b, t, nh * hd))
+}
+
+/// One decoder layer in parts (projections, heads, output and MLP), so that the plain
+/// and the shared-prefix forward run the same ops; the attention between them is the
+/// caller's. Token-wise parts take any `[..., H]` shape.
+struct Layer<'a> {
+    m: &'a Transformer,
+    /// `model.layers.{l}`.
+    p: String,
+    kern: ops::Kernels,
+    decode: bool,
+    fwd: Forward,
+}
+
+impl Layer<'_> {
+    fn lin(&self, module: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.m
+            .lin(&format!("{}.{module}", self.p), x, self.decode, self.fwd)
+    }
+
+    fn norm(&self, x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
+        let w = self.m.p(&format!("{}.{name}.weight", self.p))?;
+        self.kern.rms_norm(x, &w, self.m.cfg.rms_norm_eps)
+    }
+
+    /// Query, key and value projections of the residual stream `x` (`[..., n·D]` each).
+    fn qkv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let h = self.norm(x, "input_layernorm")?;
+        Ok((
+            self.lin("self_attn.q_proj", &h)?,
+            self.lin("self_attn.k_proj", &h)?,
+            self.lin("self_attn.v_proj", &h)?,
+        ))
+    }
+
+    /// `[b·t, n·D]` (or `[b, t, n·D]`) → heads `[b, n, t, D]`, RMS-normed by
+    /// `self_attn.{norm}` when the model has q/k norms and `norm` names one.
+    fn heads(
+        &self,
+        y: &Tensor,
+        b: usize,
+        t: usize,
+        n: usize,
+        norm: &str,
+    ) -> candle_core::Result<Tensor> {
+        let hd = self.m.cfg.head_dim;
+        let y = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
+        if self.m.cfg.qk_norm && !norm.is_empty() {
+            self.norm(&y, &format!("self_attn.{norm}"))
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The attention output `o` (`[..., nh·D]`, shaped as `x`) projected and added to
+    /// the residual stream, then the SwiGLU MLP block.
+    fn output_and_mlp(&self, x: Tensor, o: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.lin("self_attn.o_proj", o)?)?;
+        let h = self.norm(&x, "post_attention_layernorm")?;
+        let g = self.lin("mlp.gate_proj", &h)?;
+        let u = self.lin("mlp.up_proj", &h)?;
+        let gu = self.kern.swiglu(&g, &u)?;
+        x + self.lin("mlp.down_proj", &gu)?
     }
 }
 

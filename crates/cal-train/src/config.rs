@@ -85,6 +85,25 @@ pub struct RunSection {
     /// packed up to this budget, so memory, not a row count, sets the micro-batch, and
     /// rows of similar length share their padding.
     pub micro_batch_tokens: usize,
+    /// `on`: the rows of a group compute their shared prompt once (prefill in local
+    /// generation; the policy, reference, old-policy and value passes), and micro-batches
+    /// hold whole groups. `off`: every row carries its own copy of the prompt.
+    pub shared_prefix: Switch,
+}
+
+/// A setting that is `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Switch {
+    #[default]
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn on(self) -> bool {
+        self == Switch::On
+    }
 }
 
 impl Default for RunSection {
@@ -97,6 +116,7 @@ impl Default for RunSection {
             num_iterations: 1,
             micro_batch: 2,
             micro_batch_tokens: 0,
+            shared_prefix: Switch::On,
         }
     }
 }

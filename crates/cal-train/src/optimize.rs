@@ -15,7 +15,8 @@ use crate::seed::mix_seed;
 use anyhow::Result;
 use cal_core::credit::AdvantageMatrix;
 use cal_model::generate::{
-    build_batch, completion_logprobs, completion_logprobs_hidden, SequenceBatch,
+    build_batch, build_shared_batch, completion_logprobs, completion_logprobs_hidden,
+    distinct_prompts, SequenceBatch,
 };
 use cal_model::{Forward, Transformer};
 use candle_core::{DType, Tensor};
@@ -87,8 +88,99 @@ pub fn plan_micro_batches(
     plan
 }
 
+/// [`plan_micro_batches`] for rows that share prompts: micro-batches hold whole groups
+/// (`groups[g]` = the group's prompt length and its rows' (index, completion length)),
+/// so that each prompt is computed once per micro-batch.
+///
+/// With a token budget, the cost of a micro-batch is its prompts plus its completions,
+/// `groups × longest prompt + rows × longest completion`; a group over the budget alone
+/// is cut into pieces of as many rows as fit (each piece recomputes the prompt), and
+/// pieces are packed longest first, as rows are. Without a budget, consecutive groups,
+/// `max_rows / G` of them per micro-batch (at least one: a group is never split, whatever
+/// the row cap; 0 = all). Pure.
+pub fn plan_group_micro_batches(
+    groups: &[(usize, Vec<(usize, usize)>)],
+    max_rows: usize,
+    budget: usize,
+) -> Vec<Vec<usize>> {
+    let rows_of = |g: &[(usize, usize)]| g.iter().map(|r| r.0).collect::<Vec<_>>();
+    if budget == 0 {
+        let size = groups.iter().map(|g| g.1.len()).max().unwrap_or(1).max(1);
+        let per = if max_rows == 0 {
+            groups.len().max(1)
+        } else {
+            (max_rows / size).max(1)
+        };
+        return groups
+            .chunks(per)
+            .map(|c| c.iter().flat_map(|g| rows_of(&g.1)).collect())
+            .collect();
+    }
+    // pieces: (prompt length, longest completion, rows)
+    let mut pieces: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    for (p, rows) in groups {
+        let c = rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let fit = if p + rows.len() * c <= budget {
+            rows.len()
+        } else {
+            (budget.saturating_sub(*p) / c.max(1)).max(1)
+        };
+        for chunk in rows.chunks(fit.max(1)) {
+            let c = chunk.iter().map(|r| r.1).max().unwrap_or(0);
+            pieces.push((*p, c, rows_of(chunk)));
+        }
+    }
+    let cost = |n: usize, rows: usize, p: usize, c: usize| n * p + rows * c;
+    let rows_all: usize = pieces.iter().map(|x| x.2.len()).sum();
+    let (p_all, c_all) = pieces
+        .iter()
+        .fold((0, 0), |(p, c), x| (p.max(x.0), c.max(x.1)));
+    if cost(pieces.len(), rows_all, p_all, c_all) <= budget {
+        return vec![pieces.into_iter().flat_map(|x| x.2).collect()];
+    }
+    // stable: equal lengths keep their order, so the plan is a function of the lengths
+    pieces.sort_by_key(|x| std::cmp::Reverse(x.0 + x.1));
+    let mut plan: Vec<(usize, usize, usize, Vec<usize>)> = Vec::new(); // (n, p, c, rows)
+    for (p, c, rows) in pieces {
+        match plan.last_mut() {
+            Some(mb)
+                if cost(mb.0 + 1, mb.3.len() + rows.len(), mb.1.max(p), mb.2.max(c)) <= budget =>
+            {
+                (mb.0, mb.1, mb.2) = (mb.0 + 1, mb.1.max(p), mb.2.max(c));
+                mb.3.extend(rows);
+            }
+            _ => plan.push((1, p, c, rows)),
+        }
+    }
+    plan.into_iter().map(|mb| mb.3).collect()
+}
+
+/// The step's rows as groups that share a prompt: consecutive rows of one example, with
+/// the prompt length and each row's (index, completion length). `None` when no two
+/// rows of a group share their prompt tokens (nothing to share).
+fn prompt_groups(r: &Rollouts) -> Option<Vec<(usize, Vec<(usize, usize)>)>> {
+    let g = r.group.max(1);
+    let groups: Vec<(usize, Vec<(usize, usize)>)> = (0..r.len())
+        .step_by(g)
+        .map(|s| {
+            let rows = (s..(s + g).min(r.len()))
+                .map(|i| (i, r.gens[i].ids.len()))
+                .collect();
+            (r.prompts[s].len(), rows)
+        })
+        .collect();
+    let shares = groups.iter().any(|(_, rows)| {
+        rows.len() > 1
+            && rows
+                .iter()
+                .all(|&(i, _)| r.prompts[i] == r.prompts[rows[0].0])
+    });
+    shares.then_some(groups)
+}
+
 /// Splits the step's rows into micro-batches ([`plan_micro_batches`]), each padded only
-/// to its own longest prompt and completion.
+/// to its own longest prompt and completion. With `run.shared-prefix` on, whole groups
+/// ([`plan_group_micro_batches`]) whose passes compute each distinct prompt once.
 pub fn micro_batches(
     r: &Rollouts,
     size: usize,
@@ -102,11 +194,28 @@ pub fn micro_batches(
     let lens: Vec<(usize, usize)> = (0..rows)
         .map(|i| (r.prompts[i].len(), r.gens[i].ids.len()))
         .collect();
+    let groups = cfg
+        .run
+        .shared_prefix
+        .on()
+        .then(|| prompt_groups(r))
+        .flatten();
+    let plan = match &groups {
+        Some(g) => plan_group_micro_batches(g, size, token_budget),
+        None => plan_micro_batches(&lens, size, token_budget),
+    };
     let mut out = Vec::new();
-    for rows_mb in plan_micro_batches(&lens, size, token_budget) {
+    for rows_mb in plan {
         let prompts: Vec<Vec<u32>> = rows_mb.iter().map(|&i| r.prompts[i].clone()).collect();
         let completions: Vec<Vec<u32>> = rows_mb.iter().map(|&i| r.gens[i].ids.clone()).collect();
-        let batch = build_batch(&prompts, &completions, policy.tok.pad_id, dev)?;
+        let (distinct, group) = distinct_prompts(&prompts);
+        let batch = if groups.is_some() && distinct.len() < prompts.len() {
+            let distinct: Vec<Vec<u32>> = distinct.into_iter().cloned().collect();
+            let group: Vec<usize> = group.iter().map(|&g| g as usize).collect();
+            build_shared_batch(&distinct, &group, &completions, policy.tok.pad_id, dev)?
+        } else {
+            build_batch(&prompts, &completions, policy.tok.pad_id, dev)?
+        };
         let mask_f = batch.completion_mask_f32();
         let tokens: f64 = mask_f.iter().map(|&x| f64::from(x)).sum();
         let mask = Tensor::from_vec(mask_f, (rows_mb.len(), batch.completion_len), dev)?
@@ -147,20 +256,8 @@ pub fn micro_batches(
 
 /// Padded tokens the passes of `micro` compute, and how many of them are padding.
 pub fn padding(micro: &[MicroBatch]) -> (usize, f64) {
-    let computed: usize = micro
-        .iter()
-        .map(|m| m.rows.len() * (m.batch.prompt_len + m.batch.completion_len))
-        .sum();
-    let real: usize = micro
-        .iter()
-        .map(|m| {
-            m.batch
-                .mask
-                .iter()
-                .map(|r| r.iter().filter(|&&x| x == 1).count())
-                .sum::<usize>()
-        })
-        .sum();
+    let computed: usize = micro.iter().map(|m| m.batch.computed_tokens()).sum();
+    let real: usize = micro.iter().map(|m| m.batch.real_tokens()).sum();
     (computed, 1.0 - real as f64 / computed.max(1) as f64)
 }
 

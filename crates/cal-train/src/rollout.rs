@@ -82,11 +82,13 @@ fn per_rollout(prompts: Vec<Vec<u32>>, g: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Samples `cfg.num_generations` completions for each example.
+/// Samples `cfg.num_generations` completions for each example (`share_prompts`: each
+/// group's prompt prefilled once, its keys and values copied to the group's rows).
 pub fn generate(
     policy: &Policy,
     examples: Vec<Example>,
     cfg: &RolloutConfig,
+    share_prompts: bool,
     rng: &mut impl Rng,
 ) -> Result<Rollouts> {
     let g = cfg.num_generations;
@@ -95,6 +97,7 @@ pub fn generate(
         max_new_tokens: cfg.max_new_tokens,
         temperature: cfg.temperature,
         top_p: cfg.top_p,
+        share_prompts,
         ..SamplingConfig::default()
     };
     let gens = policy.sample(&prompts, &sampling, cfg.generation_batch, rng)?;

@@ -354,7 +354,13 @@ impl Trainer {
         let (cursor, rng) = (self.cursor, self.rng.clone());
         let examples = self.next_examples(self.cfg.rollout.prompts_per_step);
         let rollouts = match &self.engine {
-            None => rollout::generate(&self.policy, examples, &self.cfg.rollout, &mut self.rng)?,
+            None => rollout::generate(
+                &self.policy,
+                examples,
+                &self.cfg.rollout,
+                self.cfg.run.shared_prefix.on(),
+                &mut self.rng,
+            )?,
             Some((e, _)) => match rollout::generate_on_engine(
                 e,
                 &self.rt,

@@ -93,6 +93,11 @@ impl ManagedServer {
             cmd.args(["--enable-lora", "--max-lora-rank"])
                 .arg(max_lora_rank(spec.lora_rank)?.to_string());
         }
+        // A group's G samples share their prompt: the engine's prefix cache prefills it
+        // once (explicit, since older CPU builds left it off), unless the user says no.
+        if !spec.extra_args.iter().any(|a| a.contains("prefix-caching")) {
+            cmd.arg("--enable-prefix-caching");
+        }
         cmd.args(&spec.extra_args)
             .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
             .env("VLLM_SERVER_DEV_MODE", "1")
