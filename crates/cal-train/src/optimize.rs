@@ -517,6 +517,71 @@ mod tests {
     }
 
     #[test]
+    fn group_plans_keep_groups_whole_and_respect_the_budget() {
+        use super::plan_group_micro_batches;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..200 {
+            let (n, g) = (rng.random_range(1..10), rng.random_range(1..9));
+            let mut row = 0;
+            let groups: Vec<(usize, Vec<(usize, usize)>)> = (0..n)
+                .map(|_| {
+                    let rows = (0..g)
+                        .map(|_| {
+                            row += 1;
+                            (row - 1, rng.random_range(1..120))
+                        })
+                        .collect();
+                    (rng.random_range(5..200), rows)
+                })
+                .collect();
+            let budget = rng.random_range(0..3000);
+            let max_rows = rng.random_range(0..12);
+            let plan = plan_group_micro_batches(&groups, max_rows, budget);
+            let mut seen: Vec<usize> = plan.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n * g).collect::<Vec<_>>());
+            let group_of = |r: usize| r / g;
+            for mb in &plan {
+                let ids: std::collections::BTreeSet<usize> =
+                    mb.iter().map(|&r| group_of(r)).collect();
+                let p = ids.iter().map(|&i| groups[i].0).max().unwrap();
+                let c = mb
+                    .iter()
+                    .map(|&r| groups[group_of(r)].1[r % g].1)
+                    .max()
+                    .unwrap();
+                let cost = ids.len() * p + mb.len() * c;
+                if budget == 0 {
+                    // whole groups, max_rows / G of them (at least one)
+                    assert_eq!(mb.len() % g, 0);
+                    let per = if max_rows == 0 {
+                        n
+                    } else {
+                        (max_rows / g).max(1)
+                    };
+                    assert!(ids.len() <= per);
+                } else if mb.len() > 1 {
+                    assert!(cost <= budget, "{mb:?} costs {cost} > {budget}");
+                }
+            }
+            if budget == 0
+                || groups
+                    .iter()
+                    .all(|(p, r)| p + g * r.iter().map(|x| x.1).max().unwrap() <= budget)
+            {
+                // no group was cut: every group lies in one micro-batch
+                for i in 0..n {
+                    let holders = plan
+                        .iter()
+                        .filter(|mb| mb.iter().any(|&r| group_of(r) == i))
+                        .count();
+                    assert_eq!(holders, 1, "group {i} split in {plan:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn sorting_by_length_cuts_padding() {
         // GRPO-like: groups of 8 with completions from 10 to 256 tokens
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
