@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Rows per batch (`model`: the first; `generate`: each, e.g. `--batch 8,64,256`).
     #[arg(long, value_delimiter = ',', default_value = "8")]
     pub batch: Vec<usize>,
+    /// `generate`: prefill the rows' one prompt once and copy its keys and values
+    /// (`on`), or prefill every row (`off`).
+    #[arg(long, value_enum, default_value = "off")]
+    pub shared_prefix: cal_train::config::Switch,
     #[command(flatten)]
     pub placement: crate::config::PlacementFlags,
 }
@@ -54,7 +58,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ),
         "generate" => {
             anyhow::ensure!(!model.is_empty(), "bench generate needs --model");
-            bench_generate(model, placement, repeats, args.new_tokens, &args.batch)
+            let share = args.shared_prefix.on();
+            bench_generate(
+                model,
+                placement,
+                repeats,
+                args.new_tokens,
+                &args.batch,
+                share,
+            )
         }
         "kernels" => bench_kernels(repeats),
         "gemm" => bench_gemm(repeats),
@@ -74,14 +86,15 @@ fn bench_generate(
     repeats: usize,
     new_tokens: usize,
     batches: &[usize],
+    share: bool,
 ) -> Result<()> {
     for m in models {
         let p = Source::new(m, placement).fresh()?;
         for &b in batches {
-            let (med, all) = cal_train::bench::bench_generation(&p, b, new_tokens, repeats)?;
+            let (med, all) = cal_train::bench::bench_generation(&p, b, new_tokens, repeats, share)?;
             let all: Vec<String> = all.iter().map(|x| format!("{x:.1}")).collect();
             println!(
-                "{m}: generation batch {b} x {new_tokens} new tokens on {}: {med:.1} tok/s (median of {}: {})",
+                "{m}: generation batch {b} x {new_tokens} new tokens on {} (shared prefill: {share}): {med:.1} tok/s (median of {}: {})",
                 placement.device,
                 all.len(),
                 all.join(", ")

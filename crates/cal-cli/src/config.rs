@@ -368,7 +368,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub micro_batch_tokens: Option<usize>,
     /// Compute a group's shared prompt once (generation prefill, policy, reference,
-    /// old-policy and value passes; micro-batches hold whole groups) [default: on].
+    /// old-policy and value passes; micro-batches hold whole groups).
     #[arg(long, value_enum)]
     pub shared_prefix: Option<Switch>,
 }

@@ -91,9 +91,11 @@ pub fn bench_generation(
     batch: usize,
     new_tokens: usize,
     repeats: usize,
+    share_prompts: bool,
 ) -> Result<(f64, Vec<f64>)> {
     let prompts = vec![policy.tok.encode(GEN_PROMPT)?; batch];
-    let (cfg, tok) = gen_setup(policy, new_tokens);
+    let (mut cfg, tok) = gen_setup(policy, new_tokens);
+    cfg.share_prompts = share_prompts;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut tps = Vec::new();
     for r in 0..repeats + 1 {

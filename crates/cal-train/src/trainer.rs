@@ -457,7 +457,7 @@ impl Trainer {
         let t_update = t.elapsed().as_secs_f64();
         self.skipped += usize::from(upd.skipped);
         self.step += 1;
-        let (_, padding) = crate::optimize::padding(&micro);
+        let (computed, padding) = crate::optimize::padding(&micro);
         let mut m = step_metrics(&StepRecord {
             rollouts: r,
             graded: &graded,
@@ -470,6 +470,9 @@ impl Trainer {
         m.extend(self.algo.metrics());
         m.insert("perf/micro_batches".into(), micro.len() as f64);
         m.insert("perf/padding_fraction".into(), padding);
+        // token positions one forward pass over the step computes (prompts once per
+        // micro-batch with a shared prefix)
+        m.insert("perf/padded_tokens".into(), computed as f64);
         m.insert("perf/fixed_logprob_seconds".into(), t_fixed);
         m.insert("perf/oracle_wait_seconds".into(), t_oracle);
         m.insert("perf/update_seconds".into(), t_update);
