@@ -88,6 +88,9 @@ pub fn plan_micro_batches(
     plan
 }
 
+/// Rows that share one prompt: its length, and each row's (index, completion length).
+pub type PromptGroup = (usize, Vec<(usize, usize)>);
+
 /// [`plan_micro_batches`] for rows that share prompts: micro-batches hold whole groups
 /// (`groups[g]` = the group's prompt length and its rows' (index, completion length)),
 /// so that each prompt is computed once per micro-batch.
@@ -99,7 +102,7 @@ pub fn plan_micro_batches(
 /// `max_rows / G` of them per micro-batch (at least one: a group is never split, whatever
 /// the row cap; 0 = all). Pure.
 pub fn plan_group_micro_batches(
-    groups: &[(usize, Vec<(usize, usize)>)],
+    groups: &[PromptGroup],
     max_rows: usize,
     budget: usize,
 ) -> Vec<Vec<usize>> {
@@ -158,9 +161,9 @@ pub fn plan_group_micro_batches(
 /// The step's rows as groups that share a prompt: consecutive rows of one example, with
 /// the prompt length and each row's (index, completion length). `None` when no two
 /// rows of a group share their prompt tokens (nothing to share).
-fn prompt_groups(r: &Rollouts) -> Option<Vec<(usize, Vec<(usize, usize)>)>> {
+fn prompt_groups(r: &Rollouts) -> Option<Vec<PromptGroup>> {
     let g = r.group.max(1);
-    let groups: Vec<(usize, Vec<(usize, usize)>)> = (0..r.len())
+    let groups: Vec<PromptGroup> = (0..r.len())
         .step_by(g)
         .map(|s| {
             let rows = (s..(s + g).min(r.len()))
@@ -523,7 +526,7 @@ mod tests {
         for _ in 0..200 {
             let (n, g) = (rng.random_range(1..10), rng.random_range(1..9));
             let mut row = 0;
-            let groups: Vec<(usize, Vec<(usize, usize)>)> = (0..n)
+            let groups: Vec<super::PromptGroup> = (0..n)
                 .map(|_| {
                     let rows = (0..g)
                         .map(|_| {
