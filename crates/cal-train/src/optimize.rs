@@ -211,13 +211,17 @@ pub fn micro_batches(
     for rows_mb in plan {
         let prompts: Vec<Vec<u32>> = rows_mb.iter().map(|&i| r.prompts[i].clone()).collect();
         let completions: Vec<Vec<u32>> = rows_mb.iter().map(|&i| r.gens[i].ids.clone()).collect();
-        let (distinct, group) = distinct_prompts(&prompts);
-        let batch = if groups.is_some() && distinct.len() < prompts.len() {
-            let distinct: Vec<Vec<u32>> = distinct.into_iter().cloned().collect();
-            let group: Vec<usize> = group.iter().map(|&g| g as usize).collect();
-            build_shared_batch(&distinct, &group, &completions, policy.tok.pad_id, dev)?
-        } else {
-            build_batch(&prompts, &completions, policy.tok.pad_id, dev)?
+        let shared = groups
+            .is_some()
+            .then(|| distinct_prompts(&prompts))
+            .filter(|(distinct, _)| distinct.len() < prompts.len());
+        let batch = match shared {
+            Some((distinct, group)) => {
+                let distinct: Vec<Vec<u32>> = distinct.into_iter().cloned().collect();
+                let group: Vec<usize> = group.iter().map(|&g| g as usize).collect();
+                build_shared_batch(&distinct, &group, &completions, policy.tok.pad_id, dev)?
+            }
+            None => build_batch(&prompts, &completions, policy.tok.pad_id, dev)?,
         };
         let mask_f = batch.completion_mask_f32();
         let tokens: f64 = mask_f.iter().map(|&x| f64::from(x)).sum();
