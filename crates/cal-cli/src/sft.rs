@@ -1,5 +1,7 @@
 //! `cal-grpo sft`: supervised fine-tuning on reference solutions (the warm start of a
-//! real model), full or LoRA, exported as a Hugging Face folder.
+//! real model), full or LoRA, on the training harness (checkpoints and `--resume`,
+//! `metrics.jsonl`, TensorBoard, a held-out curve), exported as a Hugging Face folder
+//! into the run folder itself, so `--model <output-dir>` loads it.
 
 use crate::config::{self, LoraFlags, PlacementFlags};
 use crate::source::Source;
@@ -8,7 +10,10 @@ use cal_core::data;
 use cal_model::load;
 use cal_train::config::RunConfig;
 use cal_train::policy::{PolicySource, PromptFormat};
+use cal_train::rundir::Start;
+use cal_train::sft::{SftHarness, SftRun};
 use cal_train::tiny::{self, TinySpec};
+use cal_train::trainer::RunEnd;
 use clap::Args;
 use serde::Serialize;
 use serde_json::json;
@@ -26,6 +31,15 @@ pub struct SftArgs {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
+    /// Continue from the latest checkpoint in --output-dir.
+    #[arg(long, conflicts_with = "overwrite")]
+    #[serde(skip)]
+    pub resume: bool,
+    /// Start over in an --output-dir that holds another run: that run is moved to
+    /// `<output-dir>.replaced-<time>` first (nothing is deleted).
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
     /// `tiny` (export the embedded default) or a model path.
     #[arg(long)]
     pub model: Option<String>,
@@ -51,14 +65,31 @@ pub struct SftArgs {
     /// length-sorted micro-batches, gradients accumulated exactly (0 = whole batches).
     #[arg(long)]
     pub micro_batch_tokens: Option<usize>,
+    /// Held-out data for the curve (default: the dataset's held-out part, or
+    /// `test.jsonl` beside it).
+    #[arg(long)]
+    pub eval_dataset: Option<String>,
+    /// Held-out problems evaluated (-1 = all).
+    #[arg(long, allow_negative_numbers = true)]
+    pub eval_samples: Option<i64>,
+    /// Greedy held-out accuracy every N steps, before the first and after the last
+    /// (0 = no curve) [default: 0].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Most tokens generated per held-out answer.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Checkpoint every N steps (0 = only at the end) [default: 50].
+    #[arg(long)]
+    pub save_every: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
     pub lora: LoraFlags,
     #[command(flatten)]
     #[serde(flatten)]
     pub prompt: config::PromptFlags,
-    /// Where the fine-tuned model is exported (Hugging Face folder) [default:
-    /// runs/sft/model].
+    /// The run folder: checkpoints, logs, and the fine-tuned model as a Hugging Face
+    /// folder [default: runs/sft].
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Data order and initialisation.
@@ -82,6 +113,11 @@ pub const SFT_FLAGS: &[(&str, &str)] = &[
     ("batch_size", "sft.batch-size"),
     ("learning_rate", "sft.learning-rate"),
     ("micro_batch_tokens", "sft.micro-batch-tokens"),
+    ("eval_dataset", "data.eval-dataset"),
+    ("eval_samples", "data.eval-samples"),
+    ("eval_every", "eval.every"),
+    ("max_new_tokens", "rollout.max-new-tokens"),
+    ("save_every", "checkpoint.save-every"),
     ("lora_rank", "model.lora.rank"),
     ("lora_alpha", "model.lora.alpha"),
     ("lora_targets", "model.lora.targets"),
@@ -92,7 +128,7 @@ pub const SFT_FLAGS: &[(&str, &str)] = &[
 
 /// `sft`'s own defaults, below a `--config` file.
 pub fn defaults() -> serde_json::Value {
-    json!({"run": {"output-dir": "runs/sft/model"}})
+    json!({"run": {"output-dir": "runs/sft"}, "eval": {"every": 0}, "checkpoint": {"save-every": 50}})
 }
 
 impl SftArgs {
@@ -100,6 +136,14 @@ impl SftArgs {
     pub fn resolve(&self) -> Result<RunConfig> {
         let layer = config::flag_layer(self, SFT_FLAGS)?;
         RunConfig::resolve_layers(self.config.as_deref(), &defaults(), &layer)
+    }
+
+    fn start(&self) -> Start {
+        match (self.resume, self.overwrite) {
+            (true, _) => Start::Resume,
+            (false, true) => Start::Overwrite,
+            (false, false) => Start::Fresh,
+        }
     }
 }
 
@@ -110,9 +154,9 @@ pub fn run(args: &SftArgs) -> Result<()> {
     }
     let placement = cfg.model.placement();
     let out = cfg.output_dir();
-    // One writer per output folder (the export is written file by file).
-    let _lock = cal_train::rundir::RunLock::acquire(&out)?;
     if cfg.model.name == "tiny" {
+        // One writer per output folder (the export is written file by file).
+        let _lock = cal_train::rundir::RunLock::acquire(&out)?;
         let (dev, dtype) = placement.resolve()?;
         let tp = tiny::tiny_policy(
             &TinySpec::default(),
@@ -138,18 +182,56 @@ pub fn run(args: &SftArgs) -> Result<()> {
     // few-shot examples are drawn from the training part in file order, as `train` does
     let prompt = PromptFormat::of(&cfg.data, &examples)?;
     let examples = data::select(examples, cfg.data.num_samples, Some(cfg.run.seed));
-    let mut policy = policy.with_prompt(prompt);
-    let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
-    let r = cal_train::sft::sft(
-        &mut policy,
+    let held_out = if cfg.eval.every > 0 {
+        crate::source::datasets(&cfg)?.1
+    } else {
+        Vec::new()
+    };
+    eprintln!(
+        "sft: {} steps × {} examples from {} training problems{}; output {}",
+        cfg.sft.steps,
+        cfg.sft.batch_size,
+        examples.len(),
+        if held_out.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", held-out curve on {} problems every {} steps",
+                held_out.len(),
+                cfg.eval.every
+            )
+        },
+        out.display()
+    );
+    let harness = SftHarness {
+        save_every: cfg.checkpoint.save_every,
+        eval_every: cfg.eval.every,
+        eval: crate::train::eval_config(&cfg),
+    };
+    let mut run = SftRun::new(
+        &out,
+        &cfg,
+        policy.with_prompt(prompt),
         &examples,
-        &cal_train::sft::SftConfig::of_run(&cfg),
-        trainable,
+        held_out,
+        harness,
+        args.start(),
     )?;
-    load::export_hf(&policy.model, &policy.tok, &out)
+    let (end, r) = run.run()?;
+    if end == RunEnd::Interrupted {
+        std::process::exit(130);
+    }
+    load::export_hf(&run.policy.model, &run.policy.tok, &out)
         .with_context(|| format!("exporting to {}", out.display()))?;
+    let curve = match &run.last_eval {
+        Some((_, g)) => format!(
+            "; held-out accuracy {:.1}%",
+            100.0 * cal_core::evaluate::accuracy(g, g.len()).accuracy
+        ),
+        None => String::new(),
+    };
     println!(
-        "SFT {} steps: loss {:.3} → {:.3} in {:.0}s; model exported to {}",
+        "SFT {} steps: loss {:.3} → {:.3} in {:.0}s{curve}; model exported to {}",
         r.steps,
         r.first_loss,
         r.last_loss,

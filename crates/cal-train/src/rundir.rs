@@ -133,10 +133,16 @@ pub fn existing_run(dir: &Path) -> Option<String> {
     if crate::checkpoint::latest(dir).is_some() {
         return Some("checkpoints".into());
     }
-    ["eval_results.json", "metrics.jsonl", "model/config.json"]
-        .into_iter()
-        .find(|f| nonempty(&dir.join(f)))
-        .map(String::from)
+    // an SFT run exports its model into the run folder itself
+    [
+        "eval_results.json",
+        "metrics.jsonl",
+        "model/config.json",
+        "model.safetensors",
+    ]
+    .into_iter()
+    .find(|f| nonempty(&dir.join(f)))
+    .map(String::from)
 }
 
 /// Refuses a fresh run into a folder that holds another run, or (with `Overwrite`)

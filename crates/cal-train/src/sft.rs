@@ -2,17 +2,25 @@
 //! from a policy that is sometimes right and sometimes slips in one step.
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
+use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
-use crate::log::Progress;
+use crate::evaluate::{evaluate, step_accuracy, EvalConfig};
+use crate::log::{JsonlLog, Progress, TensorBoard};
 use crate::optimize::plan_micro_batches;
 use crate::policy::Policy;
-use anyhow::{bail, Result};
+use crate::rundir::{self, RunLock, Start};
+use crate::trainer::{RunEnd, INTERRUPTED};
+use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
+use cal_core::evaluate::{accuracy, GradedExample};
 use cal_model::generate::{build_batch, completion_logprobs};
 use cal_model::Forward;
 use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SftConfig {
@@ -60,46 +68,74 @@ pub struct SftReport {
     pub seconds: f64,
 }
 
-/// Cross-entropy on the solution tokens (prompt tokens are not trained on).
-pub fn sft(
-    policy: &mut Policy,
-    examples: &[Example],
-    cfg: &SftConfig,
-    trainable: impl Fn(&str) -> bool,
-) -> Result<SftReport> {
-    if examples.is_empty() {
-        bail!("SFT needs at least one example");
-    }
-    if cfg.steps == 0 || cfg.batch_size == 0 {
-        bail!("SFT needs at least one step and a batch size of at least 1");
-    }
-    let vars = policy.model.make_trainable(trainable)?;
-    let mut opt = AdamW::new(vars, cfg.optim)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
-    let pairs: Vec<(Vec<u32>, Vec<u32>)> = examples
-        .iter()
-        .map(|e| {
-            Ok((
-                policy.prompt_ids(&e.question)?,
-                policy.target_ids(&e.answer)?,
-            ))
+/// SFT between two steps: the optimizer, the data order and the step. It is what a
+/// checkpoint stores, so a resumed run draws the same batches as an uninterrupted one.
+pub struct SftLoop {
+    cfg: SftConfig,
+    opt: AdamW,
+    pairs: Vec<(Vec<u32>, Vec<u32>)>,
+    /// The current epoch's order (each epoch shuffles the previous one in place).
+    order: Vec<usize>,
+    cursor: usize,
+    rng: rand_chacha::ChaCha8Rng,
+    pub step: usize,
+}
+
+impl SftLoop {
+    /// Tokenises `examples` with the policy's prompt and makes `trainable` trainable.
+    pub fn new(
+        policy: &mut Policy,
+        examples: &[Example],
+        cfg: &SftConfig,
+        trainable: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        if examples.is_empty() {
+            bail!("SFT needs at least one example");
+        }
+        if cfg.steps == 0 || cfg.batch_size == 0 {
+            bail!("SFT needs at least one step and a batch size of at least 1");
+        }
+        let vars = policy.model.make_trainable(trainable)?;
+        let opt = AdamW::new(vars, cfg.optim)?;
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = examples
+            .iter()
+            .map(|e| {
+                Ok((
+                    policy.prompt_ids(&e.question)?,
+                    policy.target_ids(&e.answer)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let n = pairs.len();
+        Ok(Self {
+            cfg: cfg.clone(),
+            opt,
+            pairs,
+            order: (0..n).collect(),
+            cursor: n,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
+            step: 0,
         })
-        .collect::<Result<_>>()?;
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    let mut cursor = order.len();
-    let mut losses = Vec::with_capacity(cfg.steps);
-    let progress = Progress::new("sft", cfg.steps as u64, 0);
-    let t0 = std::time::Instant::now();
-    for step in 0..cfg.steps {
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.cfg.steps
+    }
+
+    /// One optimizer step on the next batch; returns its loss (mean negative
+    /// log-likelihood per target token).
+    pub fn step(&mut self, policy: &Policy) -> Result<f64> {
+        let cfg = &self.cfg;
         let mut idx = Vec::with_capacity(cfg.batch_size);
         while idx.len() < cfg.batch_size {
-            if cursor == order.len() {
-                order.shuffle(&mut rng);
-                cursor = 0;
+            if self.cursor == self.order.len() {
+                self.order.shuffle(&mut self.rng);
+                self.cursor = 0;
             }
-            idx.push(order[cursor]);
-            cursor += 1;
+            idx.push(self.order[self.cursor]);
+            self.cursor += 1;
         }
+        let pairs = &self.pairs;
         let lens: Vec<(usize, usize)> = idx
             .iter()
             .map(|&i| (pairs[i].0.len(), pairs[i].1.len()))
@@ -108,8 +144,9 @@ pub fn sft(
         // log-likelihood is divided by the batch's token count.
         let n = lens.iter().map(|l| l.1).sum::<usize>().max(1) as f64;
         let plan = plan_micro_batches(&lens, 0, cfg.micro_batch_tokens);
-        let seed = crate::seed::mix_seed(&[cfg.seed, step as u64]);
-        let mut acc = opt.zero_accumulator();
+        let seed = crate::seed::mix_seed(&[cfg.seed, self.step as u64]);
+        let lr = lr_at(&cfg.optim, self.step, cfg.steps);
+        let mut acc = self.opt.zero_accumulator();
         let mut lv = 0.0;
         for rows in &plan {
             let prompts: Vec<Vec<u32>> = rows.iter().map(|&r| pairs[idx[r]].0.clone()).collect();
@@ -121,26 +158,248 @@ pub fn sft(
             let loss = ((logp * mask)?.sum_all()? / -n)?;
             lv += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if plan.len() == 1 {
-                opt.step(&loss.backward()?, lr_at(&cfg.optim, step, cfg.steps))?;
+                self.opt.step(&loss.backward()?, lr)?;
             } else {
-                opt.accumulate(&mut acc, &loss.backward()?)?;
+                self.opt.accumulate(&mut acc, &loss.backward()?)?;
             }
         }
         if plan.len() > 1 {
-            opt.step_accumulated(&acc, lr_at(&cfg.optim, step, cfg.steps))?;
+            self.opt.step_accumulated(&acc, lr)?;
         }
+        self.step += 1;
+        Ok(lv)
+    }
+
+    /// Writes a checkpoint of the loop into `out/checkpoints` (the trained weights,
+    /// the optimizer's moments, the data order and cursor, the RNG).
+    pub fn save(&self, out: &Path, config: serde_json::Value) -> Result<PathBuf> {
+        let (rng_seed, rng_stream, rng_word_pos) = checkpoint::rng_state(&self.rng);
+        let state = TrainState {
+            step: self.step,
+            cursor: self.cursor,
+            rng_seed,
+            rng_stream,
+            rng_word_pos,
+            config,
+            counters: serde_json::json!({ "order": self.order }),
+        };
+        let weights: cal_model::Params = self
+            .opt
+            .vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        checkpoint::save(out, &state, &weights, &self.opt.state())
+    }
+
+    /// Continues from the latest checkpoint in `out` (weights, moments, order, RNG).
+    pub fn resume(&mut self, out: &Path) -> Result<PathBuf> {
+        let r = checkpoint::resume(out, &mut self.opt)?;
+        let state = checkpoint::read_state(&r.dir)?;
+        let order: Vec<usize> = serde_json::from_value(state.counters["order"].clone())
+            .with_context(|| format!("{}: no SFT data order", r.dir.display()))?;
+        if order.len() != self.pairs.len() {
+            bail!(
+                "{}: the checkpoint's data has {} examples, this run's {}: resume with the \
+                 same --dataset and --num-samples",
+                r.dir.display(),
+                order.len(),
+                self.pairs.len()
+            );
+        }
+        (self.step, self.cursor, self.rng, self.order) = (r.step, r.cursor, r.rng, order);
+        Ok(r.dir)
+    }
+}
+
+/// Cross-entropy on the solution tokens (prompt tokens are not trained on), with no
+/// run folder: the cached warm start of `tiny` and the tests.
+pub fn sft(
+    policy: &mut Policy,
+    examples: &[Example],
+    cfg: &SftConfig,
+    trainable: impl Fn(&str) -> bool,
+) -> Result<SftReport> {
+    let mut lp = SftLoop::new(policy, examples, cfg, trainable)?;
+    let mut losses = Vec::with_capacity(cfg.steps);
+    let progress = Progress::new("sft", cfg.steps as u64, 0);
+    let t0 = std::time::Instant::now();
+    while !lp.done() {
+        let lv = lp.step(policy)?;
         losses.push(lv);
-        if step % 10 == 0 || step + 1 == cfg.steps {
-            progress.update(step as u64 + 1, &format!("loss {lv:.3}"));
+        if lp.step % 10 == 1 || lp.done() {
+            progress.update(lp.step as u64, &format!("loss {lv:.3}"));
         }
     }
     progress.finish();
+    Ok(report(&losses, t0.elapsed().as_secs_f64()))
+}
+
+fn report(losses: &[f64], seconds: f64) -> SftReport {
     let tenth = (losses.len() / 10).max(1);
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
-    Ok(SftReport {
-        first_loss: mean(&losses[..tenth]),
-        last_loss: mean(&losses[losses.len() - tenth..]),
-        steps: cfg.steps,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    SftReport {
+        first_loss: mean(&losses[..tenth.min(losses.len())]),
+        last_loss: mean(&losses[losses.len().saturating_sub(tenth)..]),
+        steps: losses.len(),
+        seconds,
+    }
+}
+
+/// Where and how often a harnessed SFT run writes: checkpoints, held-out curve.
+#[derive(Debug, Clone, Default)]
+pub struct SftHarness {
+    /// Checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+    /// Greedy held-out accuracy every N steps, at step 0 and at the end (0 = never).
+    pub eval_every: usize,
+    pub eval: EvalConfig,
+}
+
+/// `cal-grpo sft` on the training harness: a locked run folder, checkpoints and
+/// bit-exact `--resume`, `metrics.jsonl` and TensorBoard (`sft/loss`, `sft/lr`,
+/// `eval/*`), a progress bar, and a held-out curve so a reader sees whether SFT had
+/// plateaued before RL starts from it.
+pub struct SftRun {
+    pub policy: Policy,
+    pub lp: SftLoop,
+    held_out: Vec<Example>,
+    harness: SftHarness,
+    out_dir: PathBuf,
+    config: serde_json::Value,
+    tb: TensorBoard,
+    jsonl: JsonlLog,
+    losses: Vec<f64>,
+    /// The held-out evaluation made at the current step, if any.
+    pub last_eval: Option<(usize, Vec<GradedExample>)>,
+    _lock: RunLock,
+}
+
+impl SftRun {
+    /// `out` is locked for the run's life; `start` as for [`crate::trainer::Trainer`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        out: &Path,
+        config: &RunConfig,
+        mut policy: Policy,
+        examples: &[Example],
+        held_out: Vec<Example>,
+        harness: SftHarness,
+        start: impl Into<Start>,
+    ) -> Result<Self> {
+        let start = start.into();
+        let lock = RunLock::acquire(out)?;
+        rundir::prepare(out, start)?;
+        let trainable = policy.attach_lora(&config.model.lora, config.run.seed)?;
+        let mut lp = SftLoop::new(&mut policy, examples, &SftConfig::of_run(config), trainable)?;
+        let mut tb = TensorBoard::create(&out.join("tb"))?;
+        let metrics = out.join("metrics.jsonl");
+        if start == Start::Resume {
+            let dir = lp.resume(out)?;
+            eprintln!("resumed from {} (step {})", dir.display(), lp.step);
+            rundir::truncate_jsonl_after(&metrics, lp.step)?;
+            tb.session_start(lp.step as i64 + 1)?;
+        }
+        let jsonl = JsonlLog::append(&metrics)?;
+        std::fs::write(out.join("config.toml"), config.to_toml()?)?;
+        Ok(Self {
+            policy,
+            lp,
+            held_out,
+            harness,
+            out_dir: out.to_path_buf(),
+            config: serde_json::to_value(config)?,
+            tb,
+            jsonl,
+            losses: Vec::new(),
+            last_eval: None,
+            _lock: lock,
+        })
+    }
+
+    fn log(&mut self, m: &BTreeMap<String, f64>) -> Result<()> {
+        let step = self.lp.step;
+        self.tb.scalars(step as i64, m)?;
+        let mut row = serde_json::to_value(m)?;
+        row["step"] = serde_json::json!(step);
+        self.jsonl.write(&row)
+    }
+
+    /// Greedy held-out accuracy now, logged as `eval/*` at the current step.
+    pub fn evaluate_held_out(&mut self) -> Result<()> {
+        if self.held_out.is_empty() {
+            return Ok(());
+        }
+        let step = self.lp.step;
+        let graded = evaluate(
+            &self.policy,
+            &self.held_out,
+            &self.harness.eval,
+            &format!("eval @{step}"),
+        )?;
+        let a = accuracy(&graded, self.held_out.len());
+        let mut m = BTreeMap::from([
+            ("eval/accuracy".to_string(), a.accuracy),
+            ("eval/strict_accuracy".to_string(), a.strict_accuracy),
+            ("eval/flexible_accuracy".to_string(), a.flexible_accuracy),
+        ]);
+        if let Some(st) = step_accuracy(&graded) {
+            m.insert("eval/step_accuracy".into(), st);
+        }
+        self.log(&m)?;
+        self.last_eval = Some((step, graded));
+        Ok(())
+    }
+
+    /// One step with its log row, and the held-out evaluation and checkpoint that
+    /// fall on it; returns the step's loss.
+    pub fn train_step(&mut self) -> Result<f64> {
+        let total = self.lp.cfg.steps;
+        let lr = lr_at(&self.lp.cfg.optim, self.lp.step, total);
+        let ts = std::time::Instant::now();
+        let loss = self.lp.step(&self.policy)?;
+        self.losses.push(loss);
+        self.log(&BTreeMap::from([
+            ("sft/loss".to_string(), loss),
+            ("sft/lr".to_string(), lr),
+            ("perf/step_seconds".to_string(), ts.elapsed().as_secs_f64()),
+        ]))?;
+        let (step, last) = (self.lp.step, self.lp.done());
+        let every = self.harness.eval_every;
+        if every > 0 && (step.is_multiple_of(every) || last) {
+            self.evaluate_held_out()?;
+        }
+        let save = self.harness.save_every;
+        if (save > 0 && step.is_multiple_of(save)) || last {
+            self.lp.save(&self.out_dir, self.config.clone())?;
+        }
+        Ok(loss)
+    }
+
+    /// Trains to the last step (or SIGINT, which saves and returns `Interrupted`).
+    pub fn run(&mut self) -> Result<(RunEnd, SftReport)> {
+        let progress = Progress::new("sft", self.lp.cfg.steps as u64, self.lp.step as u64);
+        let t0 = std::time::Instant::now();
+        if self.harness.eval_every > 0 && self.lp.step == 0 {
+            self.evaluate_held_out()?; // the curve starts at the pretrained model
+        }
+        while !self.lp.done() {
+            let loss = self.train_step()?;
+            progress.update(self.lp.step as u64, &format!("loss {loss:.3}"));
+            if INTERRUPTED.load(Ordering::SeqCst) && !self.lp.done() {
+                progress.finish();
+                let dir = self.lp.save(&self.out_dir, self.config.clone())?;
+                eprintln!(
+                    "interrupted: checkpoint saved to {}; continue with --resume",
+                    dir.display()
+                );
+                return Ok((RunEnd::Interrupted, report(&self.losses, 0.0)));
+            }
+        }
+        progress.finish();
+        Ok((
+            RunEnd::Finished,
+            report(&self.losses, t0.elapsed().as_secs_f64()),
+        ))
+    }
 }

@@ -12,7 +12,7 @@ use cal_model::generate::{
 use cal_model::Forward;
 use cal_train::algorithm::ppo::{CriticKind, KlPlacement};
 use cal_train::algorithm::AlgorithmKind;
-use cal_train::config::RunConfig;
+use cal_train::config::{RunConfig, Switch};
 use cal_train::loss::{policy_loss, Aggregation, Importance, LossConfig};
 use cal_train::policy::Policy;
 use cal_train::rollout::Rollouts;
@@ -267,6 +267,18 @@ fn sequence_logprobs(p: &Policy, r: &Rollouts) -> Vec<f64> {
 #[test]
 fn kill_and_resume_is_bit_exact() {
     assert_resume_is_bit_exact(|| config(CreditMode::Span, 0.04));
+}
+
+#[test]
+fn kill_and_resume_is_bit_exact_with_the_prompt_shared_and_unshared() {
+    // the default is `on`; both settings resume to the uninterrupted run's weights
+    for switch in [Switch::On, Switch::Off] {
+        assert_resume_is_bit_exact(|| {
+            let mut c = config(CreditMode::Span, 0.04);
+            c.run.shared_prefix = switch;
+            c
+        });
+    }
 }
 
 #[test]
