@@ -32,8 +32,58 @@ pub struct GenDataArgs {
     #[arg(long, value_enum, default_value = "story")]
     pub style: data::Style,
     /// Output file (default: stdout).
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "splits")]
     pub output: Option<PathBuf>,
+    /// Named splits that share no question (compared as normalised text), e.g.
+    /// `sft=3000,rl=2000,test=600`: one `NAME.jsonl` each in --output-dir, with
+    /// `splits.json` recording the knobs. --n is then ignored.
+    #[arg(long, value_name = "NAME=N,...", requires = "output_dir")]
+    pub splits: Option<String>,
+    /// Folder of the --splits files.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+}
+
+/// `sft=3000,rl=2000,test=600` → names and sizes, in order.
+pub fn parse_splits(spec: &str) -> Result<Vec<(String, usize)>> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, n) = part
+            .split_once('=')
+            .with_context(|| format!("--splits: `{part}` is not NAME=N"))?;
+        let name = name.trim();
+        anyhow::ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "--splits: `{name}` is not a file name (letters, digits, - and _)"
+        );
+        anyhow::ensure!(
+            out.iter().all(|(n, _)| n != name),
+            "--splits: `{name}` is named twice"
+        );
+        let n: usize = n
+            .trim()
+            .parse()
+            .with_context(|| format!("--splits: `{part}`: the size is not a number"))?;
+        anyhow::ensure!(n > 0, "--splits: `{part}`: the size must be at least 1");
+        out.push((name.to_string(), n));
+    }
+    anyhow::ensure!(!out.is_empty(), "--splits: no split named");
+    Ok(out)
+}
+
+fn write_jsonl(path: &std::path::Path, examples: &[data::Example]) -> Result<()> {
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    for ex in examples {
+        let row = serde_json::json!({"idx": ex.idx, "question": ex.question, "answer": ex.answer});
+        writeln!(out, "{row}")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 pub fn run(args: &GenDataArgs) -> Result<()> {
@@ -50,6 +100,33 @@ pub fn run(args: &GenDataArgs) -> Result<()> {
         style: args.style,
         max_value: args.max_value,
     };
+    if let (Some(spec), Some(dir)) = (&args.splits, &args.output_dir) {
+        let splits = parse_splits(spec)?;
+        let sizes: Vec<usize> = splits.iter().map(|s| s.1).collect();
+        let parts =
+            data::generate_disjoint(&sizes, args.seed, &cfg).map_err(|e| anyhow::anyhow!(e))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for ((name, _), part) in splits.iter().zip(&parts) {
+            write_jsonl(&dir.join(format!("{name}.jsonl")), part)?;
+        }
+        let manifest = serde_json::json!({
+            "seed": args.seed,
+            "generator": cfg,
+            "splits": splits.iter().map(|(n, k)| serde_json::json!({"name": n, "problems": k})).collect::<Vec<_>>(),
+            "disjoint": "no normalised question (lower case, letters and digits) is in two splits",
+        });
+        std::fs::write(
+            dir.join("splits.json"),
+            serde_json::to_string_pretty(&manifest)?,
+        )?;
+        eprintln!(
+            "{} problems in {} disjoint splits written to {}",
+            sizes.iter().sum::<usize>(),
+            splits.len(),
+            dir.display()
+        );
+        return Ok(());
+    }
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,

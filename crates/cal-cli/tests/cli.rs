@@ -205,6 +205,67 @@ fn oracle_command_reports_char_and_token_ranges() {
     assert_eq!(v["token_span"]["end"], hit[hit.len() - 1] + 1);
 }
 
+/// The real-model study's problems (`bench/real_model_study.sh` makes them with these
+/// arguments): SFT, RL and held-out share no question, compared as normalised text
+/// read back from the files, and the held-out set has at least 500 problems.
+#[test]
+fn the_real_model_study_splits_share_no_question() {
+    let args_file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../bench/real_model/gen-data.args"
+    );
+    let args = std::fs::read_to_string(args_file).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .arg("gen-data")
+        .args(args.split_whitespace())
+        .arg("--output-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |name: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(dir.path().join(format!("{name}.jsonl"))).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                cal_core::data::normalize_question(v["question"].as_str().unwrap())
+            })
+            .collect()
+    };
+    let (sft, rl, test) = (read("sft"), read("rl"), read("test"));
+    assert!(test.len() >= 500, "held-out: {} problems", test.len());
+    let set = |v: &[String]| v.iter().cloned().collect::<std::collections::HashSet<_>>();
+    let (s, r, t) = (set(&sft), set(&rl), set(&test));
+    assert_eq!(
+        s.len() + r.len() + t.len(),
+        sft.len() + rl.len() + test.len()
+    );
+    assert_eq!(
+        s.intersection(&t).count(),
+        0,
+        "SFT and held-out share questions"
+    );
+    assert_eq!(
+        r.intersection(&t).count(),
+        0,
+        "RL and held-out share questions"
+    );
+    assert_eq!(s.intersection(&r).count(), 0, "SFT and RL share questions");
+    // a bad split spec names itself
+    let out = bin()
+        .args(["gen-data", "--splits", "sft=10,sft=5", "--output-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`sft` is named twice"));
+}
+
 #[test]
 fn gen_data_roundtrips_through_eval() {
     let dir = tempfile::tempdir().unwrap();

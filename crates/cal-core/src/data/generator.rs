@@ -211,6 +211,57 @@ fn generate_one(index: u64, seed: u64, cfg: &GenConfig) -> Example {
         .expect("generated answers end in #### N")
 }
 
+/// A question as compared for overlap between splits: lower case, letters and digits
+/// only, words separated by single spaces. Two problems that differ only in spacing,
+/// case or punctuation are the same problem.
+pub fn normalize_question(q: &str) -> String {
+    q.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Problems for several splits from one seed, no question in two of them (nor twice in
+/// one): the generator's stream is read in order, each new problem whose normalised
+/// question was already taken is skipped, and the rest are dealt to the splits in turn
+/// (the first `sizes[0]` to split 0, and so on). Different seeds alone do not give
+/// this: short problems repeat across seeds. An error when the knobs allow fewer
+/// distinct problems than asked for.
+pub fn generate_disjoint(
+    sizes: &[usize],
+    seed: u64,
+    cfg: &GenConfig,
+) -> Result<Vec<Vec<Example>>, String> {
+    let total: usize = sizes.iter().sum();
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<Vec<Example>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let (mut split, mut index, mut skipped) = (0, 0u64, 0usize);
+    // a budget of draws: the stream rarely repeats, but narrow knobs run out of problems
+    let budget = 20 * total as u64 + 1000;
+    while split < sizes.len() {
+        if out[split].len() == sizes[split] {
+            split += 1;
+            continue;
+        }
+        if index == budget {
+            return Err(format!(
+                "only {} distinct problems in {budget} draws ({skipped} repeats) for the {total} \
+                 asked for: widen the knobs (more steps, larger operands) or ask for fewer",
+                seen.len()
+            ));
+        }
+        let ex = generate_one(index, seed, cfg);
+        index += 1;
+        if seen.insert(normalize_question(&ex.question)) {
+            out[split].push(ex);
+        } else {
+            skipped += 1;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,5 +371,55 @@ mod tests {
         let a = generate(20, 1, &cfg);
         assert_eq!(a[..5], generate(5, 1, &cfg)[..]);
         assert_ne!(a, generate(20, 2, &cfg));
+    }
+
+    #[test]
+    fn disjoint_splits_share_no_question() {
+        let cfg = GenConfig::default();
+        let parts = generate_disjoint(&[300, 200, 100], 5, &cfg).unwrap();
+        assert_eq!(
+            parts.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![300, 200, 100]
+        );
+        let mut all: Vec<String> = parts
+            .iter()
+            .flatten()
+            .map(|e| normalize_question(&e.question))
+            .collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a question in two splits");
+        // narrow knobs repeat within a few hundred draws: the filter has work to do
+        let small = GenConfig {
+            min_steps: 1,
+            max_steps: 2,
+            max_operand: 6,
+            max_factor: 3,
+            ..GenConfig::default()
+        };
+        let distinct = |xs: &[Example]| {
+            let mut q: Vec<String> = xs.iter().map(|e| normalize_question(&e.question)).collect();
+            q.sort();
+            q.dedup();
+            q.len()
+        };
+        assert!(distinct(&generate(300, 5, &small)) < 300);
+        let parts = generate_disjoint(&[150, 150], 5, &small).unwrap();
+        assert_eq!(distinct(&parts.concat()), 300);
+        assert_eq!(
+            normalize_question("Mia has  7 Apples. She buys 5!"),
+            "mia has 7 apples she buys 5"
+        );
+        // knobs too narrow for the ask
+        let narrow = GenConfig {
+            min_steps: 1,
+            max_steps: 1,
+            max_operand: 3,
+            max_factor: 2,
+            ..GenConfig::default()
+        };
+        let err = generate_disjoint(&[5000], 1, &narrow).unwrap_err();
+        assert!(err.contains("distinct problems"), "{err}");
     }
 }

@@ -6,6 +6,6 @@ pub mod misconception;
 pub mod planted;
 pub mod sets;
 
-pub use generator::{generate, GenConfig, Style};
+pub use generator::{generate, generate_disjoint, normalize_question, GenConfig, Style};
 pub use gsm8k::{load, select, DataError, Example};
 pub use sets::{load_set, LoadedSet, SetKind};

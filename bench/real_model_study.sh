@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# A pretrained LLM under our RL on 2 cores: SmolLM2-135M-Instruct, an SFT warm start on
+# generated word problems into the window where RL has signal, a small GRPO sweep on one
+# seed, then GRPO against CAL (calculator oracle) over three seeds and CAL with the
+# reference oracle on one, and every arm's last checkpoint (and the start) evaluated on
+# the whole held-out set and on 300 held-out problems each of SVAMP and ASDiv.
+#
+# Every stage resumes: rerun the script after a kill (finished stages are skipped, a
+# stage with checkpoints continues from them). Run it in the background:
+#
+#   cargo build --release -p cal-cli && bash scripts/fetch-assets.sh --with-model
+#   nohup bash bench/real_model_study.sh > runs/real-model-study.log 2>&1 &
+#   STAGES=data,sft bash bench/real_model_study.sh      # only some stages
+#
+# The problems: bench/real_model/gen-data.args (SFT, RL and held-out share no question;
+# a test checks it). Results and how they were chosen: docs/real-model.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${CAL_GRPO:-target/release/cal-grpo}
+out=${OUT:-runs/real-model-study}
+gguf=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+stages=${STAGES:-data,sft,start,sweep,main,final}
+read -r -a extra <<<"${EXTRA:-}"
+want() { [[ ",$stages," == *",$1,"* ]]; }
+stamp() { echo "== $* ($(date +%H:%M:%S))"; }
+[ -f "$gguf" ] || bash scripts/fetch-assets.sh --with-model >&2
+mkdir -p "$out"
+data=$out/data
+sft=$out/sft
+heldout=(--eval-dataset "$data/test.jsonl")
+# the curve: a fixed 200-problem subset (the held-out file's first 200); final numbers
+# use all of it
+curve=(--eval-samples "${CURVE_SAMPLES:-200}" --eval-every "${EVAL_EVERY:-50}")
+resume_if() { [ -d "$1/checkpoints" ] && echo --resume || true; }
+
+if want data && [ ! -f "$data/test.jsonl" ]; then
+    stamp "problems -> $data"
+    read -r -a gen <bench/real_model/gen-data.args
+    "$bin" gen-data "${gen[@]}" --output-dir "$data"
+fi
+
+# SFT: LoRA rank 16 (docs/real-model.md measures it against full fine-tuning)
+if want sft && [ ! -f "$sft/model.safetensors" ]; then
+    stamp "SFT warm start -> $sft"
+    # shellcheck disable=SC2046
+    "$bin" sft --model "$gguf" --dataset "$data/sft.jsonl" "${heldout[@]}" "${curve[@]}" \
+        --steps "${SFT_STEPS:-200}" --batch-size 8 --learning-rate "${SFT_LR:-1e-4}" \
+        --lora-rank 16 --max-new-tokens 160 "${extra[@]}" --output-dir "$sft" $(resume_if "$sft")
+fi
+
+# the start on everything the arms are judged on
+evaluate() { # MODEL OUTDIR
+    local model=$1 dir=$2
+    [ -f "$dir/heldout/eval_results.json" ] ||
+        "$bin" eval --model "$model" --dataset "$data/test.jsonl" --split all \
+            --max-new-tokens 160 "${extra[@]}" --output-dir "$dir/heldout" >/dev/null
+    [ -f "$dir/svamp/eval_results.json" ] ||
+        "$bin" eval --model "$model" --dataset svamp:assets/svamp/test.jsonl --eval-samples 300 \
+            --max-new-tokens 160 "${extra[@]}" --output-dir "$dir/svamp" >/dev/null
+    [ -f "$dir/asdiv/eval_results.json" ] ||
+        "$bin" eval --model "$model" --dataset asdiv:assets/asdiv/test.jsonl --eval-samples 300 \
+            --max-new-tokens 160 "${extra[@]}" --output-dir "$dir/asdiv" >/dev/null
+}
+if want start; then
+    stamp "the start on the held-out set, SVAMP and ASDiv"
+    evaluate "$sft" "$out/final/start"
+fi
+
+# RL: the same prompt, data and held-out curve for every arm
+rl=(--model "$sft" --dataset "$data/rl.jsonl" "${heldout[@]}" "${curve[@]}"
+    --lora-rank 16 --max-new-tokens 160 --prompts-per-step "${PROMPTS:-4}" "${extra[@]}")
+
+# the sweep: GRPO alone on seed 1, one point per line (name, then its flags)
+if want sweep; then
+    while read -r name flags; do
+        [ -n "$name" ] || continue
+        stamp "sweep $name: $flags"
+        # shellcheck disable=SC2086
+        "$bin" experiment "${rl[@]}" --arms grpo --seeds 1 --jobs 1 --steps "${SWEEP_STEPS:-40}" \
+            $flags --output-dir "$out/sweep/$name"
+    done <"${SWEEP:-bench/real_model/sweep.txt}"
+fi
+
+# the main comparison at the chosen point (bench/real_model/chosen.txt: its flags)
+chosen=$(cat "${CHOSEN:-bench/real_model/chosen.txt}")
+if want main; then
+    stamp "GRPO and CAL (calculator), 3 seeds: $chosen"
+    # shellcheck disable=SC2086
+    "$bin" experiment "${rl[@]}" $chosen --steps "${STEPS:-120}" --seeds 3 --jobs 2 \
+        --api-provider calculator --output-dir "$out/calculator"
+    source bench/reuse_baseline.sh
+    reuse_baseline "$out/calculator" "$out/reference"
+    stamp "CAL (reference oracle), seed 1"
+    # shellcheck disable=SC2086
+    "$bin" experiment "${rl[@]}" $chosen --steps "${STEPS:-120}" --seeds 1 --jobs 1 \
+        --api-provider reference --output-dir "$out/reference"
+fi
+
+if want final; then
+    for arm in "$out"/calculator/seed-*/* "$out"/reference/seed-*/cal; do
+        [ -f "$arm/model/model.safetensors" ] || continue
+        name=$(basename "$(dirname "$(dirname "$arm")")")-$(basename "$(dirname "$arm")")-$(basename "$arm")
+        stamp "final evaluation of $name"
+        evaluate "$arm/model" "$out/final/$name"
+    done
+    "$bin" summarize "$out/calculator" "$out/reference" --curves "$out/eval_curves.png" |
+        tee "$out/summary.md"
+fi
