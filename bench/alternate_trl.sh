@@ -12,6 +12,7 @@
 #   cargo build --release -p cal-cli
 #   bash bench/alternate_trl.sh [ROUNDS=3] [STEPS=2]
 #   CAL_B_ARGS="--shared-prefix off" bash bench/alternate_trl.sh 3 2   # a third side in turn
+#   CAL_B_BIN=/tmp/target-blas/release/cal-grpo CAL_B_ARGS=" " bash ...  # or another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
@@ -24,9 +25,10 @@ before=$(cut -d' ' -f1-3 /proc/loadavg)
 trl=() cal=() calb=()
 # one cal-grpo run of STEPS steps with extra flags; prints its step times but the first
 cal_run() {
-  local dir
+  local dir bin=$BIN
+  if [ "${1:-}" = --b ]; then bin=${CAL_B_BIN:-$BIN}; shift; fi
   dir=$(mktemp -d /tmp/cal-alt.XXXX)
-  "$BIN" train --model "$GGUF" --dataset assets/gsm8k/train.jsonl --eval-dataset assets/gsm8k/test.jsonl \
+  "$bin" train --model "$GGUF" --dataset assets/gsm8k/train.jsonl --eval-dataset assets/gsm8k/test.jsonl \
     --eval-samples 1 --prompts-per-step 4 --num-generations 4 --max-new-tokens 128 --beta 0.04 \
     --steps "$STEPS" --output-dir "$dir/run" "$@" >/dev/null 2>&1
   python3 -c "
@@ -47,13 +49,13 @@ for r in $(seq 1 "$ROUNDS"); do
   cal+=("${t[@]}")
   if [ -n "${CAL_B_ARGS:-}" ]; then
     # shellcheck disable=SC2086
-    mapfile -t t < <(cal_run $CAL_B_ARGS)
+    mapfile -t t < <(cal_run --b $CAL_B_ARGS)
     calb+=("${t[@]}")
   fi
   echo "round $r: TRL ${trl[*]} | cal-grpo ${cal[*]} | ${CAL_B_ARGS:-} ${calb[*]}" >&2
 done
 python3 - "${#trl[@]}" "${CAL_B_ARGS:-}" "${trl[@]}" "${cal[@]}" "${calb[@]}" "$before" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
-import statistics, sys
+import os, statistics, sys
 n = int(sys.argv[1]); b_args = sys.argv[2]; xs = [float(x) for x in sys.argv[3:-2]]
 trl, cal, calb = xs[:n], xs[n:2 * n], xs[2 * n:]
 mt, mc = statistics.median(trl), statistics.median(cal)
@@ -62,6 +64,7 @@ print(f"| TRL GRPOTrainer | {mt:.1f} | {', '.join(f'{x:.1f}' for x in trl)} |")
 print(f"| cal-grpo train | {mc:.1f} | {', '.join(f'{x:.1f}' for x in cal)} |")
 if calb:
     mb = statistics.median(calb)
+    b_args = " ".join(x for x in [b_args.strip(), os.environ.get("CAL_B_BIN", "")] if x)
     print(f"| cal-grpo train {b_args} | {mb:.1f} | {', '.join(f'{x:.1f}' for x in calb)} |")
     print(f"\ncal-grpo {b_args} / cal-grpo: {mb / mc:.2f}x; TRL / cal-grpo {b_args} = {mt / mb:.2f}x")
 print(f"\ncal-grpo / TRL step time: {mc / mt:.2f}x (TRL / cal-grpo = {mt / mc:.2f}x); "

@@ -1,30 +1,12 @@
 //! Gradients through the training path: every parameter gets one, and they agree with
 //! f64 central differences.
 
-use cal_model::generate::{build_batch, completion_logprobs};
-use cal_model::{Forward, LoraConfig, ModelConfig, Transformer};
-use candle_core::{DType, Device, Tensor, Var};
+mod common;
 
-fn small(arch: &str) -> ModelConfig {
-    ModelConfig {
-        architecture: arch.into(),
-        vocab_size: 23,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        rope_linear_factor: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: arch == "llama",
-        attention_bias: arch == "qwen2",
-        qk_norm: arch == "qwen3",
-    }
-}
+use cal_model::generate::{build_batch, completion_logprobs};
+use cal_model::{Forward, LoraConfig, Transformer};
+use common::small;
+use candle_core::{DType, Device, Tensor, Var};
 
 /// A fixed weighted sum of completion log-probs over a ragged, left-padded batch.
 fn loss(model: &Transformer) -> Tensor {

@@ -3,33 +3,15 @@
 //! on groups of different sizes and prompt lengths in one batch; and generation that
 //! prefills each distinct prompt once gives the same tokens.
 
+mod common;
+
 use cal_model::generate::{
     build_batch, build_shared_batch, completion_logprobs, generate, SamplingConfig,
 };
 use cal_model::{Forward, LoraConfig, ModelConfig, Transformer};
+use common::small;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
-
-fn small(arch: &str) -> ModelConfig {
-    ModelConfig {
-        architecture: arch.into(),
-        vocab_size: 23,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        rope_linear_factor: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: arch == "llama",
-        attention_bias: arch == "qwen2",
-        qk_norm: arch == "qwen3",
-    }
-}
 
 /// SmolLM2-135M's widths (hidden 576, 9 query / 3 KV heads of 64, FFN 1536, rope θ
 /// 1e5, tied embeddings) with few layers and a smaller vocabulary (debug builds).
