@@ -25,8 +25,8 @@ want() { [[ ",$stages," == *",$1,"* ]]; }
 stamp() { echo "== $* ($(date +%H:%M:%S))"; }
 [ -f "$gguf" ] || bash scripts/fetch-assets.sh --with-model >&2
 mkdir -p "$out"
-data=$out/data
-sft=$out/sft
+data=${DATA:-$out/data}
+sft=${SFT:-$out/sft}
 heldout=(--eval-dataset "$data/test.jsonl")
 # the curve: a fixed 200-problem subset (the held-out file's first 200); final numbers
 # use all of it

@@ -5,8 +5,8 @@ mod common;
 
 use cal_model::generate::{build_batch, completion_logprobs};
 use cal_model::{Forward, LoraConfig, Transformer};
-use common::small;
 use candle_core::{DType, Device, Tensor, Var};
+use common::small;
 
 /// A fixed weighted sum of completion log-probs over a ragged, left-padded batch.
 fn loss(model: &Transformer) -> Tensor {

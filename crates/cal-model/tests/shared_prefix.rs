@@ -9,8 +9,8 @@ use cal_model::generate::{
     build_batch, build_shared_batch, completion_logprobs, generate, SamplingConfig,
 };
 use cal_model::{Forward, LoraConfig, ModelConfig, Transformer};
-use common::small;
 use candle_core::{DType, Device, Tensor, Var};
+use common::small;
 use rand::SeedableRng;
 
 /// SmolLM2-135M's widths (hidden 576, 9 query / 3 KV heads of 64, FFN 1536, rope θ
