@@ -70,7 +70,7 @@ fi
 rl=(--model "$sft" --dataset "$data/rl.jsonl" "${heldout[@]}" "${curve[@]}"
     --lora-rank 16 --max-new-tokens 160 --prompts-per-step "${PROMPTS:-4}" "${extra[@]}")
 
-# the sweep: GRPO alone on seed 1, one point per line (name, then its flags)
+# the sweep: GRPO alone on one seed, one point per line (name, then its flags)
 if want sweep; then
     while read -r name flags; do
         [ -n "$name" ] || continue
@@ -90,19 +90,27 @@ if want main; then
         --api-provider calculator --output-dir "$out/calculator"
     source bench/reuse_baseline.sh
     reuse_baseline "$out/calculator" "$out/reference"
-    stamp "CAL (reference oracle), seed 1"
+    stamp "CAL (reference oracle), one seed"
     # shellcheck disable=SC2086
     "$bin" experiment "${rl[@]}" $chosen --steps "${STEPS:-120}" --seeds 1 --jobs 1 \
         --api-provider reference --output-dir "$out/reference"
 fi
 
 if want final; then
+    # each arm's last checkpoint (its LoRA adapter merged into the start) on the whole
+    # held-out set and on the transfer sets; the merged copy is removed afterwards
     for arm in "$out"/calculator/seed-*/* "$out"/reference/seed-*/cal; do
-        [ -f "$arm/model/model.safetensors" ] || continue
-        name=$(basename "$(dirname "$(dirname "$arm")")")-$(basename "$(dirname "$arm")")-$(basename "$arm")
+        [ -f "$arm/adapter/adapter_config.json" ] || continue
+        seed=$(basename "$(dirname "$arm")")
+        name=$(basename "$(dirname "$(dirname "$arm")")")-$seed-$(basename "$arm")
+        [ -f "$out/final/$name/asdiv/eval_results.json" ] && continue
         stamp "final evaluation of $name"
-        evaluate "$arm/model" "$out/final/$name"
+        rm -rf "$out/final/$name/model"
+        "$bin" export --model "$sft" --adapter "$arm/adapter" --output-dir "$out/final/$name/model" >/dev/null
+        evaluate "$out/final/$name/model" "$out/final/$name"
+        rm -rf "$out/final/$name/model"
     done
     "$bin" summarize "$out/calculator" "$out/reference" --curves "$out/eval_curves.png" |
         tee "$out/summary.md"
+    python3 bench/real_model/summary.py "$out" | tee -a "$out/summary.md"
 fi

@@ -215,6 +215,11 @@ pub fn train_and_eval(
             &format!("eval {}", arm.name),
         )?,
     };
+    // A LoRA arm leaves its adapter in PEFT's format (a few MB): `export --adapter`
+    // merges it into the starting model to evaluate the arm on other sets.
+    if trainer.policy.model.lora.is_some() {
+        cal_model::peft::export_adapter(&trainer.policy.model, &dir.join("adapter"))?;
+    }
     let mut report = EvalReport::new(&arm.name, dir.display().to_string(), graded, test.len());
     report.config = Some(config);
     report.prompt = Some(trainer.policy.prompt.clone());
