@@ -20,7 +20,7 @@
 //! assert_eq!(adv.data, vec![0.5, 0.5, 0.5]);
 //! ```
 
-use crate::credit::{CreditConfig, CreditMode, RolloutCredit};
+use crate::credit::{CreditConfig, RolloutCredit};
 
 /// A dense row-major `[rows, cols]` matrix of per-token values.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,23 +91,14 @@ pub fn token_rewards(rollouts: &[RolloutCredit], cfg: &CreditConfig) -> (TokenMa
             .span
             .clone()
             .map(|s| s.start.min(cols)..s.end.min(cols))
-            .filter(|s| s.clone().any(|t| r.mask[t]))
-            .filter(|_| cfg.mode.uses_spans());
-        let Some(s) = span else {
+            .filter(|s| s.clone().any(|t| r.mask[t]));
+        let Some(c) = span.and_then(|s| cfg.mode.span_credit(&s, &r.mask, cfg)) else {
             continue;
         };
         shaped += 1;
-        let blamed: Vec<usize> = match cfg.mode {
-            CreditMode::Prefix => (s.start..cols).filter(|&t| r.mask[t]).collect(),
-            _ => s.clone().filter(|&t| r.mask[t]).collect(),
-        };
-        let share = neg / blamed.len() as f64;
-        for t in blamed {
-            row[t] += share;
-        }
-        if cfg.mode == CreditMode::Prefix {
-            for t in (0..s.start).filter(|&t| r.mask[t]) {
-                row[t] += cfg.prefix_reward;
+        for (v, add) in row.iter_mut().zip(&c.reward) {
+            if *add != 0.0 {
+                *v += add;
             }
         }
     }

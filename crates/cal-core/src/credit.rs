@@ -171,6 +171,78 @@ impl Default for CreditConfig {
     }
 }
 
+/// What a credit mode makes of an incorrect rollout's located span, in both of the
+/// places credit is read: the token advantages that override GRPO's `Â_i`, and the
+/// token rewards that a critic (GAE) or discounted returns read. Both rows are `[T]`
+/// and 0 at masked columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanCredit {
+    /// The rollout's token advantages ([`token_advantages`]).
+    pub advantage: Vec<f64>,
+    /// Added to the rollout's token rewards, over the outcome reward and its blame
+    /// on the last token ([`crate::advantage::token_rewards`]).
+    pub reward: Vec<f64>,
+}
+
+impl CreditMode {
+    /// The one definition of each mode on an incorrect rollout with span `span` (its
+    /// columns clipped to the mask, at least one of them unmasked); `None` for
+    /// `outcome`, which reads no span. Exhaustive by design: a new mode must say what
+    /// it means in both places.
+    ///
+    /// As token rewards, `span` and `span-scaled` are the same (the blame
+    /// `negative_reward` spread evenly over the span's tokens, so a return sums to it
+    /// whatever the span's length); as advantages, `span` gives each span token the
+    /// whole `negative_reward` and `span-scaled` its share.
+    pub fn span_credit(
+        self,
+        span: &Range<usize>,
+        mask: &[bool],
+        cfg: &CreditConfig,
+    ) -> Option<SpanCredit> {
+        let cols = mask.len();
+        let (neg, pre) = (cfg.negative_reward, cfg.prefix_reward);
+        let row = |f: &dyn Fn(usize) -> f64| -> Vec<f64> {
+            (0..cols)
+                .map(|t| if mask[t] { f(t) } else { 0.0 })
+                .collect()
+        };
+        // `neg` shared evenly by the unmasked columns of `blamed`
+        let spread = |blamed: Range<usize>| -> Vec<f64> {
+            let n = blamed.clone().filter(|&t| mask[t]).count() as f64;
+            row(&|t| if blamed.contains(&t) { neg / n } else { 0.0 })
+        };
+        let in_span = |t: usize| span.contains(&t);
+        let span_len = span.clone().filter(|&t| mask[t]).count() as f64;
+        match self {
+            Self::Outcome => None,
+            Self::Span => Some(SpanCredit {
+                advantage: row(&|t| if in_span(t) { neg } else { 0.0 }),
+                reward: spread(span.clone()),
+            }),
+            Self::SpanScaled => Some(SpanCredit {
+                advantage: row(&|t| if in_span(t) { neg / span_len } else { 0.0 }),
+                reward: spread(span.clone()),
+            }),
+            Self::Prefix => {
+                let after = spread(span.start..cols);
+                Some(SpanCredit {
+                    advantage: row(&|t| if t < span.start { pre } else { neg }),
+                    reward: (0..cols)
+                        .map(|t| {
+                            if t < span.start && mask[t] {
+                                pre
+                            } else {
+                                after[t]
+                            }
+                        })
+                        .collect(),
+                })
+            }
+        }
+    }
+}
+
 /// What credit assignment needs to know about one rollout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutCredit {
@@ -308,24 +380,19 @@ pub fn token_advantages(
                 }
             }
         };
-        match (cfg.mode, r.correct, span) {
-            (CreditMode::Outcome, _, _) | (_, true, _) => fill(row, &|_| a_i),
-            (_, false, None) => {
-                fallbacks += 1;
-                fill(row, &|_| a_i);
+        let credit = match (r.correct, span) {
+            (true, _) => None,
+            (false, None) => {
+                fallbacks += usize::from(cfg.mode.uses_spans());
+                None
             }
-            (mode, false, Some(s)) => {
+            (false, Some(s)) => cfg.mode.span_credit(&s, &r.mask, cfg),
+        };
+        match credit {
+            None => fill(row, &|_| a_i),
+            Some(c) => {
                 span_credited += 1;
-                let span_len = s.clone().filter(|&t| r.mask[t]).count() as f64;
-                let (neg, pre) = (cfg.negative_reward, cfg.prefix_reward);
-                match mode {
-                    CreditMode::Span => fill(row, &|t| if s.contains(&t) { neg } else { 0.0 }),
-                    CreditMode::SpanScaled => {
-                        fill(row, &|t| if s.contains(&t) { neg / span_len } else { 0.0 })
-                    }
-                    CreditMode::Prefix => fill(row, &|t| if t < s.start { pre } else { neg }),
-                    CreditMode::Outcome => unreachable!("handled above"),
-                }
+                fill(row, &|t| c.advantage[t]);
             }
         }
     }
@@ -488,5 +555,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn each_mode_is_defined_once_for_both_uses() {
+        let cfg = CreditConfig {
+            negative_reward: -1.0,
+            prefix_reward: 0.25,
+            ..CreditConfig::default()
+        };
+        // 8 columns, the last two masked; span 3..5 (two tokens)
+        let mask: Vec<bool> = (0..8).map(|t| t < 6).collect();
+        let span = 3..5;
+        for mode in CreditMode::ALL {
+            let Some(c) = mode.span_credit(&span, &mask, &cfg) else {
+                assert_eq!(mode, CreditMode::Outcome);
+                continue;
+            };
+            assert!(mode.uses_spans());
+            for t in 6..8 {
+                assert_eq!((c.advantage[t], c.reward[t]), (0.0, 0.0), "{mode:?} masked");
+            }
+            // the blame sums to `negative_reward` in the rewards, prefix bonus aside
+            let blame: f64 = (0..6)
+                .filter(|&t| t >= span.start)
+                .map(|t| c.reward[t])
+                .sum();
+            assert!((blame + 1.0).abs() < 1e-12, "{mode:?}: {blame}");
+        }
+        let get = |m: CreditMode| m.span_credit(&span, &mask, &cfg).unwrap();
+        let (sp, sc, pf) = (
+            get(CreditMode::Span),
+            get(CreditMode::SpanScaled),
+            get(CreditMode::Prefix),
+        );
+        assert_eq!(sp.reward, sc.reward);
+        assert_eq!(sp.advantage, vec![0.0, 0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(sc.advantage, vec![0.0, 0.0, 0.0, -0.5, -0.5, 0.0, 0.0, 0.0]);
+        assert_eq!(
+            pf.advantage,
+            vec![0.25, 0.25, 0.25, -1.0, -1.0, -1.0, 0.0, 0.0]
+        );
+        let third = -1.0 / 3.0;
+        assert_eq!(
+            pf.reward,
+            vec![0.25, 0.25, 0.25, third, third, third, 0.0, 0.0]
+        );
     }
 }
