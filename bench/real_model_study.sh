@@ -68,7 +68,7 @@ fi
 
 # RL: the same prompt, data and held-out curve for every arm
 rl=(--model "$sft" --dataset "$data/rl.jsonl" "${heldout[@]}" "${curve[@]}"
-    --lora-rank 16 --max-new-tokens 160 --prompts-per-step "${PROMPTS:-4}" "${extra[@]}")
+    --lora-rank 16 --max-new-tokens 128 --prompts-per-step "${PROMPTS:-2}" "${extra[@]}")
 
 # the sweep: GRPO alone on one seed, one point per line (name, then its flags)
 if want sweep; then
@@ -86,13 +86,13 @@ chosen=$(cat "${CHOSEN:-bench/real_model/chosen.txt}")
 if want main; then
     stamp "GRPO and CAL (calculator), 3 seeds: $chosen"
     # shellcheck disable=SC2086
-    "$bin" experiment "${rl[@]}" $chosen --steps "${STEPS:-120}" --seeds 3 --jobs 2 \
+    "$bin" experiment "${rl[@]}" $chosen --steps "${STEPS:-100}" --seeds 3 --jobs 2 \
         --api-provider calculator --output-dir "$out/calculator"
     source bench/reuse_baseline.sh
     reuse_baseline "$out/calculator" "$out/reference"
     stamp "CAL (reference oracle), one seed"
     # shellcheck disable=SC2086
-    "$bin" experiment "${rl[@]}" $chosen --steps "${STEPS:-120}" --seeds 1 --jobs 1 \
+    "$bin" experiment "${rl[@]}" $chosen --steps "${STEPS:-100}" --seeds 1 --jobs 1 \
         --api-provider reference --output-dir "$out/reference"
 fi
 
