@@ -265,7 +265,9 @@ mod tests {
             (200, 8, 2e-5)
         );
         assert_eq!(c.sft.micro_batch_tokens, 2048);
-        assert_eq!(c.output_dir(), PathBuf::from("runs/sft/model"));
+        assert_eq!(c.output_dir(), PathBuf::from("runs/sft"));
+        // no held-out curve unless asked for; a checkpoint every 50 steps
+        assert_eq!((c.eval.every, c.checkpoint.save_every), (0, 50));
         let c = parse(&[
             "--model",
             "m.gguf",
@@ -283,7 +285,23 @@ mod tests {
             "7",
             "--num-samples",
             "9",
+            "--eval-every",
+            "25",
+            "--eval-samples",
+            "40",
+            "--eval-dataset",
+            "held.jsonl",
+            "--save-every",
+            "5",
+            "--max-new-tokens",
+            "99",
         ]);
+        assert_eq!((c.eval.every, c.checkpoint.save_every), (25, 5));
+        assert_eq!(
+            (c.data.eval_samples, c.data.eval_dataset.as_deref()),
+            (40, Some("held.jsonl"))
+        );
+        assert_eq!(c.rollout.max_new_tokens, 99);
         assert_eq!(
             (c.sft.steps, c.sft.batch_size, c.sft.learning_rate),
             (5, 2, 1e-3)
