@@ -70,14 +70,17 @@ fi
 rl=(--model "$sft" --dataset "$data/rl.jsonl" "${heldout[@]}" "${curve[@]}"
     --lora-rank 16 --max-new-tokens 128 --prompts-per-step "${PROMPTS:-2}" "${extra[@]}")
 
-# the sweep: GRPO alone on one seed, one point per line (name, then its flags)
+# the sweep: GRPO alone (`train`; `experiment` always runs CAL beside it) on one seed,
+# one point per line of the sweep file (name, then its flags)
 if want sweep; then
     while read -r name flags; do
         [ -n "$name" ] || continue
+        dir=$out/sweep/$name
+        [ -f "$dir/eval_results.json" ] && continue
         stamp "sweep $name: $flags"
-        # shellcheck disable=SC2086
-        "$bin" experiment "${rl[@]}" --arms grpo --seeds 1 --jobs 1 --steps "${SWEEP_STEPS:-40}" \
-            $flags --output-dir "$out/sweep/$name"
+        # shellcheck disable=SC2046,SC2086
+        "$bin" train "${rl[@]}" --steps "${SWEEP_STEPS:-40}" $flags --output-dir "$dir" \
+            $(resume_if "$dir") </dev/null
     done <"${SWEEP:-bench/real_model/sweep.txt}"
 fi
 

@@ -48,6 +48,16 @@ def main(out):
         sets = {s: acc(d / s / "eval_results.json") for s in start if (d / s / "eval_results.json").exists()}
         if len(sets) == len(start):
             arms.setdefault((oracle, arm), {})[seed] = sets
+    sweep = sorted(p for p in (out / "sweep").glob("*") if (p / "metrics.jsonl").exists())
+    if sweep:
+        print("\nThe sweep (GRPO, one seed; held-out curve set):\n")
+        print("| point | flags | curve (step: accuracy) |")
+        print("|---|---|---|")
+        for p in sweep:
+            c = curve(p)
+            flags = next((l.split(None, 1)[1].strip() for l in Path("bench/real_model/sweep.txt").read_text().splitlines()
+                          if l.split(None, 1)[:1] == [p.name]), "")
+            print(f"| {p.name} | `{flags}` | " + ", ".join(f"{t}: {a:.1f}%" for t, a in sorted(c.items())) + " |")
     n_held = json.loads((final / "start" / "heldout" / "eval_results.json").read_text())["accuracy"]["total"]
     print(f"\nFinal evaluation of each arm's last checkpoint ({n_held} held-out problems; "
           "SVAMP and ASDiv: 300 held-out each); means over seeds, 95% t intervals in points.\n")
