@@ -84,8 +84,29 @@ if want sweep; then
     done <"${SWEEP:-bench/real_model/sweep.txt}"
 fi
 
-# the main comparison at the chosen point (bench/real_model/chosen.txt: its flags)
-chosen=$(cat "${CHOSEN:-bench/real_model/chosen.txt}")
+# the main comparison at the sweep's best point (highest held-out accuracy at its last
+# curve point; ties to the earlier line), written to $out/chosen.txt once; CHOSEN="flags"
+# overrides it
+if want main && [ -z "${CHOSEN:-}" ] && [ ! -f "$out/chosen.txt" ]; then
+    python3 - "$out" "${SWEEP:-bench/real_model/sweep.txt}" >"$out/chosen.txt" <<'PY'
+import json, sys
+from pathlib import Path
+out, best = Path(sys.argv[1]), None
+for line in Path(sys.argv[2]).read_text().splitlines():
+    if not line.strip():
+        continue
+    name, flags = line.split(None, 1)
+    m = out / "sweep" / name / "metrics.jsonl"
+    rows = [json.loads(l) for l in m.read_text().splitlines()] if m.exists() else []
+    accs = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    if not accs:
+        sys.exit(f"sweep point {name} has no held-out curve: run the sweep stage first")
+    if best is None or accs[-1] > best[0]:
+        best = (accs[-1], flags.strip())
+print(best[1])
+PY
+fi
+chosen=${CHOSEN:-$(cat "$out/chosen.txt" 2>/dev/null || true)}
 if want main; then
     stamp "GRPO and CAL (calculator), 3 seeds: $chosen"
     # shellcheck disable=SC2086
