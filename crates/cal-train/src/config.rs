@@ -452,6 +452,62 @@ impl Default for CheckpointSection {
     }
 }
 
+/// A kind of run: its name (the run's folder, `runs/<name>-seed<S>`, an experiment's
+/// arm folder and the progress bar's label), the name `experiment --arms` selects it
+/// by, and what it trains. The one place these names live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunKind {
+    pub name: &'static str,
+    pub arm: &'static str,
+    pub algorithm: AlgorithmKind,
+    /// With oracle spans (a CAL credit mode), else outcome credit.
+    pub cal: bool,
+}
+
+impl RunKind {
+    pub const ALL: [RunKind; 4] = [
+        RunKind {
+            name: "baseline",
+            arm: "grpo",
+            algorithm: AlgorithmKind::Grpo,
+            cal: false,
+        },
+        RunKind {
+            name: "cal",
+            arm: "cal-grpo",
+            algorithm: AlgorithmKind::Grpo,
+            cal: true,
+        },
+        RunKind {
+            name: "ppo",
+            arm: "ppo",
+            algorithm: AlgorithmKind::Ppo,
+            cal: false,
+        },
+        RunKind {
+            name: "cal-ppo",
+            arm: "cal-ppo",
+            algorithm: AlgorithmKind::Ppo,
+            cal: true,
+        },
+    ];
+
+    /// The kind of a run with `algorithm`, with or without oracle spans.
+    pub fn of(algorithm: AlgorithmKind, cal: bool) -> RunKind {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.algorithm == algorithm && k.cal == cal)
+            .expect("every algorithm has a kind with and without spans")
+    }
+
+    /// By its `--arms` name or its folder name.
+    pub fn named(name: &str) -> Option<RunKind> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.arm == name || k.name == name)
+    }
+}
+
 /// The built-in defaults, finished: what a run with no file and no flags uses (the
 /// pretrained profile: `resolve` adds the `tiny` profile for `model.name = "tiny"`).
 impl Default for RunConfig {
@@ -664,12 +720,7 @@ impl RunConfig {
     /// The run's name: `baseline` / `cal` for GRPO (outcome credit or oracle spans),
     /// `ppo` / `cal-ppo` for PPO.
     pub fn kind(&self) -> &'static str {
-        match (self.run.algorithm, self.credit.mode.uses_spans()) {
-            (AlgorithmKind::Grpo, false) => "baseline",
-            (AlgorithmKind::Grpo, true) => "cal",
-            (AlgorithmKind::Ppo, false) => "ppo",
-            (AlgorithmKind::Ppo, true) => "cal-ppo",
-        }
+        RunKind::of(self.run.algorithm, self.credit.mode.uses_spans()).name
     }
 
     /// Where the run writes: as configured, or `runs/<kind>-seed<SEED>`, kind `baseline`, `cal`, `ppo` or `cal-ppo`.

@@ -11,7 +11,7 @@
 //! ```
 
 use crate::adamw::{lr_at, AdamW};
-use crate::algorithm::{self, Algorithm, AlgorithmKind, Scored};
+use crate::algorithm::{self, Algorithm, Scored};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{RolloutEngine, RunConfig};
 use crate::engine::VllmEngine;
@@ -276,16 +276,7 @@ impl Trainer {
 
     /// Runs until the last step (or SIGINT), checkpointing as configured.
     pub fn run(&mut self) -> Result<RunEnd> {
-        let progress = Progress::new(
-            match (self.cfg.run.algorithm, self.cfg.credit.mode.uses_spans()) {
-                (AlgorithmKind::Grpo, false) => "grpo",
-                (AlgorithmKind::Grpo, true) => "cal",
-                (AlgorithmKind::Ppo, false) => "ppo",
-                (AlgorithmKind::Ppo, true) => "cal-ppo",
-            },
-            self.total_steps as u64,
-            self.step as u64,
-        );
+        let progress = Progress::new(self.cfg.kind(), self.total_steps as u64, self.step as u64);
         if self.cfg.eval.every > 0 && self.step == 0 {
             self.evaluate_held_out()?; // the curve starts at the policy RL starts from
         }

@@ -4,7 +4,7 @@
 //! the same budget and are compared with the baseline ([`OtherArm`]).
 
 use crate::algorithm::AlgorithmKind;
-use crate::config::RunConfig;
+use crate::config::{RunConfig, RunKind};
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::policy::PolicySource;
 use crate::prompt::PromptFormat;
@@ -45,33 +45,31 @@ pub struct OtherArm {
 }
 
 impl OtherArm {
-    /// The arms `--arms` knows beside the two (`baseline` = `grpo`, `cal` = `cal-grpo`).
-    pub const KNOWN: [OtherArm; 2] = [
-        OtherArm {
-            name: "ppo",
-            algorithm: AlgorithmKind::Ppo,
-            cal: false,
-        },
-        OtherArm {
-            name: "cal-ppo",
-            algorithm: AlgorithmKind::Ppo,
-            cal: true,
-        },
-    ];
-
-    /// `--arms grpo,cal-grpo,ppo,cal-ppo`: the arms past the two that always run.
+    /// `--arms grpo,cal-grpo,ppo,cal-ppo`: the arms past the two that always run
+    /// (`grpo` and `cal-grpo`, the `baseline` and `cal` folders). Names and what they
+    /// train: [`RunKind::ALL`].
     pub fn parse_list(names: &[String]) -> Result<Vec<OtherArm>> {
         let mut out: Vec<OtherArm> = Vec::new();
         for n in names {
-            match n.trim() {
-                "grpo" | "baseline" | "cal-grpo" | "cal" => {}
-                name => match Self::KNOWN.iter().find(|a| a.name == name) {
-                    Some(a) if !out.contains(a) => out.push(*a),
-                    Some(_) => {}
-                    None => bail!(
-                        "--arms: unknown arm {name:?} (expected grpo, cal-grpo, ppo or cal-ppo; grpo and cal-grpo, the baseline and cal folders, always run)"
-                    ),
-                },
+            let Some(k) = RunKind::named(n.trim()) else {
+                let known: Vec<&str> = RunKind::ALL.iter().map(|k| k.arm).collect();
+                bail!(
+                    "--arms: unknown arm {:?} (expected {}; grpo and cal-grpo, the baseline \
+                     and cal folders, always run)",
+                    n.trim(),
+                    known.join(", ")
+                );
+            };
+            if k.algorithm == AlgorithmKind::Grpo {
+                continue;
+            }
+            let arm = OtherArm {
+                name: k.name,
+                algorithm: k.algorithm,
+                cal: k.cal,
+            };
+            if !out.contains(&arm) {
+                out.push(arm);
             }
         }
         Ok(out)
@@ -612,5 +610,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"dpo\"") && e.contains("cal-ppo"), "{e}");
+    }
+
+    #[test]
+    fn one_table_names_every_kind_of_run() {
+        use crate::algorithm::AlgorithmKind;
+        use crate::config::{RunConfig, RunKind};
+        use cal_core::credit::CreditMode;
+        for k in RunKind::ALL {
+            assert_eq!(RunKind::of(k.algorithm, k.cal), k);
+            assert_eq!(RunKind::named(k.arm), Some(k));
+            assert_eq!(RunKind::named(k.name), Some(k));
+            // a run configured so is named so: its folder and its progress bar
+            let mut cfg = RunConfig::default();
+            cfg.run.algorithm = k.algorithm;
+            cfg.credit.mode = if k.cal {
+                CreditMode::Span
+            } else {
+                CreditMode::Outcome
+            };
+            assert_eq!(cfg.kind(), k.name);
+        }
+        for a in [AlgorithmKind::Grpo, AlgorithmKind::Ppo] {
+            assert_ne!(RunKind::of(a, false).name, RunKind::of(a, true).name);
+        }
+        // the arms beside the two carry their kind's folder name
+        let all: Vec<String> = RunKind::ALL.iter().map(|k| k.arm.to_string()).collect();
+        let others = OtherArm::parse_list(&all).unwrap();
+        assert_eq!(
+            others.iter().map(|a| a.name).collect::<Vec<_>>(),
+            ["ppo", "cal-ppo"]
+        );
     }
 }
