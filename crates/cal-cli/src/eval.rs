@@ -4,8 +4,8 @@
 use crate::config::{flag_layer, PlacementFlags, PromptFlags, PROMPT_FLAGS};
 use crate::source::Source;
 use anyhow::{bail, Result};
-use cal_core::data::sets::{load_part, SetSpec, Split};
-use cal_core::data::{self, Example};
+use cal_core::data::sets::{load_part, SetKind, SetPart, SetSpec, Split};
+use cal_core::data::{self, Example, Style};
 use cal_core::evaluate::{grade_predictions, load_predictions};
 use cal_model::Placement;
 use cal_train::config::RunConfig;
@@ -114,7 +114,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             (r, out)
         }
         (Some(pred_path), None) => {
-            let dataset = load_part(&args.dataset, Split::All)?.examples;
+            let dataset = if args.dataset == "generated" {
+                generated_part(&cfg, args.split, -1).examples
+            } else {
+                load_part(&args.dataset, Split::All)?.examples
+            };
             let preds = load_predictions(pred_path)?;
             let graded = grade_predictions(&dataset, &preds, pred_path)?;
             let name = pred_path
@@ -164,7 +168,11 @@ fn eval_model(
     num_samples: i64,
     out: &Path,
 ) -> Result<EvalReport> {
-    let part = load_part(spec, split)?;
+    let part = if spec == "generated" {
+        generated_part(run, split, num_samples)
+    } else {
+        load_part(spec, split)?
+    };
     let examples = data::select(part.examples, num_samples, None);
     eprintln!(
         "{spec}: {}: {} problems graded{}",
@@ -175,7 +183,12 @@ fn eval_model(
             n => format!(" ({n} rows skipped: answer not a number)"),
         }
     );
-    let prompt = PromptFormat::of(&run.data, &few_shot_pool(spec, run.data.few_shot)?)?;
+    let pool = if spec == "generated" {
+        generated_part(run, Split::Train, -1).examples
+    } else {
+        few_shot_pool(spec, run.data.few_shot)?
+    };
+    let prompt = PromptFormat::of(&run.data, &pool)?;
     let policy = Source::new(model, placement).fresh()?.with_prompt(prompt);
     let graded = evaluate(&policy, &examples, ecfg, "eval")?;
     let mut report = EvalReport::new(model, model, graded, examples.len());
@@ -184,6 +197,33 @@ fn eval_model(
     report.prompt = Some(policy.prompt.clone());
     report.write(out)?;
     Ok(report)
+}
+
+/// `--dataset generated`, `train`'s default: the embedded problems of the run's
+/// configuration (`data.style`, `data.steps`), split as `train` splits them: held-out
+/// (the default), train, or both.
+fn generated_part(run: &RunConfig, split: Split, num_samples: i64) -> SetPart {
+    let mut d = run.data.clone();
+    d.eval_samples = num_samples;
+    let (train, test) = cal_train::tiny::TinySpec::run_splits(&run.model.tiny, &d);
+    let (examples, which) = match split {
+        Split::HeldOut => (test, "held-out"),
+        Split::Train => (train, "train"),
+        Split::All => ([train, test].concat(), "train and held-out"),
+    };
+    SetPart {
+        kind: SetKind::Gsm8k,
+        rows: examples.len(),
+        examples,
+        skipped: 0,
+        note: format!(
+            "the embedded {} problems, {which}",
+            match d.style {
+                Style::Story => "story",
+                Style::Chain => "chain",
+            }
+        ),
+    }
 }
 
 /// Where few-shot examples come from: the training part of the set, never the problems

@@ -784,6 +784,34 @@ fn arms_still_start_when_the_program_file_is_replaced_during_the_experiment() {
     assert!(err.contains("seed-42/cal: finished"), "{err}");
 }
 
+/// `generated`, `train`'s default dataset, is a dataset for `eval` too: its held-out
+/// problems, named as such.
+#[test]
+fn eval_accepts_the_generated_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cal-model/tests/fixtures/qwen2-tiny");
+    let o = bin()
+        .args(["eval", "--dataset", "generated", "--eval-samples", "3"])
+        .args(["--max-new-tokens", "4", "--model"])
+        .arg(&model)
+        .arg("--output-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("the embedded story problems, held-out: 3 problems graded"),
+        "{err}"
+    );
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("eval_results.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r["accuracy"]["total"], 3);
+}
+
 #[test]
 fn sft_reads_the_run_configuration_and_exports_a_loadable_folder() {
     let dir = tempfile::tempdir().unwrap();
