@@ -44,6 +44,8 @@ fi
 if want sft && [ ! -f "$sft/model.safetensors" ]; then
     stamp "SFT warm start -> $sft"
     read -r -a sft_args <<<"${SFT_ARGS:---learning-rate 3e-5}"
+    # SKIP_START_EVAL=1: the pretrained model's curve point was measured already
+    [ -z "${SKIP_START_EVAL:-}" ] || sft_args+=(--skip-start-eval)
     # shellcheck disable=SC2046
     "$bin" sft --model "$gguf" --dataset "$data/sft.jsonl" "${heldout[@]}" "${curve[@]}" \
         --steps "${SFT_STEPS:-200}" --batch-size 8 "${sft_args[@]}" \

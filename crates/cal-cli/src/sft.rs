@@ -76,6 +76,11 @@ pub struct SftArgs {
     /// (0 = no curve) [default: 0].
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Leave out the curve's step-0 point (the pretrained model, the same for every
+    /// recipe on the same held-out problems and prompt).
+    #[arg(long, requires = "eval_every")]
+    #[serde(skip)]
+    pub skip_start_eval: bool,
     /// Most tokens generated per held-out answer.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -206,6 +211,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
     let harness = SftHarness {
         save_every: cfg.checkpoint.save_every,
         eval_every: cfg.eval.every,
+        skip_start_eval: args.skip_start_eval,
         eval: crate::train::eval_config(&cfg),
     };
     let mut run = SftRun::new(

@@ -253,6 +253,9 @@ pub struct SftHarness {
     pub save_every: usize,
     /// Greedy held-out accuracy every N steps, at step 0 and at the end (0 = never).
     pub eval_every: usize,
+    /// Skip the curve's step-0 point (the pretrained model, the same for every
+    /// recipe on the same held-out set and prompt: measure it once).
+    pub skip_start_eval: bool,
     pub eval: EvalConfig,
 }
 
@@ -380,7 +383,7 @@ impl SftRun {
     pub fn run(&mut self) -> Result<(RunEnd, SftReport)> {
         let progress = Progress::new("sft", self.lp.cfg.steps as u64, self.lp.step as u64);
         let t0 = std::time::Instant::now();
-        if self.harness.eval_every > 0 && self.lp.step == 0 {
+        if self.harness.eval_every > 0 && self.lp.step == 0 && !self.harness.skip_start_eval {
             self.evaluate_held_out()?; // the curve starts at the pretrained model
         }
         while !self.lp.done() {

@@ -24,6 +24,7 @@ fn harness() -> SftHarness {
     SftHarness {
         save_every: 2,
         eval_every: 3,
+        skip_start_eval: false,
         eval: EvalConfig {
             max_new_tokens: 8,
             ..EvalConfig::default()
