@@ -31,7 +31,11 @@ heldout=(--eval-dataset "$data/test.jsonl")
 # the curve: a fixed 200-problem subset (the held-out file's first 200); final numbers
 # use all of it
 curve=(--eval-samples "${CURVE_SAMPLES:-200}" --eval-every "${EVAL_EVERY:-50}")
-resume_if() { [ -d "$1/checkpoints" ] && echo --resume || true; }
+# a stage killed after a checkpoint continues from it; one killed before its first is
+# started over (the partial folder moved aside, not deleted)
+resume_if() {
+    if [ -d "$1/checkpoints" ]; then echo --resume; elif [ -d "$1" ]; then echo --overwrite; fi
+}
 
 if want data && [ ! -f "$data/test.jsonl" ]; then
     stamp "problems -> $data"
