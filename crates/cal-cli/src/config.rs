@@ -526,12 +526,7 @@ pub fn flag_layer(flags: &impl Serialize, table: &[(&str, &str)]) -> Result<Valu
 impl TrainArgs {
     /// How the run starts on its output folder (`--resume`, `--overwrite` or fresh).
     pub fn start(&self) -> cal_train::rundir::Start {
-        use cal_train::rundir::Start;
-        match (self.resume, self.overwrite) {
-            (true, _) => Start::Resume,
-            (false, true) => Start::Overwrite,
-            (false, false) => Start::Fresh,
-        }
+        cal_train::rundir::Start::from_flags(self.resume, self.overwrite)
     }
 
     /// Defaults → model profile → `command_defaults` → `--config` → flags.

@@ -74,10 +74,14 @@ pub fn parse_splits(spec: &str) -> Result<Vec<(String, usize)>> {
     Ok(out)
 }
 
-fn write_jsonl(path: &std::path::Path, examples: &[data::Example]) -> Result<()> {
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
+/// Writes `examples` as GSM8K JSONL rows to `path`, or to stdout when `None`.
+fn write_jsonl(path: Option<&std::path::Path>, examples: &[data::Example]) -> Result<()> {
+    let mut out: Box<dyn Write> = match path {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
     for ex in examples {
         let row = serde_json::json!({"idx": ex.idx, "question": ex.question, "answer": ex.answer});
         writeln!(out, "{row}")?;
@@ -107,7 +111,7 @@ pub fn run(args: &GenDataArgs) -> Result<()> {
             data::generate_disjoint(&sizes, args.seed, &cfg).map_err(|e| anyhow::anyhow!(e))?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for ((name, _), part) in splits.iter().zip(&parts) {
-            write_jsonl(&dir.join(format!("{name}.jsonl")), part)?;
+            write_jsonl(Some(&dir.join(format!("{name}.jsonl"))), part)?;
         }
         let manifest = serde_json::json!({
             "seed": args.seed,
@@ -127,16 +131,8 @@ pub fn run(args: &GenDataArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let mut out: Box<dyn Write> = match &args.output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    };
-    for ex in data::generate(args.n, args.seed, &cfg) {
-        let row = serde_json::json!({"idx": ex.idx, "question": ex.question, "answer": ex.answer});
-        writeln!(out, "{row}")?;
-    }
-    out.flush()?;
-    Ok(())
+    write_jsonl(
+        args.output.as_deref(),
+        &data::generate(args.n, args.seed, &cfg),
+    )
 }

@@ -144,11 +144,7 @@ impl SftArgs {
     }
 
     fn start(&self) -> Start {
-        match (self.resume, self.overwrite) {
-            (true, _) => Start::Resume,
-            (false, true) => Start::Overwrite,
-            (false, false) => Start::Fresh,
-        }
+        Start::from_flags(self.resume, self.overwrite)
     }
 }
 

@@ -37,6 +37,22 @@ impl Default for EvalConfig {
     }
 }
 
+/// The `eval/*` scalars a training loop logs for a held-out evaluation of `total`
+/// problems: accuracy (strict, flexible, and the one reported) and, when the responses
+/// have arithmetic statements, the share of them that hold.
+pub fn held_out_metrics(graded: &[GradedExample], total: usize) -> BTreeMap<String, f64> {
+    let a = accuracy(graded, total);
+    let mut m = BTreeMap::from([
+        ("eval/accuracy".to_string(), a.accuracy),
+        ("eval/strict_accuracy".to_string(), a.strict_accuracy),
+        ("eval/flexible_accuracy".to_string(), a.flexible_accuracy),
+    ]);
+    if let Some(st) = step_accuracy(graded) {
+        m.insert("eval/step_accuracy".into(), st);
+    }
+    m
+}
+
 /// The results of one evaluation: `eval_results.json` (with the per-example rows also
 /// in `eval_examples.jsonl`), written by `eval` (model or `--predictions`), `train` and
 /// `experiment`, read by `compare` and by `experiment` when it reuses a finished arm.

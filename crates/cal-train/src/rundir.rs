@@ -25,6 +25,17 @@ pub enum Start {
     Overwrite,
 }
 
+impl Start {
+    /// From the `--resume` and `--overwrite` flags (clap makes them exclusive).
+    pub fn from_flags(resume: bool, overwrite: bool) -> Self {
+        match (resume, overwrite) {
+            (true, _) => Start::Resume,
+            (false, true) => Start::Overwrite,
+            (false, false) => Start::Fresh,
+        }
+    }
+}
+
 impl From<bool> for Start {
     /// `resume` as a boolean (`--resume`).
     fn from(resume: bool) -> Self {

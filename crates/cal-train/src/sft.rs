@@ -4,7 +4,7 @@
 use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
-use crate::evaluate::{evaluate, step_accuracy, EvalConfig};
+use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{JsonlLog, Progress, TensorBoard};
 use crate::optimize::plan_micro_batches;
 use crate::policy::Policy;
@@ -12,7 +12,7 @@ use crate::rundir::{self, RunLock, Start};
 use crate::trainer::{RunEnd, INTERRUPTED};
 use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
-use cal_core::evaluate::{accuracy, GradedExample};
+use cal_core::evaluate::GradedExample;
 use cal_model::generate::{build_batch, completion_logprobs};
 use cal_model::Forward;
 use candle_core::{DType, Tensor};
@@ -340,16 +340,7 @@ impl SftRun {
             &self.harness.eval,
             &format!("eval @{step}"),
         )?;
-        let a = accuracy(&graded, self.held_out.len());
-        let mut m = BTreeMap::from([
-            ("eval/accuracy".to_string(), a.accuracy),
-            ("eval/strict_accuracy".to_string(), a.strict_accuracy),
-            ("eval/flexible_accuracy".to_string(), a.flexible_accuracy),
-        ]);
-        if let Some(st) = step_accuracy(&graded) {
-            m.insert("eval/step_accuracy".into(), st);
-        }
-        self.log(&m)?;
+        self.log(&held_out_metrics(&graded, self.held_out.len()))?;
         self.last_eval = Some((step, graded));
         Ok(())
     }

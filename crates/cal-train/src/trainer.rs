@@ -15,7 +15,7 @@ use crate::algorithm::{self, Algorithm, Scored};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{RolloutEngine, RunConfig};
 use crate::engine::VllmEngine;
-use crate::evaluate::{evaluate, step_accuracy, EvalConfig};
+use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{JsonlLog, Progress, TensorBoard};
 use crate::metrics::{step_metrics, Metrics, StepRecord};
 use crate::optimize::{fixed_logprobs, micro_batches, update};
@@ -25,7 +25,7 @@ use crate::rundir::{self, RunLock, Start};
 use crate::score::{self, Spans};
 use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
-use cal_core::evaluate::{accuracy, GradedExample};
+use cal_core::evaluate::GradedExample;
 use cal_core::reward::RewardFns;
 use cal_model::Transformer;
 use cal_oracle::{locate_all, Oracle, SpanOutcome};
@@ -218,18 +218,7 @@ impl Trainer {
             Some((step, g)) if step == self.step => g,
             _ => evaluate(&self.policy, test, eval, &format!("eval @{}", self.step))?,
         };
-        let a = accuracy(&graded, test.len());
-        let mut m: Metrics = [
-            ("eval/accuracy", a.accuracy),
-            ("eval/strict_accuracy", a.strict_accuracy),
-            ("eval/flexible_accuracy", a.flexible_accuracy),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        if let Some(st) = step_accuracy(&graded) {
-            m.insert("eval/step_accuracy".into(), st);
-        }
+        let m: Metrics = held_out_metrics(&graded, test.len());
         self.last_held_out = Some((self.step, graded));
         self.log(&m)?;
         Ok(Some(m))
