@@ -1,7 +1,8 @@
 //! Flags of `train` and `experiment`, and the flags shared by every command that loads
 //! a model or asks an oracle. The flags are flat names (`--num-generations`); each one is the
-//! top layer over a key of the nested run configuration ([`cal_train::config`]), as
-//! listed in [`FLAGS`], the one table that ties the two together.
+//! top layer over a key of the nested run configuration ([`cal_train::config`]). The key
+//! is the flag's clap id, written on the flag's own field, so a flag is declared once
+//! ([`keyed_flags`] reads the table off the parser).
 
 use anyhow::{bail, Result};
 use cal_core::credit::{CreditMode, Estimator};
@@ -20,10 +21,10 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct PlacementFlags {
     /// Where the model runs: cpu, cuda or cuda:N.
-    #[arg(long)]
+    #[arg(long, id = "model.device")]
     pub device: Option<DeviceSpec>,
     /// Weights and activations: f32, or bf16/f16 on CUDA.
-    #[arg(long, value_enum)]
+    #[arg(long, id = "model.dtype", value_enum)]
     pub dtype: Option<DTypeSpec>,
 }
 
@@ -40,16 +41,16 @@ impl PlacementFlags {
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct LoraFlags {
     /// LoRA rank (0 = full fine-tuning).
-    #[arg(long)]
+    #[arg(long, id = "model.lora.rank")]
     pub lora_rank: Option<usize>,
     /// LoRA alpha [default: 2 × rank].
-    #[arg(long)]
+    #[arg(long, id = "model.lora.alpha")]
     pub lora_alpha: Option<f64>,
     /// Comma-separated LoRA target modules.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, id = "model.lora.targets", value_delimiter = ',')]
     pub lora_targets: Option<Vec<String>>,
     /// Dropout on the LoRA input in training forwards, in [0, 1).
-    #[arg(long)]
+    #[arg(long, id = "model.lora.dropout")]
     pub lora_dropout: Option<f64>,
 }
 
@@ -58,75 +59,75 @@ pub struct LoraFlags {
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct PromptFlags {
     /// minijinja template of the user turn, with {{ question }} and {{ instruction }}.
-    #[arg(long, value_name = "TEMPLATE")]
+    #[arg(long, id = "data.prompt-template", value_name = "TEMPLATE")]
     pub prompt_template: Option<String>,
     /// System prompt (chat models; a paragraph before the prompt for plain ones).
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, id = "data.system-prompt", value_name = "TEXT")]
     pub system_prompt: Option<String>,
     /// The instruction after the question.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, id = "data.instruction", value_name = "TEXT")]
     pub instruction: Option<String>,
     /// Worked examples from the training split shown before each question.
-    #[arg(long, value_name = "K")]
+    #[arg(long, id = "data.few-shot", value_name = "K")]
     pub few_shot: Option<usize>,
     /// Seed that draws the few-shot examples.
-    #[arg(long)]
+    #[arg(long, id = "data.few-shot-seed")]
     pub few_shot_seed: Option<u64>,
 }
 
-/// `PromptFlags` field → key, in every command's table.
-pub const PROMPT_FLAGS: &[(&str, &str)] = &[
-    ("prompt_template", "data.prompt-template"),
-    ("system_prompt", "data.system-prompt"),
-    ("instruction", "data.instruction"),
-    ("few_shot", "data.few-shot"),
-    ("few_shot_seed", "data.few-shot-seed"),
-];
+/// `--max-new-tokens` of `eval` and `generate`: the one completion length
+/// (`rollout.max-new-tokens`, its default the rollouts').
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct LengthFlags {
+    /// Most new tokens per completion.
+    #[arg(long, id = "rollout.max-new-tokens")]
+    pub max_new_tokens: Option<usize>,
+}
 
 /// The oracle's flags, shared by `train`, `experiment`, `oracle` and `demo`.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct OracleFlags {
     /// Oracle provider.
-    #[arg(long, value_enum)]
+    #[arg(long, id = "oracle.provider", value_enum)]
     pub api_provider: Option<Provider>,
     /// Model the oracle uses (default: the provider's, gpt-4o-mini or gemini-2.0-flash).
-    #[arg(long)]
+    #[arg(long, id = "oracle.model")]
     pub cal_model: Option<String>,
     /// Base URL of an OpenAI-compatible server for the `openai` oracle.
-    #[arg(long)]
+    #[arg(long, id = "oracle.base-url")]
     pub oracle_base_url: Option<String>,
     /// Stop calling a paid oracle after this many USD (estimated; default: no cap).
-    #[arg(long)]
+    #[arg(long, id = "oracle.max-cost")]
     pub oracle_max_cost: Option<f64>,
     /// Concurrent oracle requests.
-    #[arg(long)]
+    #[arg(long, id = "oracle.concurrency")]
     pub oracle_concurrency: Option<usize>,
     /// Per-request oracle timeout in seconds.
-    #[arg(long)]
+    #[arg(long, id = "oracle.timeout")]
     pub oracle_timeout: Option<f64>,
     /// Degrade the oracle on purpose: `miss=P,shift=P,random=P,false-alarm=P` (drop the
     /// span, move it to a neighbouring step, put it on a random step, blame a correct
     /// response), for measuring how CAL depends on oracle quality.
-    #[arg(long, value_name = "KIND=P,...")]
+    #[arg(long, id = "oracle.noise", value_name = "KIND=P,...")]
     pub oracle_noise: Option<String>,
     /// Ask a remote judge N times per request and keep the span most samples agree on.
-    #[arg(long, value_name = "N")]
+    #[arg(long, id = "oracle.votes", value_name = "N")]
     pub oracle_votes: Option<usize>,
     /// Sampling temperature of a remote judge (default: 0 for one vote, 0.7 for several).
-    #[arg(long)]
+    #[arg(long, id = "oracle.temperature")]
     pub oracle_temperature: Option<f64>,
     /// Show a remote judge the worked examples before the request (few-shot).
-    #[arg(long, value_name = "BOOL")]
+    #[arg(long, id = "oracle.few-shot", value_name = "BOOL")]
     pub oracle_few_shot: Option<bool>,
     /// Ask a remote judge for JSON output (`response_format`).
-    #[arg(long, value_name = "BOOL")]
+    #[arg(long, id = "oracle.json-mode", value_name = "BOOL")]
     pub oracle_json_mode: Option<bool>,
 }
 
 impl OracleFlags {
     /// The oracle of a one-off request (`oracle`, `demo`): defaults, then these flags.
     pub fn spec(&self) -> Result<OracleSpec> {
-        Ok(RunConfig::resolve(None, &flag_layer(self, FLAGS)?)?.oracle)
+        Ok(RunConfig::resolve(None, &flag_layer(self)?)?.oracle)
     }
 }
 
@@ -163,192 +164,198 @@ pub struct TrainArgs {
     pub use_cal: bool,
 
     /// Number of training problems; -1 uses the whole dataset.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, id = "data.num-samples", allow_negative_numbers = true)]
     pub num_samples: Option<i64>,
     /// Completions sampled per prompt (the GRPO group size G).
-    #[arg(long)]
+    #[arg(long, id = "rollout.num-generations")]
     pub num_generations: Option<usize>,
     /// Advantage given to each error-span token.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, id = "credit.negative-reward", allow_negative_numbers = true)]
     pub negative_reward: Option<f64>,
     /// At most this many tokens of a located span are penalised (0 = no cap).
-    #[arg(long)]
+    #[arg(long, id = "credit.max-error-span")]
     pub max_error_span: Option<usize>,
     /// Credit mode [default: outcome, or span with --use-cal].
-    #[arg(long, value_enum)]
+    #[arg(long, id = "credit.mode", value_enum)]
     pub credit: Option<CreditMode>,
     /// The algorithm: `grpo` (critic-free) or `ppo` (a value head, GAE over token
     /// rewards, a clipped value loss).
-    #[arg(long, value_enum)]
+    #[arg(long, id = "run.algorithm", value_enum)]
     pub algorithm: Option<AlgorithmKind>,
     /// Advantage estimator: grpo, dr-grpo, rloo (groups), reinforce++ (token returns)
     /// or gae (PPO's) [default: grpo, gae with --algorithm ppo].
-    #[arg(long, value_enum)]
+    #[arg(long, id = "credit.advantage", value_enum)]
     pub advantage: Option<Estimator>,
     /// Discount γ of gae and reinforce++.
-    #[arg(long)]
+    #[arg(long, id = "credit.gamma")]
     pub gamma: Option<f64>,
     /// GAE's λ (0 = one-step TD, 1 = returns minus values).
-    #[arg(long)]
+    #[arg(long, id = "credit.lambda")]
     pub lam: Option<f64>,
     /// PPO's critic: a value head on the policy's trunk (`shared`) or on a copy of
     /// the starting model (`separate`).
-    #[arg(long, value_enum)]
+    #[arg(long, id = "ppo.critic", value_enum)]
     pub critic: Option<CriticKind>,
     /// Weight of PPO's value loss.
-    #[arg(long)]
+    #[arg(long, id = "ppo.vf-coef")]
     pub vf_coef: Option<f64>,
     /// PPO critic's learning rate as a multiple of the policy's.
-    #[arg(long)]
+    #[arg(long, id = "ppo.value-lr-scale")]
     pub value_lr_scale: Option<f64>,
     /// Clip range of PPO's value update around the old values (0 = unclipped).
-    #[arg(long)]
+    #[arg(long, id = "ppo.value-clip")]
     pub value_clip: Option<f64>,
     /// Whiten PPO's advantages over the batch (`true` or `false`).
-    #[arg(long)]
+    #[arg(long, id = "ppo.whiten")]
     pub whiten_advantages: Option<bool>,
     /// Where PPO puts the KL to the reference: in the loss (as GRPO) or as a per-token
     /// reward penalty (classic RLHF PPO).
-    #[arg(long, value_enum)]
+    #[arg(long, id = "ppo.kl", value_enum)]
     pub kl_placement: Option<KlPlacement>,
     /// Advantage of the tokens before the first error in `--credit prefix`.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, id = "credit.prefix-reward", allow_negative_numbers = true)]
     pub prefix_reward: Option<f64>,
     /// Random seed for data order, sampling and initialisation.
-    #[arg(long)]
+    #[arg(long, id = "run.seed")]
     pub seed: Option<u64>,
     /// Where checkpoints, logs and results go [default: runs/<kind>-seed<SEED>, kind
     /// baseline or cal (grpo), ppo or cal-ppo].
-    #[arg(long)]
+    #[arg(long, id = "run.output-dir")]
     pub output_dir: Option<PathBuf>,
     /// Policy model: `tiny` (embedded), a Hugging Face folder or a `.gguf` file.
-    #[arg(long)]
+    #[arg(long, id = "model.name")]
     pub model: Option<String>,
     #[command(flatten)]
     #[serde(flatten)]
     pub placement: PlacementFlags,
     /// Training data: `generated` (embedded GSM8K-format problems) or a GSM8K
     /// `.jsonl`/`.parquet` file.
-    #[arg(long)]
+    #[arg(long, id = "data.dataset")]
     pub dataset: Option<String>,
     /// Held-out data [default: the generated held-out split, or `test.jsonl` beside a
     /// --dataset file].
-    #[arg(long)]
+    #[arg(long, id = "data.eval-dataset")]
     pub eval_dataset: Option<String>,
     /// Evaluate on at most this many held-out problems (-1 = all). The embedded benchmark
     /// holds out 200 and draws more when asked (the first 200 stay the same).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, id = "data.eval-samples", allow_negative_numbers = true)]
     pub eval_samples: Option<i64>,
     /// Wording of the generated problems (and of tiny's SFT data).
-    #[arg(long, value_enum)]
+    #[arg(long, id = "data.style", value_enum)]
     pub style: Option<cal_core::data::Style>,
     /// Arithmetic steps per generated problem [default: 2 or 3; experiment: 3].
-    #[arg(long)]
+    #[arg(long, id = "data.steps")]
     pub chain_steps: Option<usize>,
     /// SFT steps of tiny's warm start [default: 400 for stories, 1200 for chains]
     /// (a new value trains and caches a new tiny model).
-    #[arg(long)]
+    #[arg(long, id = "model.tiny.sft-steps")]
     pub sft_steps: Option<usize>,
     /// Chain lengths of tiny's SFT corpus, `K` or `MIN-MAX` [default: --chain-steps]:
     /// one warm start for runs at several K (the RL problems keep --chain-steps).
-    #[arg(long)]
+    #[arg(long, id = "model.tiny.sft-chain-steps")]
     pub sft_chain_steps: Option<String>,
     /// Generated training problems for tiny's SFT and RL [default: 4000].
-    #[arg(long)]
+    #[arg(long, id = "model.tiny.train-problems")]
     pub train_problems: Option<usize>,
     /// Optimizer steps [default: one pass over the training problems].
-    #[arg(long)]
+    #[arg(long, id = "run.steps")]
     pub steps: Option<usize>,
     /// Prompts per step (each gets --num-generations completions).
-    #[arg(long)]
+    #[arg(long, id = "rollout.prompts-per-step")]
     pub prompts_per_step: Option<usize>,
     /// Peak learning rate (cosine decay to --min-lr-ratio of it).
-    #[arg(long)]
+    #[arg(long, id = "optim.learning-rate")]
     pub learning_rate: Option<f64>,
     /// Final learning rate as a fraction of the peak.
-    #[arg(long)]
+    #[arg(long, id = "optim.min-lr-ratio")]
     pub min_lr_ratio: Option<f64>,
     /// Linear warmup steps.
-    #[arg(long)]
+    #[arg(long, id = "optim.warmup-steps")]
     pub warmup_steps: Option<usize>,
     /// AdamW weight decay.
-    #[arg(long)]
+    #[arg(long, id = "optim.weight-decay")]
     pub weight_decay: Option<f64>,
     /// Clip the global gradient norm to this (0 = off).
-    #[arg(long)]
+    #[arg(long, id = "optim.max-grad-norm")]
     pub max_grad_norm: Option<f64>,
     /// KL coefficient β (k3 estimator against the frozen reference).
-    #[arg(long)]
+    #[arg(long, id = "loss.beta")]
     pub beta: Option<f64>,
     /// Clip range ε of the surrogate.
-    #[arg(long)]
+    #[arg(long, id = "loss.epsilon")]
     pub epsilon: Option<f64>,
     /// Upper clip range (DAPO's clip-higher) [default: --epsilon].
-    #[arg(long)]
+    #[arg(long, id = "loss.epsilon-high")]
     pub epsilon_high: Option<f64>,
     /// How per-token losses become one number.
-    #[arg(long, value_enum)]
+    #[arg(long, id = "loss.aggregation", value_enum)]
     pub loss_aggregation: Option<Aggregation>,
     /// Importance ratio level: token (GRPO) or sequence (GSPO).
-    #[arg(long, value_enum)]
+    #[arg(long, id = "loss.importance", value_enum)]
     pub importance: Option<Importance>,
     /// Policy updates per generated batch.
-    #[arg(long)]
+    #[arg(long, id = "run.num-iterations")]
     pub num_iterations: Option<usize>,
     /// Most new tokens per completion.
-    #[arg(long)]
+    #[arg(long, id = "rollout.max-new-tokens")]
     pub max_new_tokens: Option<usize>,
     /// Sampling temperature for rollouts.
-    #[arg(long)]
+    #[arg(long, id = "rollout.temperature")]
     pub temperature: Option<f64>,
     /// Nucleus sampling threshold for rollouts (1 = off).
-    #[arg(long)]
+    #[arg(long, id = "rollout.top-p")]
     pub top_p: Option<f64>,
     /// Rows per generation call (bounds memory).
-    #[arg(long)]
+    #[arg(long, id = "rollout.generation-batch")]
     pub generation_batch: Option<usize>,
     /// Who samples the rollouts: `local` (this process) or `vllm` (the --rollout-url
     /// servers, or without one a server started for the run; the policy is synced
     /// there after every step).
-    #[arg(long, value_enum)]
+    #[arg(long, id = "rollout.engine", value_enum)]
     pub rollout_engine: Option<cal_train::config::RolloutEngine>,
     /// vLLM servers, comma-separated (`http://127.0.0.1:8000`), replicas of one base
     /// model that share each step's prompts.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, id = "rollout.urls", value_delimiter = ',')]
     pub rollout_url: Option<Vec<String>>,
     /// A folder the servers can read, for each step's adapter [default:
     /// <output-dir>/engine-sync].
-    #[arg(long)]
+    #[arg(long, id = "rollout.sync-dir")]
     pub rollout_sync_dir: Option<PathBuf>,
     /// The python of the vLLM install a started server runs on [default:
     /// $CAL_VLLM_PYTHON, else the venv of scripts/install-vllm.sh].
-    #[arg(long)]
-    pub vllm_python: Option<PathBuf>,
+    #[arg(long, id = "rollout.server-python", visible_alias = "vllm-python")]
+    pub server_python: Option<PathBuf>,
     /// Extra arguments for a started vLLM server, space-separated, after the project's
-    /// own (`--vllm-args="--dtype bfloat16"`).
-    #[arg(long, value_delimiter = ' ', allow_hyphen_values = true)]
-    pub vllm_args: Option<Vec<String>>,
+    /// own (`--server-args="--dtype bfloat16"`).
+    #[arg(
+        long,
+        id = "rollout.server-args",
+        visible_alias = "vllm-args",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    pub server_args: Option<Vec<String>>,
     /// After each sync, the largest mean |logp_server − logp_trainer| on a fixed
     /// completion that is not an error (0 = no check).
-    #[arg(long)]
+    #[arg(long, id = "rollout.sync-check-tol")]
     pub sync_check_tol: Option<f64>,
     /// Cap C of the truncated importance weights min(exp(logp_old − logq), C) on an
     /// engine's samples (0 = off).
-    #[arg(long)]
+    #[arg(long, id = "loss.engine-is-cap")]
     pub engine_is_cap: Option<f64>,
     /// Checkpoint every N steps (0 = only at the end).
-    #[arg(long)]
+    #[arg(long, id = "checkpoint.save-every")]
     pub save_every: Option<usize>,
     /// Reward functions and weights: `correctness=1.0,format=0.2` (correctness, format,
     /// length).
-    #[arg(long)]
+    #[arg(long, id = "reward.functions")]
     pub reward: Option<String>,
     /// Tokens a completion may use before the `length` reward penalises it.
-    #[arg(long)]
+    #[arg(long, id = "reward.length-budget")]
     pub length_budget: Option<usize>,
     /// Evaluate held-out accuracy (greedy) every N steps and at the last (0 = only after
     /// training); logged as eval/* in TensorBoard and metrics.jsonl.
-    #[arg(long)]
+    #[arg(long, id = "eval.every")]
     pub eval_every: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
@@ -361,101 +368,17 @@ pub struct TrainArgs {
     pub prompt: PromptFlags,
     /// Rows per forward/backward of the loss, gradients accumulated exactly
     /// (0 = no row cap). Bounds memory on real models.
-    #[arg(long)]
+    #[arg(long, id = "run.micro-batch")]
     pub micro_batch: Option<usize>,
     /// Padded tokens per forward/backward of the loss (0 = off): rows sorted by length,
     /// packed up to this budget (and --micro-batch rows, unless 0).
-    #[arg(long)]
+    #[arg(long, id = "run.micro-batch-tokens")]
     pub micro_batch_tokens: Option<usize>,
     /// Compute a group's shared prompt once (generation prefill, policy, reference,
     /// old-policy and value passes; micro-batches hold whole groups).
-    #[arg(long, value_enum)]
+    #[arg(long, id = "run.shared-prefix", value_enum)]
     pub shared_prefix: Option<Switch>,
 }
-
-/// Flag (its clap id, the field name) → key of the run configuration.
-pub const FLAGS: &[(&str, &str)] = &[
-    ("seed", "run.seed"),
-    ("steps", "run.steps"),
-    ("output_dir", "run.output-dir"),
-    ("num_iterations", "run.num-iterations"),
-    ("micro_batch", "run.micro-batch"),
-    ("micro_batch_tokens", "run.micro-batch-tokens"),
-    ("shared_prefix", "run.shared-prefix"),
-    ("model", "model.name"),
-    ("device", "model.device"),
-    ("dtype", "model.dtype"),
-    ("lora_rank", "model.lora.rank"),
-    ("lora_alpha", "model.lora.alpha"),
-    ("lora_dropout", "model.lora.dropout"),
-    ("lora_targets", "model.lora.targets"),
-    ("dataset", "data.dataset"),
-    ("eval_dataset", "data.eval-dataset"),
-    ("num_samples", "data.num-samples"),
-    ("eval_samples", "data.eval-samples"),
-    ("style", "data.style"),
-    ("chain_steps", "data.steps"),
-    ("prompt_template", "data.prompt-template"),
-    ("system_prompt", "data.system-prompt"),
-    ("instruction", "data.instruction"),
-    ("few_shot", "data.few-shot"),
-    ("few_shot_seed", "data.few-shot-seed"),
-    ("sft_steps", "model.tiny.sft-steps"),
-    ("sft_chain_steps", "model.tiny.sft-chain-steps"),
-    ("train_problems", "model.tiny.train-problems"),
-    ("num_generations", "rollout.num-generations"),
-    ("prompts_per_step", "rollout.prompts-per-step"),
-    ("max_new_tokens", "rollout.max-new-tokens"),
-    ("temperature", "rollout.temperature"),
-    ("top_p", "rollout.top-p"),
-    ("generation_batch", "rollout.generation-batch"),
-    ("rollout_engine", "rollout.engine"),
-    ("rollout_url", "rollout.urls"),
-    ("rollout_sync_dir", "rollout.sync-dir"),
-    ("vllm_python", "rollout.vllm-python"),
-    ("vllm_args", "rollout.vllm-args"),
-    ("sync_check_tol", "rollout.sync-check-tol"),
-    ("engine_is_cap", "loss.engine-is-cap"),
-    ("credit", "credit.mode"),
-    ("algorithm", "run.algorithm"),
-    ("advantage", "credit.advantage"),
-    ("gamma", "credit.gamma"),
-    ("lam", "credit.lambda"),
-    ("critic", "ppo.critic"),
-    ("vf_coef", "ppo.vf-coef"),
-    ("value_clip", "ppo.value-clip"),
-    ("value_lr_scale", "ppo.value-lr-scale"),
-    ("whiten_advantages", "ppo.whiten"),
-    ("kl_placement", "ppo.kl"),
-    ("negative_reward", "credit.negative-reward"),
-    ("prefix_reward", "credit.prefix-reward"),
-    ("max_error_span", "credit.max-error-span"),
-    ("api_provider", "oracle.provider"),
-    ("cal_model", "oracle.model"),
-    ("oracle_base_url", "oracle.base-url"),
-    ("oracle_max_cost", "oracle.max-cost"),
-    ("oracle_concurrency", "oracle.concurrency"),
-    ("oracle_timeout", "oracle.timeout"),
-    ("oracle_noise", "oracle.noise"),
-    ("oracle_votes", "oracle.votes"),
-    ("oracle_temperature", "oracle.temperature"),
-    ("oracle_few_shot", "oracle.few-shot"),
-    ("oracle_json_mode", "oracle.json-mode"),
-    ("beta", "loss.beta"),
-    ("epsilon", "loss.epsilon"),
-    ("epsilon_high", "loss.epsilon-high"),
-    ("loss_aggregation", "loss.aggregation"),
-    ("importance", "loss.importance"),
-    ("learning_rate", "optim.learning-rate"),
-    ("min_lr_ratio", "optim.min-lr-ratio"),
-    ("warmup_steps", "optim.warmup-steps"),
-    ("weight_decay", "optim.weight-decay"),
-    ("max_grad_norm", "optim.max-grad-norm"),
-    ("save_every", "checkpoint.save-every"),
-    ("reward", "reward.functions"),
-    ("length_budget", "reward.length-budget"),
-    ("eval_every", "eval.every"),
-];
 
 /// Keys whose default is worked out from other values (their help says how), so no
 /// single default is shown for them.
@@ -511,13 +434,71 @@ pub fn show(v: &Value) -> String {
     }
 }
 
+/// The flags of `cmd` that set a configuration key, as (flag field, key). A flag's clap
+/// id *is* its key (`#[arg(long, id = "rollout.num-generations")]`), so this table is
+/// read off the parser and a flag is declared once, on its field. The field's serde
+/// name is its long flag with underscores (clap derives the flag from the field name).
+pub fn keyed_flags(cmd: &Command) -> Vec<(String, String)> {
+    cmd.get_arguments()
+        .filter(|a| a.get_id().as_str().contains('.'))
+        .filter_map(|a| {
+            let field = a.get_long()?.replace('-', "_");
+            Some((field, a.get_id().to_string()))
+        })
+        .collect()
+}
+
+/// A keyed flag's value placeholder from its name (`<NUM_GENERATIONS>`), not its id (the
+/// key, which clap would show), for every flag of `cmd` and its subcommands.
+pub fn name_keyed_values(mut cmd: Command) -> Command {
+    for (field, key) in keyed_flags(&cmd) {
+        cmd = cmd.mut_arg(&key, |a| {
+            let named = a
+                .get_value_names()
+                .is_some_and(|n| n.iter().any(|v| v != key.as_str()));
+            if named {
+                a
+            } else {
+                a.value_name(field.to_uppercase())
+            }
+        });
+    }
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    for name in names {
+        cmd = cmd.mut_subcommand(name, name_keyed_values);
+    }
+    cmd
+}
+
+/// Partial run configurations merged, later ones winning.
+pub fn merge_layers(layers: impl IntoIterator<Item = Value>) -> Value {
+    fn merge(into: &mut Value, from: Value) {
+        match (into, from) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(Value::Null), v);
+                }
+            }
+            (slot, v) => *slot = v,
+        }
+    }
+    let mut out = json!({});
+    for l in layers {
+        merge(&mut out, l);
+    }
+    out
+}
+
 /// The flags that were given, as a partial run configuration.
-pub fn flag_layer(flags: &impl Serialize, table: &[(&str, &str)]) -> Result<Value> {
+pub fn flag_layer<A: Args + Serialize>(flags: &A) -> Result<Value> {
     let given = serde_json::to_value(flags)?;
     let mut out = json!({});
-    for (id, path) in table {
-        if let Some(v) = given.get(*id).filter(|v| !v.is_null()) {
-            set_path(&mut out, path, v.clone());
+    for (field, key) in keyed_flags(&A::augment_args(Command::new("flags"))) {
+        if let Some(v) = given.get(&field).filter(|v| !v.is_null()) {
+            set_path(&mut out, &key, v.clone());
         }
     }
     Ok(out)
@@ -531,7 +512,7 @@ impl TrainArgs {
 
     /// Defaults → model profile → `command_defaults` → `--config` → flags.
     pub fn resolve_with(&self, command_defaults: Value) -> Result<RunConfig> {
-        let mut layer = flag_layer(self, FLAGS)?;
+        let mut layer = flag_layer(self)?;
         if self.use_cal {
             match self.credit {
                 Some(CreditMode::Outcome) => bail!(
@@ -578,28 +559,25 @@ pub fn profile_defaults(command_defaults: &Value) -> Result<(Value, Value)> {
 
 /// Appends each train flag's default (from the run configuration, with the command's
 /// own defaults) to its help, so that `--help` shows defaults written once.
-pub fn annotate_defaults(
-    mut cmd: Command,
-    command_defaults: &Value,
-    table: &[(&str, &str)],
-) -> Command {
+pub fn annotate_defaults(mut cmd: Command, command_defaults: &Value) -> Command {
     let Ok((tiny, other)) = profile_defaults(command_defaults) else {
         return cmd;
     };
-    for (id, path) in table {
-        if DERIVED.contains(path) {
+    for (_, path) in keyed_flags(&cmd) {
+        let path = path.as_str();
+        if DERIVED.contains(&path) {
             continue; // derived from other values; their help says how
         }
         let (Some(t), Some(o)) = (lookup(&tiny, path), lookup(&other, path)) else {
             continue;
         };
         // the "other" profile is made by naming another model: its name is no default
-        let default = if t == o || *path == "model.name" {
+        let default = if t == o || path == "model.name" {
             show(t)
         } else {
             format!("{} for tiny, {} otherwise", show(t), show(o))
         };
-        cmd = cmd.mut_arg(*id, |a| {
+        cmd = cmd.mut_arg(path, |a| {
             let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
             a.help(format!("{help} [default: {default}] [config: {path}]"))
         });
@@ -608,7 +586,7 @@ pub fn annotate_defaults(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use clap::Parser;
 
@@ -680,32 +658,91 @@ mod tests {
         assert_eq!(c.loss.importance, Importance::Sequence);
     }
 
+    /// Values to try on a flag until one parses, passes the configuration's checks and
+    /// reads back from its key unchanged.
+    const SAMPLES: &[&str] = &[
+        "3",
+        "0.5",
+        "true",
+        "runs/x",
+        "q_proj",
+        "correctness=0.5",
+        "miss=0.5",
+        "http://127.0.0.1:9",
+        "cuda:1",
+    ];
+
+    /// Every keyed flag of `cmd` (generated from the parser, not listed by hand) reaches
+    /// its key and back: a sample value given as the flag is the value at the key in the
+    /// resolved configuration, and moves it off the default. `resolve` turns one flag's
+    /// arguments into the configuration.
+    pub(crate) fn round_trip(cmd: &Command, resolve: &dyn Fn(&[String]) -> Result<RunConfig>) {
+        let flags = keyed_flags(cmd);
+        assert!(flags.len() > 5, "{}: too few keyed flags", cmd.get_name());
+        let default = serde_json::to_value(resolve(&[]).unwrap()).unwrap();
+        for (field, key) in flags {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == key.as_str())
+                .unwrap();
+            let possible: Vec<String> = arg
+                .get_possible_values()
+                .iter()
+                .map(|v| v.get_name().to_string())
+                .collect();
+            let candidates = possible
+                .iter()
+                .map(String::as_str)
+                .chain(SAMPLES.iter().copied());
+            let flag = format!("--{}", field.replace('_', "-"));
+            let hit = candidates.into_iter().find(|v| {
+                let Ok(cfg) = resolve(&[flag.clone(), v.to_string()]) else {
+                    return false;
+                };
+                let got = serde_json::to_value(cfg).unwrap();
+                let at = |c: &Value| lookup(c, &key).filter(|x| !x.is_null()).map(show);
+                at(&got).as_deref() == Some(*v) && at(&got) != at(&default)
+            });
+            assert!(
+                hit.is_some(),
+                "{} {flag}: no sample value reaches {key} and back",
+                cmd.get_name()
+            );
+        }
+    }
+
     #[test]
-    fn every_flag_reaches_its_key() {
-        // A flag table entry whose path or id is wrong would silently drop the flag.
+    fn every_train_flag_reaches_its_key_and_back() {
         let cmd = <Cli as clap::CommandFactory>::command();
-        let ids: Vec<String> = cmd
-            .get_arguments()
-            .map(|a| a.get_id().to_string())
-            .collect();
-        for (id, path) in FLAGS {
-            assert!(ids.iter().any(|x| x == id), "no flag {id}");
-            let schema =
-                serde_json::to_value(RunConfig::resolve(None, &json!({})).unwrap()).unwrap();
-            let parent = path.rsplit_once('.').unwrap().0;
-            assert!(
-                lookup(&schema, parent).is_some(),
-                "{id}: no section {parent}"
-            );
-        }
-        for id in &ids {
-            let special =
-                ["config", "print_config", "resume", "overwrite", "use_cal"].contains(&id.as_str());
-            assert!(
-                special || FLAGS.iter().any(|(f, _)| f == id),
-                "flag {id} has no key"
-            );
-        }
+        round_trip(&cmd, &|args| {
+            let cli = Cli::try_parse_from(std::iter::once("t".to_string()).chain(args.to_vec()))?;
+            cli.train.resolve()
+        });
+        // and no flag sets a key twice
+        let mut keys: Vec<_> = keyed_flags(&cmd).into_iter().map(|(_, k)| k).collect();
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), n);
+    }
+
+    #[test]
+    fn old_engine_keys_and_flags_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.toml");
+        std::fs::write(
+            &path,
+            "[rollout]\nvllm-python = \"/opt/py\"\nvllm-args = [\"--dtype\", \"bfloat16\"]\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.rollout.server_python, Some(PathBuf::from("/opt/py")));
+        assert_eq!(c.rollout.server_args, ["--dtype", "bfloat16"]);
+        let c = parse(&["--vllm-python", "/p", "--vllm-args=--a b"]).unwrap();
+        assert_eq!(c.rollout.server_python, Some(PathBuf::from("/p")));
+        assert_eq!(c.rollout.server_args, ["--a", "b"]);
+        // printed under the new names
+        assert!(c.to_toml().unwrap().contains("server-args"));
     }
 
     #[test]

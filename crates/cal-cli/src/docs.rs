@@ -4,7 +4,7 @@
 //! parser. Both run in `cargo test`, so a renamed flag or a changed default cannot
 //! leave the documentation behind.
 
-use crate::config::{self, FLAGS};
+use crate::config;
 use cal_train::config::RunConfig;
 use clap::Command;
 use serde_json::{json, Value};
@@ -29,18 +29,19 @@ pub fn configuration_markdown(cli: &Command) -> anyhow::Result<String> {
          ## Flags and keys\n\n\
          | flag | key | default | meaning |\n|---|---|---|---|\n",
     );
-    for (id, path) in FLAGS {
-        let Some(arg) = train.get_arguments().find(|a| a.get_id() == *id) else {
-            anyhow::bail!("FLAGS names {id}, which train does not have");
+    for (field, path) in config::keyed_flags(train) {
+        let path = path.as_str();
+        let Some(arg) = train.get_arguments().find(|a| a.get_id() == path) else {
+            continue;
         };
-        let flag = arg.get_long().map_or(id.to_string(), |l| format!("--{l}"));
+        let flag = format!("--{}", field.replace('_', "-"));
         let help = arg
             .get_help()
             .map(|h| h.to_string().replace('\n', " ").replace('|', "\\|"))
             .unwrap_or_default();
         let default = match (lookup(&tiny, path), lookup(&other, path)) {
-            _ if config::DERIVED.contains(path) => "derived (see meaning)".to_string(),
-            (Some(t), _) if *path == "model.name" => format!("`{}`", config::show(t)),
+            _ if config::DERIVED.contains(&path) => "derived (see meaning)".to_string(),
+            (Some(t), _) if path == "model.name" => format!("`{}`", config::show(t)),
             (Some(t), Some(o)) if t == o => format!("`{}`", config::show(t)),
             (Some(t), Some(o)) => format!(
                 "`{}` (tiny), `{}` (other models)",
@@ -61,14 +62,19 @@ pub fn configuration_markdown(cli: &Command) -> anyhow::Result<String> {
         "\nFlags without a key: `--config FILE.toml`, `--print-config`, `--resume` (continue\n\
          from the latest checkpoint in the output folder), `--overwrite` (move the run that\n\
          is there to `<output-dir>.replaced-<time>`, then start over) and `--use-cal` (CAL:\n\
-         `credit.mode = \"span\"` unless `--credit` names another span mode).\n\n\
+         `credit.mode = \"span\"` unless `--credit` names another span mode). Old names\n\
+         still read: `rollout.vllm-python` and `rollout.vllm-args` (`--vllm-python`,\n\
+         `--vllm-args`) for `server-python` and `server-args`.\n\n\
          ## `cal-grpo sft`\n\n\
          `sft` reads the same configuration (with `run.output-dir` defaulting to\n\
          `runs/sft/model`); its flags:\n\n\
          | flag | key |\n|---|---|\n",
     );
-    for (id, path) in crate::sft::SFT_FLAGS {
-        out.push_str(&format!("| `--{}` | `{path}` |\n", id.replace('_', "-")));
+    let sft = cli
+        .find_subcommand("sft")
+        .ok_or_else(|| anyhow::anyhow!("no sft command"))?;
+    for (field, path) in config::keyed_flags(sft) {
+        out.push_str(&format!("| `--{}` | `{path}` |\n", field.replace('_', "-")));
     }
     out.push_str(
         "\n## The whole file with its defaults (the `tiny` profile)\n\n\

@@ -1,7 +1,7 @@
 //! `cal-grpo eval`: grade precomputed responses (`--predictions`) or a model's
 //! generations against a dataset; both write the same [`EvalReport`].
 
-use crate::config::{flag_layer, PlacementFlags, PromptFlags, PROMPT_FLAGS};
+use crate::config::{flag_layer, merge_layers, LengthFlags, PlacementFlags, PromptFlags};
 use crate::source::Source;
 use anyhow::{bail, Result};
 use cal_core::data::sets::{load_part, SetKind, SetPart, SetSpec, Split};
@@ -71,17 +71,15 @@ pub struct EvalArgs {
         allow_negative_numbers = true
     )]
     pub num_samples: i64,
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub length: LengthFlags,
     #[arg(long, default_value_t = EvalConfig::default().seed)]
     pub seed: u64,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let cfg = RunConfig::resolve(
-        args.config.as_deref(),
-        &flag_layer(&args.prompt, PROMPT_FLAGS)?,
-    )?;
+    let layer = merge_layers([flag_layer(&args.prompt)?, flag_layer(&args.length)?]);
+    let cfg = RunConfig::resolve(args.config.as_deref(), &layer)?;
     if args.print_config {
         return crate::train::print_config(&cfg);
     }
@@ -94,12 +92,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("runs/eval"));
             let ecfg = EvalConfig {
-                max_new_tokens: args.max_new_tokens,
                 samples: args.samples.max(1),
                 greedy: args.samples <= 1,
                 temperature: args.temperature,
                 seed: args.seed,
-                ..EvalConfig::default()
+                ..EvalConfig::of_run(&cfg)
             };
             let placement = args.placement.placement();
             let r = eval_model(

@@ -3,9 +3,10 @@
 
 use crate::config::TrainArgs;
 use crate::source::{datasets, Source};
-use crate::train::{eval_config, print_config};
+use crate::train::print_config;
 use anyhow::{bail, Result};
 use cal_train::engine::server;
+use cal_train::evaluate::EvalConfig;
 use cal_train::policy::PolicySource;
 use cal_train::study::experiment::{self, ExperimentConfig, OtherArm};
 use clap::Args;
@@ -108,7 +109,7 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
         out_dir: out.clone(),
         seeds,
         cal_mode: cfg.credit.mode,
-        eval: eval_config(&cfg),
+        eval: EvalConfig::of_run(&cfg),
         prompt: cal_train::prompt::PromptFormat::of(&cfg.data, &train)?,
         run: cfg,
     };

@@ -43,8 +43,8 @@ pub struct GenerateArgs {
     /// Argmax decoding.
     #[arg(long)]
     pub greedy: bool,
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub length: crate::config::LengthFlags,
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f64,
     #[arg(long, default_value_t = 0)]
@@ -61,10 +61,13 @@ pub struct GenerateArgs {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let model = args.model.to_string_lossy();
     let mut loaded = crate::source::Source::new(&model, args.placement.placement()).fresh()?;
+    let layer = crate::config::merge_layers([
+        crate::config::flag_layer(&args.prompt_flags)?,
+        crate::config::flag_layer(&args.length)?,
+    ]);
+    let cfg = cal_train::config::RunConfig::resolve(args.config.as_deref(), &layer)?;
     let text = match (&args.prompt, &args.question) {
         (_, Some(q)) => {
-            let layer = crate::config::flag_layer(&args.prompt_flags, crate::config::PROMPT_FLAGS)?;
-            let cfg = cal_train::config::RunConfig::resolve(args.config.as_deref(), &layer)?;
             let pool = match &args.dataset {
                 Some(d) => crate::eval::few_shot_pool(d, cfg.data.few_shot)?,
                 None if cfg.data.few_shot > 0 => {
@@ -103,7 +106,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let cfg = SamplingConfig {
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: cfg.rollout.max_new_tokens,
         temperature: args.temperature,
         greedy: args.greedy,
         top_k: args.top_k,

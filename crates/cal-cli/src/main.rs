@@ -118,16 +118,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// The parser, with `train`, `experiment` and `sft` showing each flag's default and
 /// configuration key, taken from the run configuration itself.
 fn cli_command() -> clap::Command {
-    Cli::command()
+    config::name_keyed_values(Cli::command())
         .mut_subcommand("train", |c| {
-            config::annotate_defaults(c, &serde_json::json!({}), config::FLAGS)
+            config::annotate_defaults(c, &serde_json::json!({}))
         })
         .mut_subcommand("experiment", |c| {
-            config::annotate_defaults(c, &config::experiment_defaults(), config::FLAGS)
+            config::annotate_defaults(c, &config::experiment_defaults())
         })
-        .mut_subcommand("sft", |c| {
-            config::annotate_defaults(c, &sft::defaults(), sft::SFT_FLAGS)
-        })
+        .mut_subcommand("sft", |c| config::annotate_defaults(c, &sft::defaults()))
 }
 
 /// Process-wide settings measured to matter on CPU (`cal-grpo bench model`):

@@ -19,8 +19,8 @@ use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
 
-/// Flags of `cal-grpo sft`. Each sets one key of the run configuration (the table in
-/// [`SFT_FLAGS`]), over `sft`'s own defaults and a `--config` file, as `train`'s do.
+/// Flags of `cal-grpo sft`. Each sets one key of the run configuration (its clap id), over
+/// `sft`'s own defaults and a `--config` file, as `train`'s do.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct SftArgs {
     /// TOML file in the nested schema (`[sft] steps = 500`); flags win.
@@ -41,51 +41,51 @@ pub struct SftArgs {
     #[serde(skip)]
     pub overwrite: bool,
     /// `tiny` (export the embedded default) or a model path.
-    #[arg(long)]
+    #[arg(long, id = "model.name")]
     pub model: Option<String>,
     #[command(flatten)]
     #[serde(flatten)]
     pub placement: PlacementFlags,
     /// GSM8K-format training file (`generated` for the embedded problems).
-    #[arg(long)]
+    #[arg(long, id = "data.dataset")]
     pub dataset: Option<String>,
     /// Training problems, drawn with --seed; -1 uses the whole dataset.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, id = "data.num-samples", allow_negative_numbers = true)]
     pub num_samples: Option<i64>,
     /// Optimizer steps.
-    #[arg(long)]
+    #[arg(long, id = "sft.steps")]
     pub steps: Option<usize>,
     /// Examples per step.
-    #[arg(long)]
+    #[arg(long, id = "sft.batch-size")]
     pub batch_size: Option<usize>,
     /// Peak learning rate, with a linear warmup over the first tenth.
-    #[arg(long)]
+    #[arg(long, id = "sft.learning-rate")]
     pub learning_rate: Option<f64>,
     /// Padded tokens per forward/backward; a batch that does not fit is split into
     /// length-sorted micro-batches, gradients accumulated exactly (0 = whole batches).
-    #[arg(long)]
+    #[arg(long, id = "sft.micro-batch-tokens")]
     pub micro_batch_tokens: Option<usize>,
     /// Held-out data for the curve (default: the dataset's held-out part, or
     /// `test.jsonl` beside it).
-    #[arg(long)]
+    #[arg(long, id = "data.eval-dataset")]
     pub eval_dataset: Option<String>,
     /// Held-out problems evaluated (-1 = all).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, id = "data.eval-samples", allow_negative_numbers = true)]
     pub eval_samples: Option<i64>,
     /// Greedy held-out accuracy every N steps, before the first and after the last
-    /// (0 = no curve) [default: 0].
-    #[arg(long)]
+    /// (0 = no curve).
+    #[arg(long, id = "eval.every")]
     pub eval_every: Option<usize>,
     /// Leave out the curve's step-0 point (the pretrained model, the same for every
     /// recipe on the same held-out problems and prompt).
-    #[arg(long, requires = "eval_every")]
+    #[arg(long, requires = "eval.every")]
     #[serde(skip)]
     pub skip_start_eval: bool,
     /// Most tokens generated per held-out answer.
-    #[arg(long)]
+    #[arg(long, id = "rollout.max-new-tokens")]
     pub max_new_tokens: Option<usize>,
-    /// Checkpoint every N steps (0 = only at the end) [default: 50].
-    #[arg(long)]
+    /// Checkpoint every N steps (0 = only at the end).
+    #[arg(long, id = "checkpoint.save-every")]
     pub save_every: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
@@ -95,41 +95,12 @@ pub struct SftArgs {
     pub prompt: config::PromptFlags,
     /// The run folder: checkpoints, logs, and the fine-tuned model as a Hugging Face
     /// folder [default: runs/sft].
-    #[arg(long)]
+    #[arg(long, id = "run.output-dir")]
     pub output_dir: Option<PathBuf>,
     /// Data order and initialisation.
-    #[arg(long)]
+    #[arg(long, id = "run.seed")]
     pub seed: Option<u64>,
 }
-
-/// `sft` flag → key of the run configuration.
-pub const SFT_FLAGS: &[(&str, &str)] = &[
-    ("model", "model.name"),
-    ("device", "model.device"),
-    ("dtype", "model.dtype"),
-    ("dataset", "data.dataset"),
-    ("num_samples", "data.num-samples"),
-    ("prompt_template", "data.prompt-template"),
-    ("system_prompt", "data.system-prompt"),
-    ("instruction", "data.instruction"),
-    ("few_shot", "data.few-shot"),
-    ("few_shot_seed", "data.few-shot-seed"),
-    ("steps", "sft.steps"),
-    ("batch_size", "sft.batch-size"),
-    ("learning_rate", "sft.learning-rate"),
-    ("micro_batch_tokens", "sft.micro-batch-tokens"),
-    ("eval_dataset", "data.eval-dataset"),
-    ("eval_samples", "data.eval-samples"),
-    ("eval_every", "eval.every"),
-    ("max_new_tokens", "rollout.max-new-tokens"),
-    ("save_every", "checkpoint.save-every"),
-    ("lora_rank", "model.lora.rank"),
-    ("lora_alpha", "model.lora.alpha"),
-    ("lora_targets", "model.lora.targets"),
-    ("lora_dropout", "model.lora.dropout"),
-    ("output_dir", "run.output-dir"),
-    ("seed", "run.seed"),
-];
 
 /// `sft`'s own defaults, below a `--config` file.
 pub fn defaults() -> serde_json::Value {
@@ -139,7 +110,7 @@ pub fn defaults() -> serde_json::Value {
 impl SftArgs {
     /// Defaults → model profile → `sft`'s own defaults → `--config` → flags.
     pub fn resolve(&self) -> Result<RunConfig> {
-        let layer = config::flag_layer(self, SFT_FLAGS)?;
+        let layer = config::flag_layer(self)?;
         RunConfig::resolve_layers(self.config.as_deref(), &defaults(), &layer)
     }
 
@@ -208,7 +179,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         save_every: cfg.checkpoint.save_every,
         eval_every: cfg.eval.every,
         skip_start_eval: args.skip_start_eval,
-        eval: crate::train::eval_config(&cfg),
+        eval: cal_train::evaluate::EvalConfig::of_run(&cfg),
     };
     let mut run = SftRun::new(
         &out,
@@ -316,13 +287,11 @@ mod tests {
             (recipe.optim.lr, recipe.optim.warmup_steps, recipe.seed),
             (1e-3, 0, 7)
         );
-        // every row of the table names a flag of the command
+        // every flag reaches its key and back (the list read off the parser)
         let cmd = <Cli as clap::CommandFactory>::command();
-        for (id, _) in SFT_FLAGS {
-            assert!(
-                cmd.get_arguments().any(|a| a.get_id() == *id),
-                "no flag {id}"
-            );
-        }
+        config::tests::round_trip(&cmd, &|args| {
+            let cli = Cli::try_parse_from(std::iter::once("t".to_string()).chain(args.to_vec()))?;
+            cli.sft.resolve()
+        });
     }
 }

@@ -11,15 +11,6 @@ use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
 use cal_train::policy::PolicySource;
 use cal_train::trainer::{RunEnd, Trainer};
 
-/// Greedy held-out evaluation after training, at the rollouts' length.
-pub fn eval_config(cfg: &RunConfig) -> EvalConfig {
-    EvalConfig {
-        max_new_tokens: cfg.rollout.max_new_tokens,
-        seed: cfg.run.seed,
-        ..EvalConfig::default()
-    }
-}
-
 /// `--print-config`: the effective configuration as TOML.
 pub fn print_config(cfg: &RunConfig) -> Result<()> {
     print!("{}", cfg.to_toml()?);
@@ -48,7 +39,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     );
     let name = cfg.kind();
     let config = serde_json::to_value(&cfg)?;
-    let eval = eval_config(&cfg);
+    let eval = EvalConfig::of_run(&cfg);
     let policy = source.fresh()?;
     // rollouts on vLLM without a URL: a server of our own, stopped when this returns
     let server = serve_if_needed(&mut cfg, &policy, &out.with_extension("vllm"))?;

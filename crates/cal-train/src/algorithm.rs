@@ -7,8 +7,9 @@
 //! are one call away, [`crate::score::token_rewards`]) and the step's micro-batches, and
 //! returns the `[B, T]` token advantages the policy loss uses. It may train parameters
 //! of its own (a critic: [`Algorithm::params`], registered with the optimizer and kept
-//! in checkpoints) and add a loss term per micro-batch ([`ExtraLoss::extra_loss`]),
-//! which the update adds to the policy loss before the backward pass.
+//! in checkpoints), and it says what its loss is ([`Loss::loss`], given the policy's
+//! log-probs and everything else in [`crate::optimize::LossInputs`]; the default is the
+//! clipped policy loss, PPO adds its value loss).
 
 pub mod grpo;
 pub mod ppo;
@@ -16,7 +17,7 @@ pub mod ppo;
 pub use crate::config::AlgorithmKind;
 use crate::config::RunConfig;
 use crate::metrics::Metrics;
-use crate::optimize::{ExtraLoss, MicroBatch};
+use crate::optimize::{Loss, MicroBatch};
 use crate::policy::Policy;
 use crate::rollout::Rollouts;
 use crate::score::{Graded, Spans};
@@ -32,7 +33,7 @@ pub struct Scored<'a> {
 }
 
 /// One RL algorithm on top of the shared harness.
-pub trait Algorithm: ExtraLoss {
+pub trait Algorithm: Loss {
     /// Parameters it trains besides the policy's, by checkpoint name.
     fn params(&self) -> Vec<(String, Var)> {
         Vec::new()

@@ -36,6 +36,11 @@ pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
+/// The folder of step `step`'s checkpoint.
+pub fn step_dir(out: &Path, step: usize) -> PathBuf {
+    checkpoints_dir(out).join(format!("step-{step:06}"))
+}
+
 /// Writes `checkpoints/step-N` through a temp folder, then points `latest` at it.
 pub fn save(
     out: &Path,

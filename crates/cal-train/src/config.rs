@@ -329,12 +329,18 @@ pub struct RolloutConfig {
     /// vLLM servers (`http://host:port`), data-parallel replicas of one base model
     /// (empty: the CLI starts one on this machine and stops it at the end).
     pub urls: Vec<String>,
-    /// The python of the vLLM install a started server runs on (`None`:
+    /// The python of the engine's install that a started server runs on (`None`:
     /// `$CAL_VLLM_PYTHON`, else the venv of `scripts/install-vllm.sh`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vllm_python: Option<PathBuf>,
+    pub server_python: Option<PathBuf>,
     /// Extra arguments for a started server, after the project's own (they win).
-    pub vllm_args: Vec<String>,
+    pub server_args: Vec<String>,
+    /// The old names of `server-python` and `server-args`, still read (moved to the new
+    /// keys when the configuration is finished, never written).
+    #[serde(rename = "vllm-python", skip_serializing)]
+    pub old_server_python: Option<PathBuf>,
+    #[serde(rename = "vllm-args", skip_serializing)]
+    pub old_server_args: Option<Vec<String>>,
     /// After each sync, the largest mean |logp_server − logp_trainer| on a fixed
     /// completion that is not an error (0 = no check).
     pub sync_check_tol: f64,
@@ -366,8 +372,10 @@ impl Default for RolloutConfig {
             generation_batch: 64,
             engine: RolloutEngine::Local,
             urls: Vec::new(),
-            vllm_python: None,
-            vllm_args: Vec::new(),
+            server_python: None,
+            server_args: Vec::new(),
+            old_server_python: None,
+            old_server_args: None,
             sync_check_tol: 0.05,
             sync_dir: None,
         }
@@ -709,10 +717,18 @@ impl RunConfig {
             self.oracle.model = Some(self.oracle.provider.default_model().into());
         }
         self.loss.epsilon_high = Some(self.loss.clip_high());
+        let r = &mut self.rollout;
+        if let Some(p) = r.old_server_python.take() {
+            r.server_python.get_or_insert(p);
+        }
+        if let Some(a) = r.old_server_args.take() {
+            if r.server_args.is_empty() {
+                r.server_args = a;
+            }
+        }
         if self.model.lora.rank > 0 {
             self.model.lora.alpha = Some(self.model.lora.alpha_or_default());
         }
-        self.loss.max_completion_len = self.rollout.max_new_tokens;
         self.run.output_dir = Some(self.output_dir());
         Ok(())
     }

@@ -1,35 +1,28 @@
-//! Rollouts on a serving engine: vLLM's OpenAI-compatible `/v1/completions`.
+//! The rollout-engine seam: who samples a step's completions. [`RolloutBackend`] is
+//! what the trainer sees (`complete`, and for an engine that serves its own copy of the
+//! weights, `sync` and `check_served` after every optimizer step); [`build`] picks the
+//! implementation `rollout.engine` names:
 //!
-//! Prompts go out as token ids and completions come back as token ids with the engine's
-//! sampling log-probs (`logprobs: 0`, `return_tokens_as_token_ids`), so nothing is
-//! re-tokenised: a different split of the same text would change the log-probs the
-//! loss sees. Several URLs are data-parallel replicas: a step's prompts are spread over
-//! them, and a server that errors is retried with backoff, its prompts going to the
-//! others; with none left the step fails with the servers named (the run then stops
-//! with its last checkpoint, never training on a partial group).
+//! - [`Local`]: this process, with the trainer's own weights (nothing to sync);
+//! - [`vllm::Vllm`]: vLLM servers, data-parallel replicas behind a failover pool
+//!   ([`pool`]), started for the run by [`server`] when no URL is given.
 //!
-//! Weights reach the engine after every optimizer step. A LoRA policy goes as an
-//! adapter in PEFT's format, hot-loaded under a new name (`<run>-step-N`), the requests
-//! naming it, the previous one unloaded (vLLM's runtime LoRA loading,
-//! `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`): a few MB per step. A fully fine-tuned one
-//! goes as a Hugging Face folder that the servers reload in place
-//! (`/collective_rpc` → `reload_weights`, then `/reset_prefix_cache`, both dev routes:
-//! `VLLM_SERVER_DEV_MODE=1`): the whole model per step, no restart. After each sync the
-//! servers are asked for the log-probs of a fixed completion, which must match the
-//! trainer's own within a tolerance ([`VllmEngine::check_served`]): a server that kept
-//! old weights is an error, not a silent off-policy run.
-//!
-//! [`server`] starts and stops a local server when the user gives no URL.
+//! A second engine is one file beside `vllm.rs`, one arm in [`build`] and one variant of
+//! [`crate::config::RolloutEngine`]. What every served engine shares lives here: the
+//! probe whose log-probs must match the trainer's after each sync ([`SyncProbe`],
+//! [`judge_served`]), so a server that kept old weights is an error, not a silent
+//! off-policy run.
 
+pub mod pool;
 pub mod server;
+pub mod vllm;
 
-use anyhow::{anyhow, bail, Context, Result};
-use cal_model::generate::{decode_with_offsets, FinishReason, Generation};
-use cal_model::tokenizer::TokenizerBundle;
-use cal_model::Transformer;
-use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::time::Duration;
+use crate::config::{RolloutConfig, RolloutEngine};
+use crate::policy::Policy;
+use anyhow::Result;
+use cal_core::data::Example;
+use cal_model::generate::{Generation, SamplingConfig};
+use std::path::Path;
 
 /// Sampling settings of one step's requests.
 #[derive(Debug, Clone, Copy)]
@@ -40,335 +33,181 @@ pub struct EngineSampling {
     pub top_p: f64,
 }
 
-/// A client of one or more vLLM servers serving the same base model.
-pub struct VllmEngine {
-    urls: Vec<String>,
-    client: reqwest::Client,
-    /// The served base model's name (from `/v1/models`).
-    base: String,
-    /// The adapter the requests name, once one is loaded.
-    adapter: Option<String>,
-    /// The last weights sent (`<tag>-step-N`), adapter or whole model.
-    synced: Option<String>,
-    /// Where adapters are written for the servers to read.
-    sync_dir: PathBuf,
-    /// Names this run's adapters (`<tag>-step-N`), so that runs sharing a server, such
-    /// as an experiment's two arms, never replace each other's.
-    tag: String,
+/// One prompt per rollout: each example's `g` times, in group order.
+pub fn per_rollout(prompts: Vec<Vec<u32>>, g: usize) -> Vec<Vec<u32>> {
+    prompts
+        .into_iter()
+        .flat_map(|p| std::iter::repeat_n(p, g))
+        .collect()
 }
 
-/// One completion with the engine's log-prob of each of its tokens.
-pub struct EngineCompletion {
-    pub generation: Generation,
-    pub logprobs: Vec<f32>,
+impl RolloutConfig {
+    /// How the local generator samples the rollouts (`share_prompts`: each group's
+    /// prompt prefilled once).
+    pub fn sampling(&self, share_prompts: bool) -> SamplingConfig {
+        SamplingConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            share_prompts,
+            ..SamplingConfig::default()
+        }
+    }
+
+    /// How a serving engine samples them: a group's `G` completions per request.
+    pub fn engine_sampling(&self) -> EngineSampling {
+        EngineSampling {
+            n: self.num_generations,
+            max_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+        }
+    }
 }
 
-const ATTEMPTS_PER_SERVER: usize = 2;
+/// A step's completions, `G` per prompt in group order, with the engine's log-prob of
+/// each token when an engine other than the trainer sampled them.
+pub struct Samples {
+    pub gens: Vec<Generation>,
+    pub engine_logp: Option<Vec<Vec<f32>>>,
+}
 
-impl VllmEngine {
-    /// Connects to `urls` (each `http://host:port`, with or without `/v1`) and reads the
-    /// base model each serves; they must agree. A server that does not answer is left
-    /// out with a warning; none answering is an error naming them all.
-    pub async fn connect(
-        urls: &[String],
-        sync_dir: PathBuf,
-        tag: &str,
-        timeout: Duration,
-    ) -> Result<Self> {
-        if urls.is_empty() {
-            bail!("rollout.engine = \"vllm\" needs at least one server URL (--rollout-url)");
+/// Who samples the rollouts.
+pub trait RolloutBackend {
+    /// `cfg.num_generations` completions of each prompt (one prompt per example).
+    fn complete(
+        &mut self,
+        policy: &Policy,
+        prompts: &[Vec<u32>],
+        cfg: &RolloutConfig,
+        share_prompts: bool,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> Result<Samples>;
+
+    /// Whether it serves its own copy of the weights (synced after every step).
+    fn remote(&self) -> bool {
+        false
+    }
+
+    /// Brings the served weights up to the policy's after optimizer step `step`.
+    fn sync(&mut self, _policy: &Policy, _step: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// The served weights against the policy's on a fixed completion: the largest mean
+    /// |Δlogp| over servers (an error past `rollout.sync-check-tol`) and how far the
+    /// policy moved since the last check.
+    fn check_served(&mut self, _policy: &Policy) -> Result<(f64, f64)> {
+        Ok((0.0, 0.0))
+    }
+}
+
+/// Sampling in this process, from the trainer's own weights.
+pub struct Local;
+
+impl RolloutBackend for Local {
+    fn complete(
+        &mut self,
+        policy: &Policy,
+        prompts: &[Vec<u32>],
+        cfg: &RolloutConfig,
+        share_prompts: bool,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> Result<Samples> {
+        let rows = per_rollout(prompts.to_vec(), cfg.num_generations);
+        let sampling = cfg.sampling(share_prompts);
+        Ok(Samples {
+            gens: policy.sample(&rows, &sampling, cfg.generation_batch, rng)?,
+            engine_logp: None,
+        })
+    }
+}
+
+/// The engine `cfg.rollout.engine` names, started for `policy` at `step` (a served one
+/// gets the weights and is checked; `probe_example` gives its fixed completion). `tag`
+/// names this run's weights on a shared server; `out_dir` holds its sync folder unless
+/// `rollout.sync-dir` says otherwise.
+pub fn build(
+    cfg: &RolloutConfig,
+    policy: &Policy,
+    probe_example: &Example,
+    step: usize,
+    tag: &str,
+    out_dir: &Path,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Box<dyn RolloutBackend>> {
+    Ok(match cfg.engine {
+        RolloutEngine::Local => Box::new(Local),
+        RolloutEngine::Vllm => {
+            let sync = (cfg.sync_dir.clone()).unwrap_or_else(|| out_dir.join("engine-sync"));
+            let probe = SyncProbe::new(policy, probe_example)?;
+            Box::new(vllm::Vllm::start(
+                cfg,
+                sync,
+                tag,
+                policy,
+                probe,
+                step,
+                rt.handle().clone(),
+            )?)
         }
-        let client = reqwest::Client::builder().timeout(timeout).build()?;
-        let urls: Vec<String> = urls
-            .iter()
-            .map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string())
-            .collect();
-        let mut base: Option<String> = None;
-        let (mut live, mut down) = (Vec::new(), Vec::new());
-        for u in &urls {
-            let reply = client
-                .get(format!("{u}/v1/models"))
-                .send()
-                .await
-                .and_then(|r| r.error_for_status());
-            let v: Value = match reply {
-                Ok(r) => r
-                    .json()
-                    .await
-                    .with_context(|| format!("rollout server {u}: /v1/models is not JSON"))?,
-                Err(e) => {
-                    tracing::warn!("rollout server {u} does not answer, left out: {e}");
-                    eprintln!(
-                        "warning: rollout server {u} does not answer ({e}); going on without it"
-                    );
-                    down.push(format!("{u}: {e}"));
-                    continue;
-                }
-            };
-            let name = v["data"]
-                .as_array()
-                .and_then(|d| d.iter().find(|m| m["parent"].is_null()))
-                .and_then(|m| m["id"].as_str())
-                .ok_or_else(|| anyhow!("rollout server {u}: /v1/models lists no base model"))?
-                .to_string();
-            match &base {
-                Some(b) if *b != name => {
-                    bail!("rollout servers serve different models: {b} and {name} ({u})")
-                }
-                _ => base = Some(name),
-            }
-            live.push(u.clone());
-        }
-        if live.is_empty() {
-            bail!("no rollout server answers: {}", down.join("; "));
-        }
-        let urls = live;
-        std::fs::create_dir_all(&sync_dir)
-            .with_context(|| format!("creating {}", sync_dir.display()))?;
+    })
+}
+
+/// A fixed completion (the first training problem's prompt and the start of its
+/// reference solution) whose log-probs a served engine must give as the trainer does
+/// after every sync.
+pub struct SyncProbe {
+    prompt: Vec<u32>,
+    completion: Vec<u32>,
+    /// The trainer's log-probs of it at the last check.
+    last: Vec<f32>,
+}
+
+impl SyncProbe {
+    const TOKENS: usize = 24;
+
+    pub fn new(policy: &Policy, example: &Example) -> Result<Self> {
+        let mut completion = policy.target_ids(&example.answer)?;
+        completion.truncate(Self::TOKENS);
         Ok(Self {
-            urls,
-            client,
-            base: base.unwrap_or_default(),
-            adapter: None,
-            synced: None,
-            sync_dir,
-            tag: tag.to_string(),
+            prompt: policy.prompt_ids(&example.question)?,
+            completion,
+            last: Vec::new(),
         })
     }
 
-    /// The model name the next requests use: the latest adapter, or the base.
-    pub fn served(&self) -> &str {
-        self.adapter.as_deref().unwrap_or(&self.base)
-    }
-
-    /// `s.n` completions for each prompt, prompt `i` first asked of server `i mod N`.
-    /// `seeds[i]` seeds prompt `i`'s request, so a rerun asks for the same samples.
-    pub async fn complete(
-        &self,
-        prompts: &[Vec<u32>],
-        seeds: &[u64],
-        s: EngineSampling,
-        tok: &TokenizerBundle,
-    ) -> Result<Vec<Vec<EngineCompletion>>> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, (p, &seed)) in prompts.iter().zip(seeds).enumerate() {
-            let body = json!({
-                "model": self.served(),
-                "prompt": p,
-                "n": s.n,
-                "max_tokens": s.max_tokens,
-                "temperature": s.temperature,
-                "top_p": s.top_p,
-                "seed": seed,
-                "logprobs": 0,
-                "return_tokens_as_token_ids": true,
-                "skip_special_tokens": false,
-            });
-            let (client, urls) = (self.client.clone(), self.urls.clone());
-            tasks.spawn(async move { (i, post_with_failover(&client, &urls, i, &body).await) });
-        }
-        let mut replies: Vec<Option<Value>> = vec![None; prompts.len()];
-        while let Some(joined) = tasks.join_next().await {
-            let (i, reply) = joined.context("rollout request task")?;
-            replies[i] = Some(reply?);
-        }
-        replies
-            .into_iter()
-            .map(|r| parse_choices(&r.unwrap_or_default(), s.n, tok))
-            .collect()
-    }
-
-    /// Sends `model`'s weights after step `step` to every server: its adapter with
-    /// LoRA, else the whole model (see the module's doc).
-    pub async fn sync(
+    /// The servers against the trainer now: `served(prompt, completion, expected,
+    /// previous)` asks them and judges the answer ([`judge_served`]), giving the largest
+    /// mean |Δlogp|; also how far the trainer moved on the probe since the last check
+    /// (the check tells stale weights apart only when that is larger).
+    pub fn check(
         &mut self,
-        model: &Transformer,
-        tok: &TokenizerBundle,
-        step: usize,
-    ) -> Result<()> {
-        if model.lora.is_some() {
-            self.sync_lora(model, step).await
-        } else {
-            self.sync_full(model, tok, step).await
-        }
-    }
-
-    /// Writes the whole model for step `step` and has every server reload it in place.
-    async fn sync_full(
-        &mut self,
-        model: &Transformer,
-        tok: &TokenizerBundle,
-        step: usize,
-    ) -> Result<()> {
-        let name = format!("{}-step-{step}", self.tag);
-        let dir = self.sync_dir.join(&name);
-        cal_model::load::export_hf_with(model, tok, &dir, true)?;
-        let path = std::fs::canonicalize(&dir)?;
-        let body = json!({"method": "reload_weights", "kwargs": {"weights_path": path}});
-        let hint = "full-weight syncs reload in place through vLLM's dev routes: start the \
-                    server with VLLM_SERVER_DEV_MODE=1, or train LoRA (--lora-rank 8)";
-        let what = format!("reloading weights from {}", path.display());
-        self.post_to_all("/collective_rpc", &body, &what, hint)
-            .await?;
-        // cached prefixes hold keys and values of the old weights
-        self.post_to_all(
-            "/reset_prefix_cache",
-            &json!({}),
-            "resetting the prefix cache",
-            hint,
-        )
-        .await?;
-        if let Some(old) = self.synced.replace(name) {
-            let _ = std::fs::remove_dir_all(self.sync_dir.join(&old));
-        }
-        Ok(())
-    }
-
-    /// POSTs `body` to `route` on every server. One that does not answer is left out
-    /// with a warning and the others carry on; one that answers with an error fails,
-    /// with `what` and `hint` in the message; none left is an error naming them.
-    async fn post_to_all(
-        &mut self,
-        route: &str,
-        body: &Value,
-        what: &str,
-        hint: &str,
-    ) -> Result<()> {
-        let (mut live, mut down) = (Vec::new(), Vec::new());
-        for u in &self.urls {
-            let r = match self
-                .client
-                .post(format!("{u}{route}"))
-                .json(body)
-                .send()
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("warning: rollout server {u} is gone ({e}); going on without it");
-                    down.push(format!("{u}: {e}"));
-                    continue;
-                }
-            };
-            if !r.status().is_success() {
-                let status = r.status();
-                let text = r.text().await.unwrap_or_default();
-                bail!("rollout server {u}: {what} failed ({status}): {text} ({hint})");
-            }
-            live.push(u.clone());
-        }
-        if live.is_empty() {
-            bail!("no rollout server left: {}", down.join("; "));
-        }
-        self.urls = live;
-        Ok(())
-    }
-
-    /// The servers' log-probs of `completion` after `prompt` (greedy, prompt echoed),
-    /// from every server, judged by [`judge_served`] against the trainer's `expected`
-    /// (and its `previous`, before the step): the largest mean absolute difference.
-    pub async fn check_served(
-        &mut self,
-        prompt: &[u32],
-        completion: &[u32],
-        expected: &[f32],
-        previous: Option<&[f32]>,
-        tol: f64,
-    ) -> Result<f64> {
-        let ids: Vec<u32> = prompt.iter().chain(completion).copied().collect();
-        let body = json!({
-            "model": self.served(),
-            "prompt": ids,
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "echo": true,
-            "logprobs": 0,
-            "return_tokens_as_token_ids": true,
-        });
-        let mut worst = 0.0f64;
-        let mut down = Vec::new();
-        for u in self.urls.clone() {
-            let v = match post_with_failover(&self.client, std::slice::from_ref(&u), 0, &body).await
-            {
-                Ok(v) => v,
-                Err(e) => {
-                    // gone since the sync (killed): the others carry on, as in a sync
-                    eprintln!(
-                        "warning: rollout server {u} does not answer ({e:#}); going on without it"
-                    );
-                    self.urls.retain(|x| *x != u);
-                    down.push(format!("{u}: {e:#}"));
-                    continue;
-                }
-            };
-            let lp = v["choices"][0]["logprobs"]["token_logprobs"]
-                .as_array()
-                .ok_or_else(|| {
-                    anyhow!("rollout server {u}: echoed reply without log-probs: {v}")
-                })?;
-            // echoed prompt first (its first token has none), then the one new token
-            let got = lp
-                .get(prompt.len()..prompt.len() + completion.len())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "rollout server {u}: echoed {} log-probs for {} tokens",
-                        lp.len(),
-                        ids.len()
-                    )
-                })?;
-            let got = got
+        policy: &Policy,
+        served: impl FnOnce(&[u32], &[u32], &[f32], Option<&[f32]>) -> Result<f64>,
+    ) -> Result<(f64, f64)> {
+        let m = &policy.model;
+        let batch = cal_model::generate::build_batch(
+            std::slice::from_ref(&self.prompt),
+            std::slice::from_ref(&self.completion),
+            policy.tok.pad_id,
+            &m.device,
+        )?;
+        let (lp, _) =
+            cal_model::generate::completion_logprobs(m, &batch, cal_model::Forward::INFERENCE)?;
+        let expected: Vec<f32> = lp.flatten_all()?.to_vec1()?;
+        let previous = (!self.last.is_empty()).then_some(self.last.as_slice());
+        let diff = served(&self.prompt, &self.completion, &expected, previous)?;
+        let shift = previous.map_or(0.0, |p| {
+            let s: f64 = p
                 .iter()
-                .map(|g| g.as_f64().map_or(f32::NAN, |g| g as f32))
-                .collect::<Vec<f32>>();
-            let diff = judge_served(&got, expected, previous, tol).map_err(|why| {
-                let hint = if self.adapter.is_none() && self.synced.is_some() {
-                    " (a fully fine-tuned model with tied embeddings must be served untied, \
-                     or vLLM's in-place reload keeps the old output head: \
-                     cal-grpo export --untie-embeddings)"
-                } else {
-                    ""
-                };
-                anyhow!(
-                    "rollout server {u} does not serve the trainer's weights after the sync of {}: {why}{hint}",
-                    self.synced.as_deref().unwrap_or("the base"),
-                )
-            })?;
-            worst = worst.max(diff);
-        }
-        if self.urls.is_empty() {
-            bail!("no rollout server left: {}", down.join("; "));
-        }
-        Ok(worst)
-    }
-
-    /// Writes `model`'s adapters for step `step` and hot-loads them on every server;
-    /// the previous adapter is unloaded once the new one is everywhere.
-    async fn sync_lora(&mut self, model: &Transformer, step: usize) -> Result<()> {
-        let name = format!("{}-step-{step}", self.tag);
-        let dir = self.sync_dir.join(&name);
-        cal_model::peft::export_adapter(model, &dir)?;
-        let path = std::fs::canonicalize(&dir)?;
-        // in place: a resumed run loads its step again under the same name
-        let body = json!({"lora_name": name, "lora_path": path, "load_inplace": true});
-        let what = format!("loading adapter {name}");
-        let hint = "start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True";
-        self.post_to_all("/v1/load_lora_adapter", &body, &what, hint)
-            .await?;
-        self.synced = Some(name.clone());
-        if let Some(old) = self.adapter.replace(name) {
-            for u in &self.urls {
-                // A failed unload only costs the server memory; the next request names the
-                // new adapter either way.
-                let _ = self
-                    .client
-                    .post(format!("{u}/v1/unload_lora_adapter"))
-                    .json(&json!({"lora_name": old}))
-                    .send()
-                    .await;
-            }
-            let _ = std::fs::remove_dir_all(self.sync_dir.join(&old));
-        }
-        Ok(())
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .sum();
+            s / p.len().max(1) as f64
+        });
+        self.last = expected;
+        Ok((diff, shift))
     }
 }
 
@@ -424,108 +263,6 @@ pub fn judge_served(
         }
     }
     Ok(diff)
-}
-
-/// POSTs `body` to `/v1/completions`, starting at server `first mod N` and moving on
-/// to the next on an error, with exponential backoff between rounds.
-async fn post_with_failover(
-    client: &reqwest::Client,
-    urls: &[String],
-    first: usize,
-    body: &Value,
-) -> Result<Value> {
-    let mut errors = Vec::new();
-    for attempt in 0..urls.len() * ATTEMPTS_PER_SERVER {
-        let u = &urls[(first + attempt) % urls.len()];
-        if attempt >= urls.len() {
-            tokio::time::sleep(Duration::from_millis(250 << (attempt / urls.len()))).await;
-        }
-        let reply = async {
-            let r = client
-                .post(format!("{u}/v1/completions"))
-                .json(body)
-                .send()
-                .await?;
-            let status = r.status();
-            let text = r.text().await?;
-            if !status.is_success() {
-                bail!("{status}: {}", text.chars().take(300).collect::<String>());
-            }
-            Ok::<Value, anyhow::Error>(serde_json::from_str(&text)?)
-        }
-        .await;
-        match reply {
-            Ok(v) => return Ok(v),
-            Err(e) => errors.push(format!("{u}: {e:#}")),
-        }
-    }
-    bail!(
-        "every rollout server failed for a prompt: {}",
-        errors.join("; ")
-    )
-}
-
-/// The `n` choices of one reply, in index order, as token ids and log-probs.
-fn parse_choices(reply: &Value, n: usize, tok: &TokenizerBundle) -> Result<Vec<EngineCompletion>> {
-    let choices = reply["choices"]
-        .as_array()
-        .ok_or_else(|| anyhow!("rollout reply without choices: {reply}"))?;
-    if choices.len() != n {
-        bail!("rollout reply has {} choices, asked for {n}", choices.len());
-    }
-    let mut out: Vec<(u64, EngineCompletion)> = Vec::with_capacity(n);
-    for c in choices {
-        let lp = &c["logprobs"];
-        let (Some(tokens), Some(logprobs)) =
-            (lp["tokens"].as_array(), lp["token_logprobs"].as_array())
-        else {
-            bail!("rollout reply without token log-probs (the server must accept `logprobs`): {c}");
-        };
-        let ids = tokens
-            .iter()
-            .map(|t| {
-                t.as_str()
-                    .and_then(|s| s.strip_prefix("token_id:"))
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "rollout token {t} is not `token_id:N` (return_tokens_as_token_ids)"
-                        )
-                    })
-            })
-            .collect::<Result<Vec<u32>>>()?;
-        let logprobs = logprobs
-            .iter()
-            .map(|x| x.as_f64().map(|v| v as f32))
-            .collect::<Option<Vec<f32>>>()
-            .ok_or_else(|| anyhow!("rollout log-prob that is not a number: {c}"))?;
-        if logprobs.len() != ids.len() {
-            bail!(
-                "rollout reply: {} tokens but {} log-probs",
-                ids.len(),
-                logprobs.len()
-            );
-        }
-        let finish = match c["finish_reason"].as_str() {
-            Some("stop") => FinishReason::Stop,
-            _ => FinishReason::Length,
-        };
-        let (text, offsets) = decode_with_offsets(tok, &ids)?;
-        out.push((
-            c["index"].as_u64().unwrap_or(out.len() as u64),
-            EngineCompletion {
-                generation: Generation {
-                    ids,
-                    text,
-                    offsets,
-                    finish,
-                },
-                logprobs,
-            },
-        ));
-    }
-    out.sort_by_key(|(i, _)| *i);
-    Ok(out.into_iter().map(|(_, c)| c).collect())
 }
 
 #[cfg(test)]

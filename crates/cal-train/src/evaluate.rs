@@ -24,10 +24,22 @@ pub struct EvalConfig {
     pub seed: u64,
 }
 
+impl EvalConfig {
+    /// Greedy held-out evaluation of a run: at the rollouts' length, with its seed.
+    pub fn of_run(cfg: &crate::config::RunConfig) -> Self {
+        Self {
+            max_new_tokens: cfg.rollout.max_new_tokens,
+            seed: cfg.run.seed,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for EvalConfig {
+    /// Greedy, at the rollouts' default length.
     fn default() -> Self {
         Self {
-            max_new_tokens: 128,
+            max_new_tokens: crate::config::RolloutConfig::default().max_new_tokens,
             samples: 1,
             greedy: true,
             temperature: 0.7,

@@ -12,6 +12,7 @@ pub mod algorithm;
 pub mod bench;
 pub mod cache;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod engine;
 pub mod evaluate;

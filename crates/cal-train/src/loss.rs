@@ -57,10 +57,6 @@ pub struct LossConfig {
     /// weighted by `min(exp(logp_old − logq), cap)`, `logq` being the engine's log-prob
     /// of the token (0 = off; only used when an engine sampled).
     pub engine_is_cap: f64,
-    /// Normaliser of [`Aggregation::SeqMeanTokenSumNorm`]: the rollouts' max new tokens,
-    /// derived from `rollout.max-new-tokens` when the run configuration is finished.
-    #[serde(skip)]
-    pub max_completion_len: usize,
 }
 
 impl Default for LossConfig {
@@ -72,7 +68,6 @@ impl Default for LossConfig {
             aggregation: Aggregation::TokenMean,
             importance: Importance::Token,
             engine_is_cap: 2.0,
-            max_completion_len: 128,
         }
     }
 }
@@ -92,7 +87,8 @@ pub struct LossOutput {
 }
 
 /// `logp`, `old_logp`, `ref_logp`, `adv`, `mask`: `[B, T]` in the same dtype; `mask` is
-/// 1.0 on completion tokens. Gradients flow through `logp` only.
+/// 1.0 on completion tokens. Gradients flow through `logp` only. `max_completion_len`
+/// normalises [`Aggregation::SeqMeanTokenSumNorm`] (the rollouts' max new tokens).
 pub fn policy_loss(
     logp: &Tensor,
     old_logp: &Tensor,
@@ -100,6 +96,7 @@ pub fn policy_loss(
     adv: &Tensor,
     mask: &Tensor,
     cfg: &LossConfig,
+    max_completion_len: usize,
 ) -> Result<LossOutput> {
     let old = old_logp.detach();
     let log_ratio = (logp - &old)?;
@@ -142,7 +139,7 @@ pub fn policy_loss(
         }
         Aggregation::SeqMeanTokenSumNorm => {
             let b = logp.dim(0)? as f64;
-            (masked.sum_all()? / (b * cfg.max_completion_len.max(1) as f64))?
+            (masked.sum_all()? / (b * max_completion_len.max(1) as f64))?
         }
     };
     // clip fraction: tokens whose ratio left the trust region
@@ -208,7 +205,16 @@ mod tests {
             ..LossConfig::default()
         };
         // ε_high = 0.3: range [0.8, 1.3]; pg = −[min(1.5, 1.3), min(−0.7, −0.8), 1.1]
-        let out = policy_loss(logp.as_tensor(), &old, None, &adv, &mask, &cfg(Some(0.3))).unwrap();
+        let out = policy_loss(
+            logp.as_tensor(),
+            &old,
+            None,
+            &adv,
+            &mask,
+            &cfg(Some(0.3)),
+            128,
+        )
+        .unwrap();
         assert!((scalar(&out.loss) - (-1.3 + 0.8 - 1.1) / 3.0).abs() < 1e-12);
         assert!((out.clip_fraction - 2.0 / 3.0).abs() < 1e-12);
         // the clipped tokens get no gradient; the third gets −A·r / N
@@ -217,7 +223,7 @@ mod tests {
         assert_eq!((g[0][0], g[0][1]), (0.0, 0.0));
         assert!((g[0][2] + 1.1 / 3.0).abs() < 1e-12, "{g:?}");
         // symmetric ε = 0.2: range [0.8, 1.2]
-        let out = policy_loss(logp.as_tensor(), &old, None, &adv, &mask, &cfg(None)).unwrap();
+        let out = policy_loss(logp.as_tensor(), &old, None, &adv, &mask, &cfg(None), 128).unwrap();
         assert!((scalar(&out.loss) - (-1.2 + 0.8 - 1.1) / 3.0).abs() < 1e-12);
     }
 
@@ -234,7 +240,7 @@ mod tests {
             importance: Importance::Sequence,
             ..LossConfig::default()
         };
-        let out = policy_loss(&logp, &old, None, &adv, &mask, &cfg).unwrap();
+        let out = policy_loss(&logp, &old, None, &adv, &mask, &cfg, 128).unwrap();
         let (s0, s1) = (0.1f64.exp(), 0.2f64.exp()); // s1 = 1.221 > 1.2: clipped, but
                                                      // min(−s1, −1.2) keeps −s1
         let want = (-3.0 * s0 + 2.0 * s1) / 5.0;

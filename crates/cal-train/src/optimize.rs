@@ -7,8 +7,9 @@
 //! full-batch gradient, so `micro_batch` changes memory, not the update.
 
 use crate::adamw::AdamW;
+use crate::collective::{reduce_gradients, Collective};
 use crate::config::RunConfig;
-use crate::loss::{micro_batch_weight, policy_loss};
+use crate::loss::{micro_batch_weight, policy_loss, LossConfig, LossOutput};
 use crate::policy::Policy;
 use crate::rollout::Rollouts;
 use crate::seed::mix_seed;
@@ -158,12 +159,11 @@ pub fn plan_group_micro_batches(
     plan.into_iter().map(|mb| mb.3).collect()
 }
 
-/// The step's rows as groups that share a prompt: consecutive rows of one example, with
-/// the prompt length and each row's (index, completion length). `None` when no two
-/// rows of a group share their prompt tokens (nothing to share).
-fn prompt_groups(r: &Rollouts) -> Option<Vec<PromptGroup>> {
+/// The step's rows as groups: consecutive rows of one example, with the prompt length
+/// and each row's (index, completion length).
+fn row_groups(r: &Rollouts) -> Vec<PromptGroup> {
     let g = r.group.max(1);
-    let groups: Vec<PromptGroup> = (0..r.len())
+    (0..r.len())
         .step_by(g)
         .map(|s| {
             let rows = (s..(s + g).min(r.len()))
@@ -171,7 +171,13 @@ fn prompt_groups(r: &Rollouts) -> Option<Vec<PromptGroup>> {
                 .collect();
             (r.prompts[s].len(), rows)
         })
-        .collect();
+        .collect()
+}
+
+/// [`row_groups`] when they share their prompt tokens; `None` when no two rows of a
+/// group do (nothing to share).
+fn prompt_groups(r: &Rollouts) -> Option<Vec<PromptGroup>> {
+    let groups = row_groups(r);
     let shares = groups.iter().any(|(_, rows)| {
         rows.len() > 1
             && rows
@@ -183,13 +189,16 @@ fn prompt_groups(r: &Rollouts) -> Option<Vec<PromptGroup>> {
 
 /// Splits the step's rows into micro-batches ([`plan_micro_batches`]), each padded only
 /// to its own longest prompt and completion. With `run.shared-prefix` on, whole groups
-/// ([`plan_group_micro_batches`]) whose passes compute each distinct prompt once.
+/// ([`plan_group_micro_batches`]) whose passes compute each distinct prompt once;
+/// `whole_groups` (an algorithm whose loss reads a group or pair together) keeps groups
+/// whole without sharing.
 pub fn micro_batches(
     r: &Rollouts,
     size: usize,
     token_budget: usize,
     policy: &Policy,
     cfg: &RunConfig,
+    whole_groups: bool,
 ) -> Result<Vec<MicroBatch>> {
     let rows = r.len();
     let total_tokens = r.completion_tokens() as f64;
@@ -203,9 +212,10 @@ pub fn micro_batches(
         .on()
         .then(|| prompt_groups(r))
         .flatten();
-    let plan = match &groups {
-        Some(g) => plan_group_micro_batches(g, size, token_budget),
-        None => plan_micro_batches(&lens, size, token_budget),
+    let plan = match (&groups, whole_groups) {
+        (Some(g), _) => plan_group_micro_batches(g, size, token_budget),
+        (None, true) => plan_group_micro_batches(&row_groups(r), size, token_budget),
+        (None, false) => plan_micro_batches(&lens, size, token_budget),
     };
     let mut out = Vec::new();
     for rows_mb in plan {
@@ -293,26 +303,76 @@ pub fn fixed_logprobs(
     Ok(())
 }
 
-/// A term an algorithm adds to each micro-batch's policy loss (PPO's value loss);
-/// every [`crate::algorithm::Algorithm`] is one, most add nothing.
-pub trait ExtraLoss {
-    /// Whether [`ExtraLoss::extra_loss`] reads the policy forward's hidden states.
+/// What a loss reads for one micro-batch in one iteration of the update. `[b, Tc]`
+/// tensors in the loss dtype; gradients flow through `logp` (and `hidden`) only.
+pub struct LossInputs<'a> {
+    /// The policy's log-probs of the completion tokens, this forward.
+    pub logp: &'a Tensor,
+    /// The sampling policy's (detached `logp` when the batch is used once).
+    pub old_logp: &'a Tensor,
+    /// The frozen reference's, when β > 0.
+    pub ref_logp: Option<&'a Tensor>,
+    pub advantages: &'a Tensor,
+    /// Truncated importance weights of an engine's samples, applied to the advantages.
+    pub is_weights: Option<&'a Tensor>,
+    /// 1.0 on completion tokens.
+    pub mask: &'a Tensor,
+    /// The policy's completion hidden states, when [`Loss::wants_hidden`].
+    pub hidden: Option<&'a Tensor>,
+    pub cfg: &'a LossConfig,
+    /// The rollouts' longest allowed completion (`rollout.max-new-tokens`): the
+    /// normaliser of `seq-mean-token-sum-norm`.
+    pub max_completion_len: usize,
+    /// The micro-batch (its rows and batch), its index `k`, the iteration, and the
+    /// dropout seed of this forward.
+    pub micro: &'a MicroBatch,
+    pub k: usize,
+    pub iteration: usize,
+    pub seed: u64,
+}
+
+/// The clipped surrogate with the k3 KL to the reference ([`policy_loss`]), the
+/// importance weights of an engine's samples applied to the advantages: the loss of
+/// GRPO and the policy half of PPO's.
+pub fn clipped_policy_loss(i: &LossInputs) -> Result<LossOutput> {
+    let weighted;
+    let adv = match i.is_weights {
+        Some(w) => {
+            weighted = (i.advantages * w)?;
+            &weighted
+        }
+        None => i.advantages,
+    };
+    Ok(policy_loss(
+        i.logp,
+        i.old_logp,
+        i.ref_logp,
+        adv,
+        i.mask,
+        i.cfg,
+        i.max_completion_len,
+    )?)
+}
+
+/// The loss an algorithm trains with, one micro-batch at a time; every
+/// [`crate::algorithm::Algorithm`] is one. The default is the clipped policy loss; PPO
+/// adds its value loss, DPO would replace it.
+pub trait Loss {
+    /// Whether [`Loss::loss`] reads the policy forward's hidden states.
     fn wants_hidden(&self) -> bool {
         false
     }
 
-    /// A term added to micro-batch `k`'s policy loss in iteration `iteration`
-    /// (`hidden`: the policy's completion hidden states when [`Self::wants_hidden`];
-    /// `seed`: that forward's dropout seed).
-    fn extra_loss(
-        &mut self,
-        _k: usize,
-        _iteration: usize,
-        _m: &MicroBatch,
-        _hidden: Option<&Tensor>,
-        _seed: u64,
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
+    /// Whether micro-batches must hold whole groups (consecutive rows of one prompt;
+    /// a preference pair is a group of two) even when the prompt is not shared.
+    fn whole_groups(&self) -> bool {
+        false
+    }
+
+    /// The scalar loss of one micro-batch (its share of the full batch is applied by the
+    /// update).
+    fn loss(&mut self, inputs: &LossInputs) -> Result<LossOutput> {
+        clipped_policy_loss(inputs)
     }
 }
 
@@ -379,7 +439,8 @@ pub fn update(
     opt: &mut AdamW,
     micro: &[MicroBatch],
     adv: &AdvantageMatrix,
-    algo: &mut dyn ExtraLoss,
+    algo: &mut dyn Loss,
+    collective: &dyn Collective,
     cfg: &RunConfig,
     step: usize,
     lr: f64,
@@ -417,7 +478,7 @@ pub fn update(
             let old = m.old_logp.clone().unwrap_or_else(|| logp.detach());
             // An engine's samples: each token's advantage weighted by its truncated
             // importance weight, computed once from the policy that sampled.
-            let adv = match &m.engine_logp {
+            let is_weights = match &m.engine_logp {
                 Some(logq) => {
                     let (w, sums) = engine_weights(&old, logq, &m.mask, cfg.loss.engine_is_cap)?;
                     if it == 0 {
@@ -426,14 +487,25 @@ pub fn update(
                         e.kl += sums[1] / total_tokens;
                         e.is_weight += sums[2] / total_tokens;
                     }
-                    (&adv_t[k] * w)?
+                    Some(w)
                 }
-                None => adv_t[k].clone(),
+                None => None,
             };
-            let mut out = policy_loss(&logp, &old, m.ref_logp.as_ref(), &adv, &m.mask, &cfg.loss)?;
-            if let Some(extra) = algo.extra_loss(k, it, m, hidden.as_ref(), seed)? {
-                out.loss = (out.loss + extra)?;
-            }
+            let out = algo.loss(&LossInputs {
+                logp: &logp,
+                old_logp: &old,
+                ref_logp: m.ref_logp.as_ref(),
+                advantages: &adv_t[k],
+                is_weights: is_weights.as_ref(),
+                mask: &m.mask,
+                hidden: hidden.as_ref(),
+                cfg: &cfg.loss,
+                max_completion_len: cfg.rollout.max_new_tokens,
+                micro: m,
+                k,
+                iteration: it,
+                seed,
+            })?;
             let lv = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {
                 tracing::warn!(step, "non-finite loss; step skipped");
@@ -459,6 +531,8 @@ pub fn update(
         if u.skipped {
             break;
         }
+        // the reduce point: the global gradient, before its norm is taken and clipped
+        reduce_gradients(collective, &mut acc)?;
         u.grad_norm = opt.step_accumulated(&acc, lr)?;
         u.iterations += 1;
         u.loss += loss;

@@ -13,8 +13,9 @@
 use crate::adamw::{lr_at, AdamW};
 use crate::algorithm::{self, Algorithm, Scored};
 use crate::checkpoint::{self, TrainState};
-use crate::config::{RolloutEngine, RunConfig};
-use crate::engine::VllmEngine;
+use crate::collective::{Collective, SingleProcess};
+use crate::config::RunConfig;
+use crate::engine::{self, RolloutBackend};
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{JsonlLog, Progress, TensorBoard};
 use crate::metrics::{step_metrics, Metrics, StepRecord};
@@ -32,7 +33,7 @@ use cal_oracle::{locate_all, Oracle, SpanOutcome};
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,13 +52,13 @@ pub struct Trainer {
     /// Optimizer steps of the whole run.
     pub total_steps: usize,
     oracle: Arc<dyn Oracle>,
-    /// The serving engine that samples the rollouts (`rollout.engine = "vllm"`), and
-    /// the fixed completion that checks each sync.
-    engine: Option<(VllmEngine, SyncProbe)>,
+    /// Who samples the rollouts (`rollout.engine`).
+    engine: Box<dyn RolloutBackend>,
     rt: tokio::runtime::Runtime,
     pub out_dir: PathBuf,
-    tb: TensorBoard,
-    jsonl: JsonlLog,
+    /// The main rank's logs (`None` on the others).
+    tb: Option<TensorBoard>,
+    jsonl: Option<JsonlLog>,
     skipped: usize,
     rewards: RewardFns,
     /// Held-out problems evaluated every `cfg.eval.every` steps.
@@ -65,8 +66,11 @@ pub struct Trainer {
     /// The latest held-out evaluation and the step it was made at: the one at the last
     /// step is the run's final evaluation, so callers take it instead of redoing it.
     last_held_out: Option<(usize, Vec<GradedExample>)>,
-    /// This process's exclusive right to `out_dir`, released when the trainer drops.
-    _lock: RunLock,
+    /// The other ranks of a data-parallel run ([`SingleProcess`] alone by default).
+    collective: Arc<dyn Collective>,
+    /// This process's exclusive right to `out_dir`, released when the trainer drops
+    /// (the main rank's; the others write nothing there).
+    _lock: Option<RunLock>,
 }
 
 /// Set by SIGINT: the loop saves a checkpoint and stops after the current step.
@@ -86,12 +90,24 @@ impl Trainer {
     /// logs cut back to it; `Fresh` refuses a folder holding another run; `Overwrite`
     /// moves that run aside first.
     pub fn new(
-        mut cfg: RunConfig,
-        mut policy: Policy,
+        cfg: RunConfig,
+        policy: Policy,
         data: Vec<Example>,
         start: impl Into<Start>,
     ) -> Result<Self> {
-        let start = start.into();
+        Self::new_on(cfg, policy, data, start.into(), Arc::new(SingleProcess))
+    }
+
+    /// [`Trainer::new`] as one rank of `collective`: only the main rank locks, writes
+    /// and logs the run folder; every rank reads a checkpoint to resume.
+    pub fn new_on(
+        mut cfg: RunConfig,
+        mut policy: Policy,
+        data: Vec<Example>,
+        start: Start,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let main = collective.is_main();
         if data.is_empty() {
             bail!("no training data");
         }
@@ -100,9 +116,12 @@ impl Trainer {
         // the prompt of the configuration, few-shot examples drawn from this run's data
         policy.prompt = crate::prompt::PromptFormat::of(&cfg.data, &data)?;
         let out_dir = cfg.output_dir();
-        let lock = RunLock::acquire(&out_dir)?;
-        rundir::prepare(&out_dir, start)?;
-        // before the adapters: a separate critic copies the base model
+        let lock = main.then(|| RunLock::acquire(&out_dir)).transpose()?;
+        if main {
+            rundir::prepare(&out_dir, start)?;
+        }
+        collective.barrier()?; // the others read the folder once it is ready
+                               // before the adapters: a separate critic copies the base model
         let algo = algorithm::build(&cfg, &policy)?;
         let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
         // The reference is a real frozen copy (full fine-tuning) or the same base with
@@ -129,35 +148,16 @@ impl Trainer {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let mut tb = TensorBoard::create(&out_dir.join("tb"))?;
-        let metrics_path = out_dir.join("metrics.jsonl");
-        if start == Start::Resume {
-            // What the killed run logged after its checkpoint is logged again below.
-            let dropped = rundir::truncate_jsonl_after(&metrics_path, step)?;
-            if dropped > 0 {
-                eprintln!("dropped {dropped} metrics rows past step {step} (logged again)");
-            }
-            tb.session_start(step as i64 + 1)?;
-        }
-        let jsonl = JsonlLog::append(&metrics_path)?;
-        std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
-        let engine = match cfg.rollout.engine {
-            RolloutEngine::Local => None,
-            RolloutEngine::Vllm => {
-                let sync =
-                    (cfg.rollout.sync_dir.clone()).unwrap_or_else(|| out_dir.join("engine-sync"));
-                let timeout = std::time::Duration::from_secs(600);
-                let tag = format!("{}-seed{}", cfg.kind(), cfg.run.seed);
-                let mut e =
-                    rt.block_on(VllmEngine::connect(&cfg.rollout.urls, sync, &tag, timeout))?;
-                // the servers start from the trainer's weights (a resumed run's included)
-                rt.block_on(e.sync(&policy.model, &policy.tok, step))?;
-                let mut probe = SyncProbe::new(&policy, &data[0])?;
-                let (diff, _) = probe.check(&mut e, &rt, &policy, cfg.rollout.sync_check_tol)?;
-                eprintln!("rollout servers serve the trainer's weights (mean |Δlogp| {diff:.2e} on a fixed completion)");
-                Some((e, probe))
-            }
+        let (tb, jsonl) = if main {
+            let (tb, jsonl) = open_logs(&out_dir, start, step)?;
+            std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
+            (Some(tb), Some(jsonl))
+        } else {
+            (None, None)
         };
+        // a served engine starts from the trainer's weights (a resumed run's included)
+        let tag = format!("{}-seed{}", cfg.kind(), cfg.run.seed);
+        let engine = engine::build(&cfg.rollout, &policy, &data[0], step, &tag, &out_dir, &rt)?;
         Ok(Self {
             total_steps: cfg.steps(data.len()),
             cfg,
@@ -179,6 +179,7 @@ impl Trainer {
             rewards,
             held_out: None,
             last_held_out: None,
+            collective,
             _lock: lock,
         })
     }
@@ -234,11 +235,15 @@ impl Trainer {
         }
     }
 
+    /// Logs `m` at the current step (the main rank; the others log nothing).
     fn log(&mut self, m: &Metrics) -> Result<()> {
-        self.tb.scalars(self.step as i64, m)?;
+        let (Some(tb), Some(jsonl)) = (&mut self.tb, &mut self.jsonl) else {
+            return Ok(());
+        };
+        tb.scalars(self.step as i64, m)?;
         let mut row = serde_json::to_value(m)?;
         row["step"] = serde_json::json!(self.step);
-        self.jsonl.write(&row)
+        jsonl.write(&row)
     }
 
     /// The next `n` examples: a seeded shuffle per epoch, so the order depends only on
@@ -304,7 +309,13 @@ impl Trainer {
         Ok(RunEnd::Finished)
     }
 
+    /// Writes a checkpoint of the current step (the main rank; every rank returns its
+    /// folder once it is written).
     pub fn save(&self) -> Result<PathBuf> {
+        if !self.collective.is_main() {
+            self.collective.barrier()?;
+            return Ok(checkpoint::step_dir(&self.out_dir, self.step));
+        }
         let (seed, stream, pos) = checkpoint::rng_state(&self.rng);
         let state = TrainState {
             step: self.step,
@@ -316,7 +327,9 @@ impl Trainer {
             counters: serde_json::json!({"skipped_steps": self.skipped}),
         };
         let weights: cal_model::Params = self.trainable().into_iter().collect();
-        checkpoint::save(&self.out_dir, &state, &weights, &self.opt.state())
+        let dir = checkpoint::save(&self.out_dir, &state, &weights, &self.opt.state())?;
+        self.collective.barrier()?;
+        Ok(dir)
     }
 
     /// Trainable parameters by name (for tests and export).
@@ -333,46 +346,36 @@ impl Trainer {
         let t0 = Instant::now();
         let (cursor, rng) = (self.cursor, self.rng.clone());
         let examples = self.next_examples(self.cfg.rollout.prompts_per_step);
-        let rollouts = match &self.engine {
-            None => rollout::generate(
-                &self.policy,
-                examples,
-                &self.cfg.rollout,
-                self.cfg.run.shared_prefix.on(),
-                &mut self.rng,
-            )?,
-            Some((e, _)) => match rollout::generate_on_engine(
-                e,
-                &self.rt,
-                &self.policy,
-                examples,
-                &self.cfg.rollout,
-                &mut self.rng,
-            ) {
-                Ok(r) => r,
-                Err(err) => {
-                    // no partial group is trained on: back to the state after the last
-                    // step, saved, so that --resume asks for the same samples again
-                    (self.cursor, self.rng) = (cursor, rng);
-                    let dir = self.save()?;
-                    return Err(err.context(format!(
-                        "rollouts failed at step {}; checkpoint saved to {}, continue with --resume",
-                        self.step + 1,
-                        dir.display()
-                    )));
-                }
-            },
+        let rollouts = match rollout::generate(
+            self.engine.as_mut(),
+            &self.policy,
+            examples,
+            &self.cfg.rollout,
+            self.cfg.run.shared_prefix.on(),
+            &mut self.rng,
+        ) {
+            Ok(r) => r,
+            Err(err) => {
+                // no partial group is trained on: back to the state after the last
+                // step, saved, so that --resume asks for the same samples again
+                (self.cursor, self.rng) = (cursor, rng);
+                let dir = self.save()?;
+                return Err(err.context(format!(
+                    "rollouts failed at step {}; checkpoint saved to {}, continue with --resume",
+                    self.step + 1,
+                    dir.display()
+                )));
+            }
         };
         let t_gen = t0.elapsed().as_secs_f64();
         let n_tokens = rollouts.completion_tokens();
         let mut m = self.learn(&rollouts)?;
-        if let Some((e, probe)) = &mut self.engine {
+        if self.engine.remote() {
             // after every optimizer step the servers get the new weights, checked
             let t = Instant::now();
-            let p = &self.policy;
-            self.rt.block_on(e.sync(&p.model, &p.tok, self.step))?;
+            self.engine.sync(&self.policy, self.step)?;
             m.insert("perf/sync_seconds".into(), t.elapsed().as_secs_f64());
-            let (diff, shift) = probe.check(e, &self.rt, p, self.cfg.rollout.sync_check_tol)?;
+            let (diff, shift) = self.engine.check_served(&self.policy)?;
             m.insert("rollout/sync_logprob_diff".into(), diff);
             m.insert("rollout/sync_logprob_shift".into(), shift);
         }
@@ -403,6 +406,7 @@ impl Trainer {
             self.cfg.run.micro_batch_tokens,
             &self.policy,
             &self.cfg,
+            self.algo.whole_groups(),
         )?;
         // where a step's time goes: the fixed (reference) pass, the wait for the
         // oracle after it (it runs meanwhile), and the policy's forward + backward
@@ -430,6 +434,7 @@ impl Trainer {
             &micro,
             &adv,
             self.algo.as_mut(),
+            self.collective.as_ref(),
             &self.cfg,
             self.step,
             lr,
@@ -460,66 +465,17 @@ impl Trainer {
     }
 }
 
-/// A fixed completion (the first training problem's prompt and the start of its
-/// reference solution) whose log-probs the servers must give as the trainer does after
-/// every sync.
-struct SyncProbe {
-    prompt: Vec<u32>,
-    completion: Vec<u32>,
-    /// The trainer's log-probs of it at the last check.
-    last: Vec<f32>,
-}
-
-impl SyncProbe {
-    const TOKENS: usize = 24;
-
-    fn new(policy: &Policy, example: &Example) -> Result<Self> {
-        let mut completion = policy.target_ids(&example.answer)?;
-        completion.truncate(Self::TOKENS);
-        Ok(Self {
-            prompt: policy.prompt_ids(&example.question)?,
-            completion,
-            last: Vec::new(),
-        })
+/// The run's TensorBoard and `metrics.jsonl`; on a resume, what the killed run logged
+/// after its checkpoint (step `step`) is dropped, to be logged again.
+fn open_logs(out_dir: &Path, start: Start, step: usize) -> Result<(TensorBoard, JsonlLog)> {
+    let mut tb = TensorBoard::create(&out_dir.join("tb"))?;
+    let metrics_path = out_dir.join("metrics.jsonl");
+    if start == Start::Resume {
+        let dropped = rundir::truncate_jsonl_after(&metrics_path, step)?;
+        if dropped > 0 {
+            eprintln!("dropped {dropped} metrics rows past step {step} (logged again)");
+        }
+        tb.session_start(step as i64 + 1)?;
     }
-
-    /// The servers against the trainer now: the largest mean |Δlogp| (an error over
-    /// `tol`), and how far the trainer moved on the probe since the last check (the
-    /// check tells stale weights apart only when that is larger).
-    fn check(
-        &mut self,
-        engine: &mut VllmEngine,
-        rt: &tokio::runtime::Runtime,
-        policy: &Policy,
-        tol: f64,
-    ) -> Result<(f64, f64)> {
-        let m = &policy.model;
-        let batch = cal_model::generate::build_batch(
-            std::slice::from_ref(&self.prompt),
-            std::slice::from_ref(&self.completion),
-            policy.tok.pad_id,
-            &m.device,
-        )?;
-        let (lp, _) =
-            cal_model::generate::completion_logprobs(m, &batch, cal_model::Forward::INFERENCE)?;
-        let expected: Vec<f32> = lp.flatten_all()?.to_vec1()?;
-        let previous = (!self.last.is_empty()).then_some(self.last.as_slice());
-        let diff = rt.block_on(engine.check_served(
-            &self.prompt,
-            &self.completion,
-            &expected,
-            previous,
-            tol,
-        ))?;
-        let shift = previous.map_or(0.0, |p| {
-            let s: f64 = p
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .sum();
-            s / p.len().max(1) as f64
-        });
-        self.last = expected;
-        Ok((diff, shift))
-    }
+    Ok((tb, JsonlLog::append(&metrics_path)?))
 }

@@ -85,7 +85,6 @@ fn loss_gradient_follows_the_advantages() {
             beta: 0.0,
             aggregation: agg,
             importance: Importance::Token,
-            max_completion_len: 4,
             ..LossConfig::default()
         };
         let out = policy_loss(
@@ -95,6 +94,7 @@ fn loss_gradient_follows_the_advantages() {
             &adv,
             &mask,
             &cfg,
+            4,
         )
         .unwrap();
         let g = out
@@ -127,7 +127,7 @@ fn loss_gradient_follows_the_advantages() {
             let mut v = logp.as_tensor().to_vec2::<f64>().unwrap();
             v[0][1] += delta;
             let lp = Tensor::new(v, &dev).unwrap();
-            policy_loss(&lp, &logp.as_tensor().detach(), None, &adv, &mask, &cfg)
+            policy_loss(&lp, &logp.as_tensor().detach(), None, &adv, &mask, &cfg, 4)
                 .unwrap()
                 .loss
                 .to_scalar::<f64>()

@@ -9,7 +9,7 @@
 
 use super::{advantage_matrix, Algorithm, Scored};
 use crate::config::RunConfig;
-use crate::optimize::{ExtraLoss, MicroBatch};
+use crate::optimize::{Loss, MicroBatch};
 use crate::policy::Policy;
 use crate::score;
 use anyhow::{bail, Result};
@@ -18,7 +18,7 @@ use cal_core::credit::{AdvantageMatrix, Estimator};
 
 pub struct Grpo;
 
-impl ExtraLoss for Grpo {}
+impl Loss for Grpo {}
 
 impl Algorithm for Grpo {
     fn advantages(

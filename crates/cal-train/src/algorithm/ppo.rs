@@ -18,8 +18,9 @@
 
 use super::{advantage_matrix, Algorithm, Scored};
 use crate::config::RunConfig;
+use crate::loss::LossOutput;
 use crate::metrics::Metrics;
-use crate::optimize::{ExtraLoss, MicroBatch};
+use crate::optimize::{clipped_policy_loss, Loss, LossInputs, MicroBatch};
 use crate::policy::Policy;
 use crate::score;
 use crate::value::{explained_variance, value_loss, ValueHead};
@@ -113,19 +114,30 @@ fn gather(src: &TokenMatrix, m: &MicroBatch, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (m.rows.len(), tc), like.device())?.to_dtype(like.dtype())?)
 }
 
-impl ExtraLoss for Ppo {
+impl Loss for Ppo {
     fn wants_hidden(&self) -> bool {
         self.critic.is_none()
     }
 
-    fn extra_loss(
+    /// The clipped policy loss plus `vf_coef` × the clipped value loss.
+    fn loss(&mut self, i: &LossInputs) -> Result<LossOutput> {
+        let mut out = clipped_policy_loss(i)?;
+        let value = self.value_loss(i.k, i.micro, i.hidden, i.seed)?;
+        out.loss = (out.loss + value)?;
+        Ok(out)
+    }
+}
+
+impl Ppo {
+    /// `vf_coef` × the clipped value loss of micro-batch `k` (`hidden`: the policy's
+    /// completion hidden states for the shared critic; `seed`: the forward's dropout).
+    fn value_loss(
         &mut self,
         k: usize,
-        _iteration: usize,
         m: &MicroBatch,
         hidden: Option<&Tensor>,
         seed: u64,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Tensor> {
         let v = match (&self.critic, hidden) {
             (Some((c, _)), _) => {
                 self.head
@@ -148,7 +160,7 @@ impl ExtraLoss for Ppo {
         if k == 0 {
             self.stats.terms += 1;
         }
-        Ok(Some((loss * self.cfg.vf_coef)?.to_dtype(m.mask.dtype())?))
+        Ok((loss * self.cfg.vf_coef)?.to_dtype(m.mask.dtype())?)
     }
 }
 

@@ -197,7 +197,7 @@ impl Drop for ManagedServer {
 /// A fast check that `python` has vLLM (a plain `import vllm` takes seconds).
 fn check_vllm(python: &Path) -> Result<()> {
     let hint = "install it with `bash scripts/install-vllm.sh` (it prints the python \
-                to pass as --vllm-python or CAL_VLLM_PYTHON), or pass --rollout-url for \
+                to pass as --server-python or CAL_VLLM_PYTHON), or pass --rollout-url for \
                 servers you run";
     let out = Command::new(python)
         .args([
@@ -255,7 +255,7 @@ pub fn serve_if_needed(
     // before writing anything: a missing vLLM is the likely first error
     check_vllm(
         &cfg.rollout
-            .vllm_python
+            .server_python
             .clone()
             .unwrap_or_else(default_python),
     )?;
@@ -264,10 +264,10 @@ pub fn serve_if_needed(
     let untie = cfg.model.lora.rank == 0;
     cal_model::load::export_hf_with(&policy.model, &policy.tok, &base, untie)?;
     let server = ManagedServer::start(&ServerSpec {
-        python: cfg.rollout.vllm_python.clone(),
+        python: cfg.rollout.server_python.clone(),
         model_dir: base,
         lora_rank: cfg.model.lora.rank,
-        extra_args: cfg.rollout.vllm_args.clone(),
+        extra_args: cfg.rollout.server_args.clone(),
         log: dir.join("server.log"),
         ready_timeout: Duration::from_secs(900),
     })?;
