@@ -178,8 +178,8 @@ pub struct TrainArgs {
     /// Credit mode [default: outcome, or span with --use-cal].
     #[arg(long, id = "credit.mode", value_enum)]
     pub credit: Option<CreditMode>,
-    /// The algorithm: `grpo` (critic-free) or `ppo` (a value head, GAE over token
-    /// rewards, a clipped value loss).
+    /// The algorithm: `grpo` (critic-free), `ppo` (a value head, GAE over token rewards,
+    /// a clipped value loss) or `dpo` (each group's right and wrong rollouts as pairs).
     #[arg(long, id = "run.algorithm", value_enum)]
     pub algorithm: Option<AlgorithmKind>,
     /// Advantage estimator: grpo, dr-grpo, rloo (groups), reinforce++ (token returns)
@@ -212,6 +212,12 @@ pub struct TrainArgs {
     /// reward penalty (classic RLHF PPO).
     #[arg(long, id = "ppo.kl", value_enum)]
     pub kl_placement: Option<KlPlacement>,
+    /// β of online DPO (`--algorithm dpo`; `--beta` is the KL weight).
+    #[arg(long, id = "dpo.beta")]
+    pub dpo_beta: Option<f64>,
+    /// The preference loss of online DPO: sigmoid, ipo or orpo.
+    #[arg(long, id = "dpo.loss", value_enum)]
+    pub dpo_loss: Option<cal_train::preference::PrefLoss>,
     /// Advantage of the tokens before the first error in `--credit prefix`.
     #[arg(long, id = "credit.prefix-reward", allow_negative_numbers = true)]
     pub prefix_reward: Option<f64>,
@@ -243,7 +249,7 @@ pub struct TrainArgs {
     /// Wording of the generated problems (and of tiny's SFT data).
     #[arg(long, id = "data.style", value_enum)]
     pub style: Option<cal_core::data::Style>,
-    /// Arithmetic steps per generated problem [default: 2 or 3; experiment: 3].
+    /// Arithmetic steps per generated problem.
     #[arg(long, id = "data.steps")]
     pub chain_steps: Option<usize>,
     /// SFT steps of tiny's warm start [default: 400 for stories, 1200 for chains]
@@ -391,7 +397,6 @@ pub const DERIVED: &[&str] = &[
     "run.steps",
     "credit.mode",
     "credit.advantage",
-    "data.steps",
     "model.tiny.sft-steps",
     "model.tiny.sft-chain-steps",
     "model.tiny.train-problems",
@@ -533,7 +538,7 @@ impl TrainArgs {
 /// `experiment`'s own defaults: they sit below a `--config` file.
 pub fn experiment_defaults() -> Value {
     json!({
-        "data": {"num-samples": 960, "style": "chain", "steps": 3},
+        "data": {"num-samples": 960},
         "rollout": {"num-generations": 8},
         "run": {"output-dir": "runs/experiment"},
         "credit": {"mode": "span"},
@@ -662,6 +667,7 @@ pub(crate) mod tests {
     /// reads back from its key unchanged.
     const SAMPLES: &[&str] = &[
         "3",
+        "2",
         "0.5",
         "true",
         "runs/x",

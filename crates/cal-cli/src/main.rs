@@ -6,11 +6,13 @@ mod compare;
 mod config;
 mod demo;
 mod docs;
+mod dpo;
 mod eval;
 mod experiment;
 mod export;
 mod gen_data;
 mod generate;
+mod make_pairs;
 mod oracle;
 mod oracle_bench;
 mod sft;
@@ -73,6 +75,11 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Supervised fine-tuning on reference solutions (warm start).
     Sft(sft::SftArgs),
+    /// Preference optimisation (DPO, IPO, ORPO) on a TRL-format pairs file.
+    Dpo(dpo::DpoArgs),
+    /// Preference pairs (TRL's format) from labeled responses: the reference solution
+    /// chosen, the wrong response rejected, with its first error's offset.
+    MakePairs(make_pairs::MakePairsArgs),
     /// Write any model we load (GGUF included), optionally with a PEFT adapter merged
     /// in, as a Hugging Face folder.
     Export(export::ExportArgs),
@@ -107,6 +114,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Demo(args) => demo::run(&args)?,
         Command::Sft(args) => sft::run(&args)?,
+        Command::Dpo(args) => dpo::run(&args)?,
+        Command::MakePairs(args) => make_pairs::run(&args)?,
         Command::Export(args) => export::run(&args)?,
         Command::Generate(args) => generate::run(&args)?,
         Command::GenData(args) => gen_data::run(&args)?,
@@ -126,6 +135,7 @@ fn cli_command() -> clap::Command {
             config::annotate_defaults(c, &config::experiment_defaults())
         })
         .mut_subcommand("sft", |c| config::annotate_defaults(c, &sft::defaults()))
+        .mut_subcommand("dpo", |c| config::annotate_defaults(c, &dpo::defaults()))
 }
 
 /// Process-wide settings measured to matter on CPU (`cal-grpo bench model`):

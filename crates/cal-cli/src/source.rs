@@ -66,8 +66,12 @@ impl PolicySource for Source {
 }
 
 impl Source {
+    /// `model` as every command without a run configuration loads it: `tiny` is the
+    /// default run's (the chain benchmark `train` and `experiment` use).
     pub fn new(model: &str, placement: Placement) -> Self {
-        Self::with_spec(model, placement, TinySpec::default())
+        let default = RunConfig::default();
+        let spec = TinySpec::for_run(&default.model.tiny, &default.data);
+        Self::with_spec(model, placement, spec)
     }
 
     fn with_spec(model: &str, placement: Placement, spec: TinySpec) -> Self {

@@ -802,7 +802,7 @@ fn eval_accepts_the_generated_dataset() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("the embedded story problems, held-out: 3 problems graded"),
+        err.contains("the embedded chain problems, held-out: 3 problems graded"),
         "{err}"
     );
     let r: serde_json::Value = serde_json::from_str(

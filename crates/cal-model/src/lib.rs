@@ -8,6 +8,7 @@ pub mod compose;
 pub mod config;
 pub mod device;
 pub mod gemv;
+mod layer;
 pub mod model;
 pub mod ops;
 pub mod peft;

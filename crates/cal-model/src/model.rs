@@ -8,6 +8,8 @@
 //! differentiable (see [`crate::ops`]).
 
 use crate::config::ModelConfig;
+use crate::layer::{self, merge_heads, Layer, Weights};
+pub use crate::layer::{Forward, KvCache};
 use crate::{attention, ops};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -27,149 +29,6 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Module suffixes, e.g. `q_proj`, `v_proj`.
     pub targets: Vec<String>,
-}
-
-/// Per-layer key/value cache for incremental decoding.
-///
-/// With a capacity (the generator knows prompt + max new tokens), each layer's keys
-/// and values live in one preallocated `[B, nkv, capacity, D]` buffer written in place;
-/// without one, every step concatenates, copying the whole cache again (on SmolLM2 at
-/// batch 8 that is 55 MB per step near the end of a 128-token completion).
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    /// Per layer: keys and values (the whole buffer when preallocated).
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Preallocated length along the sequence axis; 0 = grow by concatenation.
-    pub capacity: usize,
-    /// Key mask `[B, len]` of everything cached so far (0 = padding).
-    pub mask: Vec<Vec<u8>>,
-    /// Last position index used per row.
-    pub last_pos: Vec<i64>,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self::with_capacity(num_layers, 0)
-    }
-
-    /// A cache whose buffers hold `capacity` positions (it still grows past them).
-    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            capacity,
-            mask: Vec::new(),
-            last_pos: Vec::new(),
-        }
-    }
-
-    /// Appends `k`, `v` `[B, nkv, T, D]` at `offset` to layer `l`; returns the keys and
-    /// values of all `offset + T` positions.
-    fn append(
-        &mut self,
-        l: usize,
-        offset: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        // Cached keys/values are constants for later steps: detached, they do not keep
-        // the whole prefill graph of a trainable policy alive.
-        let (k, v) = (k.detach(), v.detach());
-        let t = k.dim(2)?;
-        if self.capacity == 0 {
-            let kv = match self.layers[l].take() {
-                Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-                None => (k, v),
-            };
-            self.layers[l] = Some(kv.clone());
-            return Ok(kv);
-        }
-        let need = offset + t;
-        let (bk, bv) = match self.layers[l].take() {
-            Some((bk, bv)) if bk.dim(2)? >= need => (bk, bv),
-            old => {
-                // First use, or past the capacity: a larger buffer, old contents copied.
-                let cap = need
-                    .max(self.capacity)
-                    .max(2 * old.as_ref().map_or(0, |o| o.0.dim(2).unwrap_or(0)));
-                let (b, h, _, d) = k.dims4()?;
-                let bk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
-                let bv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
-                if let Some((ok, ov)) = old {
-                    bk.slice_set(&ok.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-                    bv.slice_set(&ov.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-                }
-                (bk, bv)
-            }
-        };
-        bk.slice_set(&k.contiguous()?, 2, offset)?;
-        bv.slice_set(&v.contiguous()?, 2, offset)?;
-        let kv = (bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?);
-        self.layers[l] = Some((bk, bv));
-        Ok(kv)
-    }
-
-    /// Row `i` of the cache becomes a copy of row `rows[i]` (a prefilled prompt handed
-    /// to the rows that continue it).
-    pub fn select_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
-        let Some(dev) = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone())
-        else {
-            return Ok(());
-        };
-        let idx = Tensor::new(rows, &dev)?;
-        for kv in self.layers.iter_mut().flatten() {
-            *kv = (kv.0.index_select(&idx, 0)?, kv.1.index_select(&idx, 0)?);
-        }
-        let pick = |i: &u32| i.to_owned() as usize;
-        self.mask = rows.iter().map(|i| self.mask[pick(i)].clone()).collect();
-        self.last_pos = rows.iter().map(|i| self.last_pos[pick(i)]).collect();
-        Ok(())
-    }
-
-    pub fn len(&self) -> usize {
-        self.mask.first().map_or(0, |m| m.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// What one forward pass applies beyond the base weights. Passed to every call rather
-/// than stored on the model, so that no call can leave the model in another mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Forward {
-    /// Apply the LoRA adapters (off: the frozen base, the reference of a LoRA run).
-    pub adapters: bool,
-    /// LoRA dropout with masks drawn from this seed (training forwards only). The masks
-    /// are a pure function of the seed and the module name, so a resumed run draws
-    /// exactly the masks the uninterrupted one drew without saving any RNG state.
-    pub dropout_seed: Option<u64>,
-}
-
-impl Forward {
-    /// Adapters on (if any), no dropout: generation, old and reference log-probs.
-    pub const INFERENCE: Forward = Forward {
-        adapters: true,
-        dropout_seed: None,
-    };
-    /// The base model without adapters.
-    pub const BASE: Forward = Forward {
-        adapters: false,
-        dropout_seed: None,
-    };
-
-    /// A training forward: adapters on, LoRA dropout (if configured) seeded by `seed`.
-    pub fn training(seed: u64) -> Self {
-        Forward {
-            adapters: true,
-            dropout_seed: Some(seed),
-        }
-    }
 }
 
 pub struct Transformer {
@@ -424,7 +283,7 @@ impl Transformer {
     /// Parameter `name` in the compute dtype. Trainable half-precision models keep f32
     /// master weights (the `Var`s AdamW updates); this cast is differentiable, so their
     /// gradients arrive in f32. A no-op when the dtypes agree.
-    fn p(&self, name: &str) -> candle_core::Result<Tensor> {
+    pub(crate) fn p(&self, name: &str) -> candle_core::Result<Tensor> {
         self.params[name].to_dtype(self.dtype)
     }
 
@@ -437,7 +296,7 @@ impl Transformer {
 
     /// `module.weight` (+ bias, + LoRA when `fwd` applies adapters) applied to `x`.
     /// `decode`: this is one decoding step of a pass without gradients.
-    fn lin(
+    pub(crate) fn lin(
         &self,
         module: &str,
         x: &Tensor,
@@ -473,34 +332,6 @@ impl Transformer {
         }
     }
 
-    /// Scaled dot-product attention of `q [B, nh, T, D]` over `k`, `v [B, nkv, Tk, D]`
-    /// with an additive `bias [B, 1, T, Tk]`; returns `[B, nh, T, D]`.
-    ///
-    /// Grouped-query attention without repeating keys and values: the `rep` query heads
-    /// that share a KV head are stacked along the query axis (`[B, nh, T, D]` is
-    /// `[B, nkv, rep·T, D]` in memory), so each KV head is multiplied once, never copied.
-    fn attend(
-        &self,
-        kern: ops::Kernels,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        bias: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let (b, nh, t, hd) = q.dims4()?;
-        let (nkv, tk) = (k.dim(1)?, k.dim(2)?);
-        let rep = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Scaling q (`T·D` values) rather than the scores (`T·Tk`) is the cheaper op.
-        let att = (q * scale)?
-            .reshape((b, nkv, rep * t, hd))?
-            .matmul(&k.t()?)?;
-        let att = kern.masked_softmax(&att.reshape((b, nh, t, tk))?, bias)?;
-        att.reshape((b, nkv, rep * t, tk))?
-            .matmul(v)?
-            .reshape((b, nh, t, hd))
-    }
-
     /// RoPE angles `[B, T, D/2]` of per-row `positions: [B, T]`.
     fn rope_angles(&self, positions: &Tensor) -> candle_core::Result<Tensor> {
         let mut pos = positions.to_dtype(DType::F32)?;
@@ -523,11 +354,6 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let full_mask: Vec<Vec<u8>> = match cache.as_deref_mut() {
             Some(c) => {
@@ -561,24 +387,18 @@ impl Transformer {
                 &self.device,
             )?)
         };
-        let (cos, sin) = kern.rope_tables(&self.rope_angles(positions)?, self.dtype)?;
+        let rope = kern.rope_tables(&self.rope_angles(positions)?, self.dtype)?;
         let mut x = self.embed(ids)?.reshape((b, t, ()))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| match &bias {
+            Some(bias) => layer::attend(kern, q, k, v, bias),
+            None => attention::decode_attention(q, k, v, &full_mask, scale),
+        };
         for l in 0..cfg.num_hidden_layers {
-            let layer = self.layer(l, kern, decode, fwd);
-            let (q, k, v) = layer.qkv(&x)?;
-            let q = kern.rope(&layer.heads(&q, b, t, nh, "q_norm")?, &cos, &sin)?;
-            let k = kern.rope(&layer.heads(&k, b, t, nkv, "k_norm")?, &cos, &sin)?;
-            let v = layer.heads(&v, b, t, nkv, "")?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(l, offset, k, v)?,
-                None => (k, v),
-            };
-            let o = match &bias {
-                Some(bias) => self.attend(kern, &q, &k, &v, bias)?,
-                None => attention::decode_attention(&q, &k, &v, &full_mask, scale)?,
-            };
-            x = layer.output_and_mlp(x, &merge_heads(&o)?)?;
+            let cached = cache.as_deref_mut().map(|c| (c, offset));
+            x = self
+                .layer(l, kern, decode, fwd)
+                .forward(x, &rope, cached, attend)?;
         }
         if let Some(c) = cache {
             c.last_pos = positions
@@ -601,7 +421,8 @@ impl Transformer {
     /// Decoder layer `l` of one forward pass.
     fn layer(&self, l: usize, kern: ops::Kernels, decode: bool, fwd: Forward) -> Layer<'_> {
         Layer {
-            m: self,
+            m: self as &dyn Weights,
+            l,
             p: format!("model.layers.{l}"),
             kern,
             decode,
@@ -689,10 +510,10 @@ impl Transformer {
                 kern.rope(&qs, &cos_s, &sin_s)?,
                 kern.rope(&ks, &cos_s, &sin_s)?,
             );
-            let op = self.attend(kern, &qp, &kp, &vp, &bias_p)?;
+            let op = layer::attend(kern, &qp, &kp, &vp, &bias_p)?;
             let ks = Tensor::cat(&[&kp.index_select(&gidx, 0)?, &ks], 2)?;
             let vs = Tensor::cat(&[&vp.index_select(&gidx, 0)?, &vs], 2)?;
-            let os = self.attend(kern, &qs, &ks, &vs, &bias_s)?;
+            let os = layer::attend(kern, &qs, &ks, &vs, &bias_s)?;
             let o = Tensor::cat(
                 &[
                     merge_heads(&op)?.reshape((np, ()))?,
@@ -700,7 +521,7 @@ impl Transformer {
                 ],
                 0,
             )?;
-            x = layer.output_and_mlp(x, &o)?;
+            x = layer.mlp(layer.output(x, &o)?)?;
         }
         let x = kern.rms_norm(&x, &self.p("model.norm.weight")?, cfg.rms_norm_eps)?;
         Ok((
@@ -738,76 +559,6 @@ impl Transformer {
     }
 }
 
-/// `[B, nh, T, D]` attention output → `[B, T, nh·D]`.
-fn merge_heads(o: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, nh, t, hd) = o.dims4()?;
-    o.transpose(1, 2)?.reshape((b, t, nh * hd))
-}
-
-/// One decoder layer in parts (projections, heads, output and MLP), so that the plain
-/// and the shared-prefix forward run the same ops; the attention between them is the
-/// caller's. Token-wise parts take any `[..., H]` shape.
-struct Layer<'a> {
-    m: &'a Transformer,
-    /// `model.layers.{l}`.
-    p: String,
-    kern: ops::Kernels,
-    decode: bool,
-    fwd: Forward,
-}
-
-impl Layer<'_> {
-    fn lin(&self, module: &str, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.m
-            .lin(&format!("{}.{module}", self.p), x, self.decode, self.fwd)
-    }
-
-    fn norm(&self, x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
-        let w = self.m.p(&format!("{}.{name}.weight", self.p))?;
-        self.kern.rms_norm(x, &w, self.m.cfg.rms_norm_eps)
-    }
-
-    /// Query, key and value projections of the residual stream `x` (`[..., n·D]` each).
-    fn qkv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let h = self.norm(x, "input_layernorm")?;
-        Ok((
-            self.lin("self_attn.q_proj", &h)?,
-            self.lin("self_attn.k_proj", &h)?,
-            self.lin("self_attn.v_proj", &h)?,
-        ))
-    }
-
-    /// `[b·t, n·D]` (or `[b, t, n·D]`) → heads `[b, n, t, D]`, RMS-normed by
-    /// `self_attn.{norm}` when the model has q/k norms and `norm` names one.
-    fn heads(
-        &self,
-        y: &Tensor,
-        b: usize,
-        t: usize,
-        n: usize,
-        norm: &str,
-    ) -> candle_core::Result<Tensor> {
-        let hd = self.m.cfg.head_dim;
-        let y = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
-        if self.m.cfg.qk_norm && !norm.is_empty() {
-            self.norm(&y, &format!("self_attn.{norm}"))
-        } else {
-            Ok(y)
-        }
-    }
-
-    /// The attention output `o` (`[..., nh·D]`, shaped as `x`) projected and added to
-    /// the residual stream, then the SwiGLU MLP block.
-    fn output_and_mlp(&self, x: Tensor, o: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.lin("self_attn.o_proj", o)?)?;
-        let h = self.norm(&x, "post_attention_layernorm")?;
-        let g = self.lin("mlp.gate_proj", &h)?;
-        let u = self.lin("mlp.up_proj", &h)?;
-        let gu = self.kern.swiglu(&g, &u)?;
-        x + self.lin("mlp.down_proj", &gu)?
-    }
-}
-
 /// Per-row positions from a key mask: the n-th real token of a row has position n;
 /// padding gets position 0 (it is masked anyway).
 pub fn positions_from_mask(mask: &[Vec<u8>], dev: &Device) -> candle_core::Result<Tensor> {
@@ -821,4 +572,24 @@ pub fn positions_from_mask(mask: &[Vec<u8>], dev: &Device) -> candle_core::Resul
         }
     }
     Tensor::from_vec(out, (b, t), dev)
+}
+
+impl Weights for Transformer {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn weight(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.p(name)
+    }
+
+    fn linear(
+        &self,
+        name: &str,
+        x: &Tensor,
+        decode: bool,
+        fwd: Forward,
+    ) -> candle_core::Result<Tensor> {
+        self.lin(name, x, decode, fwd)
+    }
 }

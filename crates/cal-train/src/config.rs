@@ -33,6 +33,8 @@ pub enum AlgorithmKind {
     Grpo,
     /// A value head and GAE over token rewards, a clipped value loss.
     Ppo,
+    /// Online DPO: each group's right and wrong rollouts as preference pairs (`[dpo]`).
+    Dpo,
 }
 
 impl AlgorithmKind {
@@ -40,6 +42,7 @@ impl AlgorithmKind {
         match self {
             Self::Grpo => "grpo",
             Self::Ppo => "ppo",
+            Self::Dpo => "dpo",
         }
     }
 }
@@ -62,6 +65,7 @@ pub struct RunConfig {
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
     pub sft: SftSection,
+    pub dpo: DpoSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,7 +276,7 @@ pub struct DataSection {
     /// Wording of the generated problems (`dataset = "generated"`; the `tiny` model is
     /// trained on the same): `story` or `chain`.
     pub style: Style,
-    /// Arithmetic steps per generated problem (`None`: 2 or 3).
+    /// Arithmetic steps per generated problem (`None`: 2 or 3 per problem).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
     /// minijinja template of the user turn, with `{{ question }}` and `{{ instruction }}`
@@ -299,8 +303,9 @@ impl Default for DataSection {
             eval_dataset: None,
             num_samples: -1,
             eval_samples: -1,
-            style: Style::Story,
-            steps: None,
+            // the embedded benchmark that learns (`docs/results.md`): chains of 3
+            style: Style::Chain,
+            steps: Some(3),
             prompt_template: None,
             system_prompt: None,
             instruction: DEFAULT_INSTRUCTION.to_string(),
@@ -454,6 +459,55 @@ impl Default for SftSection {
     }
 }
 
+/// Preference optimisation (`cal-grpo dpo`): DPO, IPO or ORPO on pairs of answers to one
+/// prompt, TRL's conventions. The model, LoRA, seed, output folder and AdamW settings
+/// come from the other sections; the learning rate is this section's, with a linear
+/// warmup over the first tenth of the steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DpoSection {
+    /// β: how far the policy may move from the reference (ORPO: the odds-ratio weight λ).
+    pub beta: f64,
+    /// `sigmoid` (DPO), `ipo` or `orpo`.
+    pub loss: crate::preference::PrefLoss,
+    /// Which tokens a pair's log-probs sum: `full` (every answer token) or
+    /// `first-error` (only the first differing step).
+    pub pair_credit: crate::preference::PairCredit,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Pairs per step.
+    pub batch_size: usize,
+    /// Peak learning rate (5e-5 suits LoRA; full fine-tuning of a large model wants
+    /// TRL's 1e-6).
+    pub learning_rate: f64,
+    /// Most tokens of prompt and answer together; longer answers are cut at the end.
+    pub max_length: usize,
+    /// Most prompt tokens; longer prompts keep their end.
+    pub max_prompt_length: usize,
+    /// Pairs held out of the training file for the held-out pair accuracy when no
+    /// `data.eval-dataset` is given.
+    pub eval_pairs: usize,
+    /// Padded tokens per forward/backward (0 = whole batches); a pair is never split.
+    pub micro_batch_tokens: usize,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss: crate::preference::PrefLoss::Sigmoid,
+            pair_credit: crate::preference::PairCredit::Full,
+            steps: 100,
+            batch_size: 8,
+            learning_rate: 5e-5,
+            max_length: 1024,
+            max_prompt_length: 512,
+            eval_pairs: 64,
+            micro_batch_tokens: 2048,
+        }
+    }
+}
+
 impl Default for CheckpointSection {
     fn default() -> Self {
         Self { save_every: 10 }
@@ -473,7 +527,7 @@ pub struct RunKind {
 }
 
 impl RunKind {
-    pub const ALL: [RunKind; 4] = [
+    pub const ALL: [RunKind; 6] = [
         RunKind {
             name: "baseline",
             arm: "grpo",
@@ -496,6 +550,18 @@ impl RunKind {
             name: "cal-ppo",
             arm: "cal-ppo",
             algorithm: AlgorithmKind::Ppo,
+            cal: true,
+        },
+        RunKind {
+            name: "dpo",
+            arm: "dpo",
+            algorithm: AlgorithmKind::Dpo,
+            cal: false,
+        },
+        RunKind {
+            name: "cal-dpo",
+            arm: "cal-dpo",
+            algorithm: AlgorithmKind::Dpo,
             cal: true,
         },
     ];
@@ -550,6 +616,7 @@ impl RunConfig {
             eval: EvalSection::default(),
             checkpoint: CheckpointSection::default(),
             sft: SftSection::default(),
+            dpo: DpoSection::default(),
         }
     }
 }
@@ -690,13 +757,13 @@ impl RunConfig {
         match (self.run.algorithm, c.group) {
             // PPO's estimator is GAE; the default (grpo) means "not chosen"
             (AlgorithmKind::Ppo, Estimator::Grpo) => c.group = Estimator::Gae,
-            (AlgorithmKind::Ppo, Estimator::Gae) | (AlgorithmKind::Grpo, _) => {}
+            (AlgorithmKind::Ppo, Estimator::Gae) | (AlgorithmKind::Grpo | AlgorithmKind::Dpo, _) => {}
             (AlgorithmKind::Ppo, e) => bail!(
                 "run.algorithm = \"ppo\" estimates advantages with its critic (credit.advantage = \"gae\"), not {}",
                 e.name()
             ),
         }
-        if self.run.algorithm == AlgorithmKind::Grpo && c.group == Estimator::Gae {
+        if self.run.algorithm != AlgorithmKind::Ppo && c.group == Estimator::Gae {
             bail!("credit.advantage = \"gae\" needs a critic: run.algorithm = \"ppo\" (--algorithm ppo)");
         }
         let p = &self.ppo;
@@ -731,6 +798,13 @@ impl RunConfig {
         }
         self.run.output_dir = Some(self.output_dir());
         Ok(())
+    }
+
+    /// Whether the run needs the reference's log-probs: for the KL term (β > 0), or for
+    /// online DPO's loss (sigmoid and IPO).
+    pub fn needs_reference(&self) -> bool {
+        self.loss.beta > 0.0
+            || (self.run.algorithm == AlgorithmKind::Dpo && self.dpo.loss.uses_reference())
     }
 
     /// The run's name: `baseline` / `cal` for GRPO (outcome credit or oracle spans),

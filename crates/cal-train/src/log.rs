@@ -186,3 +186,39 @@ impl Progress {
         }
     }
 }
+
+/// A run folder's two logs, TensorBoard (`tb/`) and `metrics.jsonl`, written together:
+/// one row of scalars per call, tagged with its step.
+pub struct RunLogs {
+    tb: TensorBoard,
+    jsonl: JsonlLog,
+}
+
+impl RunLogs {
+    /// Opens the logs of `out_dir`. Resuming from the checkpoint of step `resumed`, what
+    /// the killed run logged after it is dropped (it is logged again) and TensorBoard
+    /// starts a new session there.
+    pub fn open(out_dir: &Path, resumed: Option<usize>) -> Result<Self> {
+        let mut tb = TensorBoard::create(&out_dir.join("tb"))?;
+        let metrics = out_dir.join("metrics.jsonl");
+        if let Some(step) = resumed {
+            let dropped = crate::rundir::truncate_jsonl_after(&metrics, step)?;
+            if dropped > 0 {
+                eprintln!("dropped {dropped} metrics rows past step {step} (logged again)");
+            }
+            tb.session_start(step as i64 + 1)?;
+        }
+        Ok(Self {
+            tb,
+            jsonl: JsonlLog::append(&metrics)?,
+        })
+    }
+
+    /// Writes `m` at `step` to both logs.
+    pub fn write(&mut self, step: usize, m: &BTreeMap<String, f64>) -> Result<()> {
+        self.tb.scalars(step as i64, m)?;
+        let mut row = serde_json::to_value(m)?;
+        row["step"] = serde_json::json!(step);
+        self.jsonl.write(&row)
+    }
+}

@@ -288,7 +288,7 @@ pub fn fixed_logprobs(
     cfg: &RunConfig,
 ) -> Result<()> {
     for m in micro.iter_mut() {
-        if cfg.loss.beta > 0.0 {
+        if cfg.needs_reference() {
             let (model, fwd) = match reference {
                 Some(r) => (r, Forward::INFERENCE),
                 None => (&policy.model, Forward::BASE),

@@ -5,7 +5,7 @@ use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
-use crate::log::{JsonlLog, Progress, TensorBoard};
+use crate::log::{Progress, RunLogs};
 use crate::optimize::plan_micro_batches;
 use crate::policy::Policy;
 use crate::rundir::{self, RunLock, Start};
@@ -270,8 +270,7 @@ pub struct SftRun {
     harness: SftHarness,
     out_dir: PathBuf,
     config: serde_json::Value,
-    tb: TensorBoard,
-    jsonl: JsonlLog,
+    logs: RunLogs,
     losses: Vec<f64>,
     /// The held-out evaluation made at the current step, if any.
     pub last_eval: Option<(usize, Vec<GradedExample>)>,
@@ -295,15 +294,13 @@ impl SftRun {
         rundir::prepare(out, start)?;
         let trainable = policy.attach_lora(&config.model.lora, config.run.seed)?;
         let mut lp = SftLoop::new(&mut policy, examples, &SftConfig::of_run(config), trainable)?;
-        let mut tb = TensorBoard::create(&out.join("tb"))?;
-        let metrics = out.join("metrics.jsonl");
+        let mut resumed = None;
         if start == Start::Resume {
             let dir = lp.resume(out)?;
             eprintln!("resumed from {} (step {})", dir.display(), lp.step);
-            rundir::truncate_jsonl_after(&metrics, lp.step)?;
-            tb.session_start(lp.step as i64 + 1)?;
+            resumed = Some(lp.step);
         }
-        let jsonl = JsonlLog::append(&metrics)?;
+        let logs = RunLogs::open(out, resumed)?;
         std::fs::write(out.join("config.toml"), config.to_toml()?)?;
         Ok(Self {
             policy,
@@ -312,8 +309,7 @@ impl SftRun {
             harness,
             out_dir: out.to_path_buf(),
             config: serde_json::to_value(config)?,
-            tb,
-            jsonl,
+            logs,
             losses: Vec::new(),
             last_eval: None,
             _lock: lock,
@@ -321,11 +317,7 @@ impl SftRun {
     }
 
     fn log(&mut self, m: &BTreeMap<String, f64>) -> Result<()> {
-        let step = self.lp.step;
-        self.tb.scalars(step as i64, m)?;
-        let mut row = serde_json::to_value(m)?;
-        row["step"] = serde_json::json!(step);
-        self.jsonl.write(&row)
+        self.logs.write(self.lp.step, m)
     }
 
     /// Greedy held-out accuracy now, logged as `eval/*` at the current step.

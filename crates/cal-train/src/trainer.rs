@@ -17,7 +17,7 @@ use crate::collective::{Collective, SingleProcess};
 use crate::config::RunConfig;
 use crate::engine::{self, RolloutBackend};
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
-use crate::log::{JsonlLog, Progress, TensorBoard};
+use crate::log::{Progress, RunLogs};
 use crate::metrics::{step_metrics, Metrics, StepRecord};
 use crate::optimize::{fixed_logprobs, micro_batches, update};
 use crate::policy::Policy;
@@ -33,7 +33,7 @@ use cal_oracle::{locate_all, Oracle, SpanOutcome};
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,8 +57,7 @@ pub struct Trainer {
     rt: tokio::runtime::Runtime,
     pub out_dir: PathBuf,
     /// The main rank's logs (`None` on the others).
-    tb: Option<TensorBoard>,
-    jsonl: Option<JsonlLog>,
+    logs: Option<RunLogs>,
     skipped: usize,
     rewards: RewardFns,
     /// Held-out problems evaluated every `cfg.eval.every` steps.
@@ -126,7 +125,7 @@ impl Trainer {
         let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
         // The reference is a real frozen copy (full fine-tuning) or the same base with
         // the adapters switched off (LoRA): never the policy being trained.
-        let reference = (cfg.model.lora.rank == 0 && cfg.loss.beta > 0.0)
+        let reference = (cfg.model.lora.rank == 0 && cfg.needs_reference())
             .then(|| policy.model.frozen_copy())
             .transpose()?;
         let mut vars = policy.model.make_trainable(trainable)?;
@@ -148,12 +147,12 @@ impl Trainer {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let (tb, jsonl) = if main {
-            let (tb, jsonl) = open_logs(&out_dir, start, step)?;
+        let logs = if main {
+            let resumed = (start == Start::Resume).then_some(step);
             std::fs::write(out_dir.join("config.toml"), cfg.to_toml()?)?;
-            (Some(tb), Some(jsonl))
+            Some(RunLogs::open(&out_dir, resumed)?)
         } else {
-            (None, None)
+            None
         };
         // a served engine starts from the trainer's weights (a resumed run's included)
         let tag = format!("{}-seed{}", cfg.kind(), cfg.run.seed);
@@ -173,8 +172,7 @@ impl Trainer {
             engine,
             rt,
             out_dir,
-            tb,
-            jsonl,
+            logs,
             skipped,
             rewards,
             held_out: None,
@@ -237,13 +235,10 @@ impl Trainer {
 
     /// Logs `m` at the current step (the main rank; the others log nothing).
     fn log(&mut self, m: &Metrics) -> Result<()> {
-        let (Some(tb), Some(jsonl)) = (&mut self.tb, &mut self.jsonl) else {
-            return Ok(());
-        };
-        tb.scalars(self.step as i64, m)?;
-        let mut row = serde_json::to_value(m)?;
-        row["step"] = serde_json::json!(self.step);
-        jsonl.write(&row)
+        match &mut self.logs {
+            Some(logs) => logs.write(self.step, m),
+            None => Ok(()),
+        }
     }
 
     /// The next `n` examples: a seeded shuffle per epoch, so the order depends only on
@@ -463,19 +458,4 @@ impl Trainer {
         m.insert("perf/update_seconds".into(), t_update);
         Ok(m)
     }
-}
-
-/// The run's TensorBoard and `metrics.jsonl`; on a resume, what the killed run logged
-/// after its checkpoint (step `step`) is dropped, to be logged again.
-fn open_logs(out_dir: &Path, start: Start, step: usize) -> Result<(TensorBoard, JsonlLog)> {
-    let mut tb = TensorBoard::create(&out_dir.join("tb"))?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    if start == Start::Resume {
-        let dropped = rundir::truncate_jsonl_after(&metrics_path, step)?;
-        if dropped > 0 {
-            eprintln!("dropped {dropped} metrics rows past step {step} (logged again)");
-        }
-        tb.session_start(step as i64 + 1)?;
-    }
-    Ok((tb, JsonlLog::append(&metrics_path)?))
 }

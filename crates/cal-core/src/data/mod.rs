@@ -4,6 +4,7 @@ pub mod generator;
 pub mod gsm8k;
 pub mod misconception;
 pub mod planted;
+pub mod preference;
 pub mod sets;
 
 pub use generator::{generate, generate_disjoint, normalize_question, GenConfig, Style};

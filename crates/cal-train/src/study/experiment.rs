@@ -606,10 +606,11 @@ mod tests {
         assert!(names("grpo,cal-grpo").is_empty());
         assert_eq!(names("grpo,cal-grpo,ppo,cal-ppo"), ["ppo", "cal-ppo"]);
         assert_eq!(names("cal-ppo,ppo,ppo"), ["cal-ppo", "ppo"]);
-        let e = OtherArm::parse_list(&list("grpo,dpo"))
+        assert_eq!(names("grpo,cal-grpo,dpo,cal-dpo"), ["dpo", "cal-dpo"]);
+        let e = OtherArm::parse_list(&list("grpo,kto"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("\"dpo\"") && e.contains("cal-ppo"), "{e}");
+        assert!(e.contains("\"kto\"") && e.contains("cal-dpo"), "{e}");
     }
 
     #[test]
@@ -631,7 +632,7 @@ mod tests {
             };
             assert_eq!(cfg.kind(), k.name);
         }
-        for a in [AlgorithmKind::Grpo, AlgorithmKind::Ppo] {
+        for a in [AlgorithmKind::Grpo, AlgorithmKind::Ppo, AlgorithmKind::Dpo] {
             assert_ne!(RunKind::of(a, false).name, RunKind::of(a, true).name);
         }
         // the arms beside the two carry their kind's folder name
@@ -639,7 +640,7 @@ mod tests {
         let others = OtherArm::parse_list(&all).unwrap();
         assert_eq!(
             others.iter().map(|a| a.name).collect::<Vec<_>>(),
-            ["ppo", "cal-ppo"]
+            ["ppo", "cal-ppo", "dpo", "cal-dpo"]
         );
     }
 }
