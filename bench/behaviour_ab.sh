@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 a=$1 b=$2 steps=${3:-4}
 tmp=$(mktemp -d /tmp/behaviour-ab.XXXX)
-common=(--style chain --steps "$steps" --eval-samples 20 --save-every "$steps")
+common=(--style chain --chain-steps 3 --steps "$steps" --eval-samples 20 --save-every "$steps")
 runs=(
   "grpo|"
   "cal|--use-cal --api-provider reference"
