@@ -53,7 +53,7 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Print token ids, text and offsets as JSON.
+    /// Print token ids, their log-probs under the model, text and offsets as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -118,9 +118,30 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let out = generate(&loaded.model, tok, &[ids.clone()], &cfg, &mut rng)?.remove(0);
     let secs = t0.elapsed().as_secs_f64();
     if args.json {
+        // each completion token's log-prob under the model, from one teacher-forced
+        // pass: what another implementation's logits are checked against
+        // (scripts/check_hf_logprobs.py)
+        let logprobs: Vec<f32> = if out.ids.is_empty() {
+            Vec::new()
+        } else {
+            let batch = cal_model::generate::build_batch(
+                std::slice::from_ref(&ids),
+                std::slice::from_ref(&out.ids),
+                tok.pad_id,
+                &loaded.model.device,
+            )?;
+            let (lp, _) = cal_model::generate::completion_logprobs(
+                &loaded.model,
+                &batch,
+                cal_model::Forward::INFERENCE,
+            )?;
+            lp.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?
+        };
         println!(
             "{}",
-            serde_json::json!({"prompt_ids": ids, "ids": out.ids, "text": out.text, "offsets": out.offsets, "finish": out.finish})
+            serde_json::json!({"prompt_ids": ids, "ids": out.ids, "logprobs": logprobs, "text": out.text, "offsets": out.offsets, "finish": out.finish})
         );
     } else {
         println!("{}", out.text);

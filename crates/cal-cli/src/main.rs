@@ -5,6 +5,7 @@ mod bench;
 mod compare;
 mod config;
 mod demo;
+mod distill;
 mod docs;
 mod dpo;
 mod eval;
@@ -77,6 +78,8 @@ enum Command {
     Sft(sft::SftArgs),
     /// Preference optimisation (DPO, IPO, ORPO) on a TRL-format pairs file.
     Dpo(dpo::DpoArgs),
+    /// Distillation of a teacher into a student (logit, attention or feature strategy) on a dataset's solutions
+    Distill(distill::DistillArgs),
     /// Preference pairs (TRL's format) from labeled responses: the reference solution
     /// chosen, the wrong response rejected, with its first error's offset.
     MakePairs(make_pairs::MakePairsArgs),
@@ -115,6 +118,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::run(&args)?,
         Command::Sft(args) => sft::run(&args)?,
         Command::Dpo(args) => dpo::run(&args)?,
+        Command::Distill(args) => distill::run(&args)?,
         Command::MakePairs(args) => make_pairs::run(&args)?,
         Command::Export(args) => export::run(&args)?,
         Command::Generate(args) => generate::run(&args)?,
@@ -136,6 +140,9 @@ fn cli_command() -> clap::Command {
         })
         .mut_subcommand("sft", |c| config::annotate_defaults(c, &sft::defaults()))
         .mut_subcommand("dpo", |c| config::annotate_defaults(c, &dpo::defaults()))
+        .mut_subcommand("distill", |c| {
+            config::annotate_defaults(c, &distill::defaults())
+        })
 }
 
 /// Process-wide settings measured to matter on CPU (`cal-grpo bench model`):

@@ -1482,3 +1482,135 @@ fn dpo_trains_on_pairs_that_make_pairs_writes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--model"), "{err}");
 }
+
+/// `distill` end to end on a small Qwen2 folder: a student of the teacher's layers (the
+/// attention strategy) and a random-weight student (logit) train, log the KL to the
+/// teacher and export a loadable folder; bad students and teachers are named.
+#[test]
+fn distill_trains_students_and_names_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cal-model/tests/fixtures/qwen2-tiny");
+    let distill = |extra: &[&str]| {
+        bin()
+            .args(["distill", "--teacher"])
+            .arg(&teacher)
+            .args([
+                "--dataset",
+                "generated",
+                "--num-samples",
+                "32",
+                "--steps",
+                "3",
+            ])
+            .args([
+                "--batch-size",
+                "4",
+                "--eval-every",
+                "3",
+                "--eval-samples",
+                "4",
+            ])
+            .args(["--max-new-tokens", "4"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let run = d.join("layers");
+    let stdout = ok(distill(&[
+        "--student-layers",
+        "1",
+        "--strategy",
+        "attention",
+        "--output-dir",
+        run.to_str().unwrap(),
+    ]));
+    assert!(stdout.contains("student exported to"), "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    for key in ["\"distill/kl\"", "\"distill/loss\"", "\"eval/distill/kl\""] {
+        assert!(metrics.contains(key), "{key}: {metrics}");
+    }
+    let gen = bin()
+        .args([
+            "generate", "--greedy", "--json", "--prompt", "1 + 1 =", "--model",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(ok(gen).trim()).unwrap();
+    assert_eq!(
+        v["ids"].as_array().unwrap().len(),
+        v["logprobs"].as_array().unwrap().len()
+    );
+    // a random-weight student of the teacher's vocabulary
+    let cfg = d.join("student.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(teacher.join("config.json")).unwrap())
+            .unwrap();
+    c["num_hidden_layers"] = 1.into();
+    c["hidden_size"] = 32.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let random = format!("random:{}", cfg.display());
+    ok(distill(&[
+        "--student",
+        &random,
+        "--output-dir",
+        d.join("random").to_str().unwrap(),
+    ]));
+    // the wrong vocabulary size, a layer out of range, a teacher that does not load
+    c["vocab_size"] = 77.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let bad = [
+        (vec!["--student", random.as_str()], "logits per token"),
+        (vec!["--student-layers", "0,2"], "--student-layers"),
+        (
+            vec![
+                "--student-layers",
+                "0",
+                "--strategy",
+                "feature",
+                "--layer-map",
+                "0:9",
+            ],
+            "--layer-map",
+        ),
+    ];
+    for (args, want) in bad {
+        let out = distill(
+            &[
+                args.as_slice(),
+                &["--output-dir", d.join("bad").to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    let out = bin()
+        .args([
+            "distill",
+            "--teacher",
+            "/nonexistent/model",
+            "--student-layers",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--teacher /nonexistent/model"),
+        "{err}"
+    );
+}

@@ -12,6 +12,7 @@ mod layer;
 pub mod model;
 pub mod ops;
 pub mod peft;
+pub mod probe;
 pub mod rowwise;
 pub mod tokenizer;
 pub mod vocab;

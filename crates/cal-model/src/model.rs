@@ -84,7 +84,7 @@ pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-mod rand_distr_lite {
+pub mod rand_distr_lite {
     use rand::Rng;
     /// Standard normal samples by Box–Muller (keeps the dependency list short).
     pub fn normal_vec(rng: &mut impl Rng, n: usize, std: f64) -> Vec<f32> {
@@ -333,7 +333,7 @@ impl Transformer {
     }
 
     /// RoPE angles `[B, T, D/2]` of per-row `positions: [B, T]`.
-    fn rope_angles(&self, positions: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn rope_angles(&self, positions: &Tensor) -> candle_core::Result<Tensor> {
         let mut pos = positions.to_dtype(DType::F32)?;
         if let Some(f) = self.cfg.rope_linear_factor {
             pos = (pos / f)?;
@@ -413,13 +413,19 @@ impl Transformer {
     }
 
     /// Token embeddings of `ids` (any shape) as `[ids.elem_count(), H]`.
-    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         self.p("model.embed_tokens.weight")?
             .embedding(&ids.flatten_all()?)
     }
 
     /// Decoder layer `l` of one forward pass.
-    fn layer(&self, l: usize, kern: ops::Kernels, decode: bool, fwd: Forward) -> Layer<'_> {
+    pub(crate) fn layer(
+        &self,
+        l: usize,
+        kern: ops::Kernels,
+        decode: bool,
+        fwd: Forward,
+    ) -> Layer<'_> {
         Layer {
             m: self as &dyn Weights,
             l,

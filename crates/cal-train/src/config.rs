@@ -66,6 +66,7 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     pub sft: SftSection,
     pub dpo: DpoSection,
+    pub distill: DistillSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -508,6 +509,55 @@ impl Default for DpoSection {
     }
 }
 
+/// `cal-grpo distill`: a student trained toward a teacher on the data's solutions
+/// (Tunix's strategies). The student is `model.name`, or the teacher with
+/// `student-layers` kept; LoRA, seed, output folder and AdamW settings come from the
+/// other sections; the learning rate is this section's, with a linear warmup over the
+/// first tenth of the steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DistillSection {
+    /// The teacher: a Hugging Face folder, a `.gguf` file, `random:CONFIG.json`.
+    pub teacher: String,
+    /// The student as the teacher's layers with these indices (`0,3,6`; empty: the
+    /// student is `model.name`).
+    pub student_layers: String,
+    /// `logit`, `attention` or `feature`.
+    pub strategy: crate::distill::losses::Strategy,
+    /// Softmax temperature τ of the logit strategy (the KL is scaled by τ²).
+    pub temperature: f64,
+    /// Weight of the distillation term; the solution tokens' cross-entropy gets 1 − α.
+    pub alpha: f64,
+    /// Student layer → teacher layer pairs of the attention and feature strategies
+    /// (`0:0,1:3`; empty: the kept layers, else spread evenly).
+    pub layer_map: String,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Padded tokens per forward/backward (0 = whole batches).
+    pub micro_batch_tokens: usize,
+}
+
+impl Default for DistillSection {
+    fn default() -> Self {
+        Self {
+            teacher: String::new(),
+            student_layers: String::new(),
+            strategy: crate::distill::losses::Strategy::Logit,
+            temperature: 2.0,
+            alpha: 0.5,
+            layer_map: String::new(),
+            steps: 100,
+            batch_size: 8,
+            learning_rate: 1e-4,
+            micro_batch_tokens: 2048,
+        }
+    }
+}
+
 impl Default for CheckpointSection {
     fn default() -> Self {
         Self { save_every: 10 }
@@ -617,6 +667,7 @@ impl RunConfig {
             checkpoint: CheckpointSection::default(),
             sft: SftSection::default(),
             dpo: DpoSection::default(),
+            distill: DistillSection::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
+pub mod distill;
 pub mod dpo;
 pub mod engine;
 pub mod evaluate;

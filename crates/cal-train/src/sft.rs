@@ -6,6 +6,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{Progress, RunLogs};
+use crate::metrics::Metrics;
 use crate::optimize::plan_micro_batches;
 use crate::policy::Policy;
 use crate::rundir::{self, RunLock, Start};
@@ -13,9 +14,9 @@ use crate::trainer::{RunEnd, INTERRUPTED};
 use anyhow::{bail, Context, Result};
 use cal_core::data::Example;
 use cal_core::evaluate::GradedExample;
-use cal_model::generate::{build_batch, completion_logprobs};
+use cal_model::generate::{build_batch, completion_logprobs, SequenceBatch};
 use cal_model::Forward;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::BTreeMap;
@@ -68,10 +69,68 @@ pub struct SftReport {
     pub seconds: f64,
 }
 
+/// A batch's totals, which every micro-batch's share of the loss is divided by.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchTotals {
+    /// Solution tokens (what the cross-entropy averages over).
+    pub target_tokens: f64,
+    /// Prompt and solution tokens.
+    pub tokens: f64,
+    /// Examples.
+    pub rows: f64,
+}
+
+/// What a supervised step minimises: SFT's cross-entropy, or a distillation loss
+/// ([`crate::distill`]). `loss` returns one micro-batch's share of the batch loss
+/// (so that the micro-batches' gradients add up to the batch's) and metric sums.
+pub trait Objective {
+    fn loss(
+        &self,
+        policy: &Policy,
+        batch: &SequenceBatch,
+        totals: &BatchTotals,
+        seed: u64,
+    ) -> Result<(Tensor, Metrics)>;
+    /// Parameters of the objective's own, trained with the policy's (a projection).
+    fn vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+    /// The run's name in logs and the progress bar (`sft/loss`, `distill/loss`).
+    fn name(&self) -> &'static str {
+        "sft"
+    }
+    /// Metrics of the held-out examples' solutions beside the greedy accuracy
+    /// (distillation: the KL to the teacher), logged as `eval/*`.
+    fn held_out(&self, _policy: &Policy, _examples: &[Example]) -> Result<Metrics> {
+        Ok(Metrics::new())
+    }
+}
+
+/// SFT's loss: the negative log-likelihood of the solution tokens, averaged over the
+/// batch's solution tokens (prompt tokens are not trained on).
+pub struct CrossEntropy;
+
+impl Objective for CrossEntropy {
+    fn loss(
+        &self,
+        policy: &Policy,
+        batch: &SequenceBatch,
+        totals: &BatchTotals,
+        seed: u64,
+    ) -> Result<(Tensor, Metrics)> {
+        let (logp, _) = completion_logprobs(&policy.model, batch, Forward::training(seed))?;
+        let mask = Tensor::from_vec(batch.completion_mask_f32(), logp.shape(), logp.device())?
+            .to_dtype(logp.dtype())?;
+        let loss = ((logp * mask)?.sum_all()? / -totals.target_tokens)?;
+        Ok((loss, Metrics::new()))
+    }
+}
+
 /// SFT between two steps: the optimizer, the data order and the step. It is what a
 /// checkpoint stores, so a resumed run draws the same batches as an uninterrupted one.
 pub struct SftLoop {
     cfg: SftConfig,
+    objective: Box<dyn Objective>,
     opt: AdamW,
     pairs: Vec<(Vec<u32>, Vec<u32>)>,
     /// The current epoch's order (each epoch shuffles the previous one in place).
@@ -82,12 +141,25 @@ pub struct SftLoop {
 }
 
 impl SftLoop {
-    /// Tokenises `examples` with the policy's prompt and makes `trainable` trainable.
+    /// Tokenises `examples` with the policy's prompt and makes `trainable` trainable;
+    /// the loss is the cross-entropy of the solutions.
     pub fn new(
         policy: &mut Policy,
         examples: &[Example],
         cfg: &SftConfig,
         trainable: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        Self::with_objective(policy, examples, cfg, trainable, Box::new(CrossEntropy))
+    }
+
+    /// [`SftLoop::new`] minimising `objective` (its own parameters, if any, trained
+    /// beside the policy's and saved in its checkpoints).
+    pub fn with_objective(
+        policy: &mut Policy,
+        examples: &[Example],
+        cfg: &SftConfig,
+        trainable: impl Fn(&str) -> bool,
+        objective: Box<dyn Objective>,
     ) -> Result<Self> {
         if examples.is_empty() {
             bail!("SFT needs at least one example");
@@ -95,7 +167,8 @@ impl SftLoop {
         if cfg.steps == 0 || cfg.batch_size == 0 {
             bail!("SFT needs at least one step and a batch size of at least 1");
         }
-        let vars = policy.model.make_trainable(trainable)?;
+        let mut vars = policy.model.make_trainable(trainable)?;
+        vars.extend(objective.vars());
         let opt = AdamW::new(vars, cfg.optim)?;
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = examples
             .iter()
@@ -109,6 +182,7 @@ impl SftLoop {
         let n = pairs.len();
         Ok(Self {
             cfg: cfg.clone(),
+            objective,
             opt,
             pairs,
             order: (0..n).collect(),
@@ -122,9 +196,14 @@ impl SftLoop {
         self.step >= self.cfg.steps
     }
 
-    /// One optimizer step on the next batch; returns its loss (mean negative
-    /// log-likelihood per target token).
+    /// One optimizer step on the next batch; returns its loss (for SFT the mean
+    /// negative log-likelihood per target token).
     pub fn step(&mut self, policy: &Policy) -> Result<f64> {
+        Ok(self.step_metrics(policy)?.0)
+    }
+
+    /// [`SftLoop::step`] with the objective's metrics, summed over micro-batches.
+    pub fn step_metrics(&mut self, policy: &Policy) -> Result<(f64, Metrics)> {
         let cfg = &self.cfg;
         let mut idx = Vec::with_capacity(cfg.batch_size);
         while idx.len() < cfg.batch_size {
@@ -141,21 +220,26 @@ impl SftLoop {
             .map(|&i| (pairs[i].0.len(), pairs[i].1.len()))
             .collect();
         // Every target token of the batch weighs the same: each micro-batch's summed
-        // log-likelihood is divided by the batch's token count.
-        let n = lens.iter().map(|l| l.1).sum::<usize>().max(1) as f64;
+        // loss is divided by the batch's totals.
+        let totals = BatchTotals {
+            target_tokens: lens.iter().map(|l| l.1).sum::<usize>().max(1) as f64,
+            tokens: lens.iter().map(|l| l.0 + l.1).sum::<usize>().max(1) as f64,
+            rows: lens.len() as f64,
+        };
         let plan = plan_micro_batches(&lens, 0, cfg.micro_batch_tokens);
         let seed = crate::seed::mix_seed(&[cfg.seed, self.step as u64]);
         let lr = lr_at(&cfg.optim, self.step, cfg.steps);
         let mut acc = self.opt.zero_accumulator();
         let mut lv = 0.0;
+        let mut metrics = Metrics::new();
         for rows in &plan {
             let prompts: Vec<Vec<u32>> = rows.iter().map(|&r| pairs[idx[r]].0.clone()).collect();
             let targets: Vec<Vec<u32>> = rows.iter().map(|&r| pairs[idx[r]].1.clone()).collect();
             let batch = build_batch(&prompts, &targets, policy.tok.pad_id, &policy.model.device)?;
-            let (logp, _) = completion_logprobs(&policy.model, &batch, Forward::training(seed))?;
-            let mask = Tensor::from_vec(batch.completion_mask_f32(), logp.shape(), logp.device())?
-                .to_dtype(logp.dtype())?;
-            let loss = ((logp * mask)?.sum_all()? / -n)?;
+            let (loss, m) = self.objective.loss(policy, &batch, &totals, seed)?;
+            for (k, v) in m {
+                *metrics.entry(k).or_insert(0.0) += v;
+            }
             lv += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if plan.len() == 1 {
                 self.opt.step(&loss.backward()?, lr)?;
@@ -167,7 +251,7 @@ impl SftLoop {
             self.opt.step_accumulated(&acc, lr)?;
         }
         self.step += 1;
-        Ok(lv)
+        Ok((lv, metrics))
     }
 
     /// Writes a checkpoint of the loop into `out/checkpoints` (the trained weights,
@@ -259,6 +343,13 @@ pub struct SftHarness {
     pub eval: EvalConfig,
 }
 
+/// What a harnessed run trains: its configuration, the loop's recipe and the loss.
+pub struct RunSpec<'a> {
+    pub config: &'a RunConfig,
+    pub cfg: SftConfig,
+    pub objective: Box<dyn Objective>,
+}
+
 /// `cal-grpo sft` on the training harness: a locked run folder, checkpoints and
 /// bit-exact `--resume`, `metrics.jsonl` and TensorBoard (`sft/loss`, `sft/lr`,
 /// `eval/*`), a progress bar, and a held-out curve so a reader sees whether SFT had
@@ -283,17 +374,41 @@ impl SftRun {
     pub fn new(
         out: &Path,
         config: &RunConfig,
+        policy: Policy,
+        examples: &[Example],
+        held_out: Vec<Example>,
+        harness: SftHarness,
+        start: impl Into<Start>,
+    ) -> Result<Self> {
+        let cfg = SftConfig::of_run(config);
+        let run = RunSpec {
+            config,
+            cfg,
+            objective: Box::new(CrossEntropy),
+        };
+        Self::with_objective(out, run, policy, examples, held_out, harness, start)
+    }
+
+    /// [`SftRun::new`] with another recipe and objective (`distill`).
+    pub fn with_objective(
+        out: &Path,
+        run: RunSpec<'_>,
         mut policy: Policy,
         examples: &[Example],
         held_out: Vec<Example>,
         harness: SftHarness,
         start: impl Into<Start>,
     ) -> Result<Self> {
+        let RunSpec {
+            config,
+            cfg,
+            objective,
+        } = run;
         let start = start.into();
         let lock = RunLock::acquire(out)?;
         rundir::prepare(out, start)?;
         let trainable = policy.attach_lora(&config.model.lora, config.run.seed)?;
-        let mut lp = SftLoop::new(&mut policy, examples, &SftConfig::of_run(config), trainable)?;
+        let mut lp = SftLoop::with_objective(&mut policy, examples, &cfg, trainable, objective)?;
         let mut resumed = None;
         if start == Start::Resume {
             let dir = lp.resume(out)?;
@@ -332,7 +447,9 @@ impl SftRun {
             &self.harness.eval,
             &format!("eval @{step}"),
         )?;
-        self.log(&held_out_metrics(&graded, self.held_out.len()))?;
+        let mut m = held_out_metrics(&graded, self.held_out.len());
+        m.extend(self.lp.objective.held_out(&self.policy, &self.held_out)?);
+        self.log(&m)?;
         self.last_eval = Some((step, graded));
         Ok(())
     }
@@ -343,13 +460,13 @@ impl SftRun {
         let total = self.lp.cfg.steps;
         let lr = lr_at(&self.lp.cfg.optim, self.lp.step, total);
         let ts = std::time::Instant::now();
-        let loss = self.lp.step(&self.policy)?;
+        let (loss, mut m) = self.lp.step_metrics(&self.policy)?;
         self.losses.push(loss);
-        self.log(&BTreeMap::from([
-            ("sft/loss".to_string(), loss),
-            ("sft/lr".to_string(), lr),
-            ("perf/step_seconds".to_string(), ts.elapsed().as_secs_f64()),
-        ]))?;
+        let name = self.lp.objective.name();
+        m.insert(format!("{name}/loss"), loss);
+        m.insert(format!("{name}/lr"), lr);
+        m.insert("perf/step_seconds".to_string(), ts.elapsed().as_secs_f64());
+        self.log(&m)?;
         let (step, last) = (self.lp.step, self.lp.done());
         let every = self.harness.eval_every;
         if every > 0 && (step.is_multiple_of(every) || last) {
@@ -364,7 +481,11 @@ impl SftRun {
 
     /// Trains to the last step (or SIGINT, which saves and returns `Interrupted`).
     pub fn run(&mut self) -> Result<(RunEnd, SftReport)> {
-        let progress = Progress::new("sft", self.lp.cfg.steps as u64, self.lp.step as u64);
+        let progress = Progress::new(
+            self.lp.objective.name(),
+            self.lp.cfg.steps as u64,
+            self.lp.step as u64,
+        );
         let t0 = std::time::Instant::now();
         if self.harness.eval_every > 0 && self.lp.step == 0 && !self.harness.skip_start_eval {
             self.evaluate_held_out()?; // the curve starts at the pretrained model

@@ -12,6 +12,7 @@ pub fn examples(n: usize) -> Vec<Example> {
 }
 
 /// 2 layers, hidden 32, a 300-token BPE trained on the generated problems.
+#[allow(dead_code)] // not every test binary that shares this module uses it
 pub fn policy(seed: u64) -> Policy {
     policy_shaped(seed, 16)
 }
