@@ -167,3 +167,56 @@ fn smollm2_gguf_matches_transformers() {
         );
     }
 }
+
+/// The attention maps and per-layer residual streams distillation reads
+/// (`Transformer::forward_probe`) against transformers' eager attention
+/// (`scripts/make_attention_fixture.py`).
+#[test]
+fn qwen2_tiny_attention_maps_and_layer_states_match_transformers() {
+    let l = load::load(&fixtures().join("qwen2-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let f = json("qwen2-tiny-attention.json");
+    let ids = ids(&f["ids"]);
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let n = l.model.cfg.num_hidden_layers;
+    let layers: Vec<usize> = (0..n).collect();
+    let p = l
+        .model
+        .forward_probe(
+            &input,
+            &[vec![1u8; ids.len()]],
+            cal_model::Forward::INFERENCE,
+            &layers,
+            true,
+        )
+        .unwrap();
+    let flat = |v: &serde_json::Value| -> Vec<f32> {
+        fn go(v: &serde_json::Value, out: &mut Vec<f32>) {
+            match v {
+                serde_json::Value::Array(a) => a.iter().for_each(|x| go(x, out)),
+                x => out.push(x.as_f64().unwrap() as f32),
+            }
+        }
+        let mut out = Vec::new();
+        go(v, &mut out);
+        out
+    };
+    let worst = |ours: &Tensor, theirs: &[f32]| {
+        let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ours.len(), theirs.len());
+        ours.iter()
+            .zip(theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    for (i, maps) in f["attention"].as_array().unwrap().iter().enumerate() {
+        let d = worst(&p.attention[i], &flat(maps));
+        assert!(d < 1e-5, "layer {i} attention maps off by {d}");
+    }
+    for (i, states) in f["layers"].as_array().unwrap().iter().enumerate() {
+        let d = worst(&p.layers[i], &flat(states));
+        assert!(d < 1e-4, "layer {i} residual stream off by {d}");
+    }
+}
