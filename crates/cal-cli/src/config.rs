@@ -218,6 +218,14 @@ pub struct TrainArgs {
     /// The preference loss of online DPO: sigmoid, ipo or orpo.
     #[arg(long, id = "dpo.loss", value_enum)]
     pub dpo_loss: Option<cal_train::preference::PrefLoss>,
+    /// The teacher of on-policy distillation (`--algorithm on-policy-distill`): a
+    /// Hugging Face folder or `.gguf` file of the policy's vocabulary.
+    #[arg(long, id = "distill.teacher")]
+    pub teacher: Option<String>,
+    /// Weight of on-policy distillation's token reward log π_T − log π_S beside the
+    /// outcome advantages.
+    #[arg(long, id = "distill.weight")]
+    pub distill_weight: Option<f64>,
     /// Advantage of the tokens before the first error in `--credit prefix`.
     #[arg(long, id = "credit.prefix-reward", allow_negative_numbers = true)]
     pub prefix_reward: Option<f64>,
@@ -669,6 +677,7 @@ pub(crate) mod tests {
         "3",
         "2",
         "0.5",
+        "0.25",
         "true",
         "runs/x",
         "q_proj",

@@ -11,6 +11,7 @@
 //! log-probs and everything else in [`crate::optimize::LossInputs`]; the default is the
 //! clipped policy loss, PPO adds its value loss).
 
+pub mod distill;
 pub mod dpo;
 pub mod grpo;
 pub mod ppo;
@@ -69,6 +70,7 @@ pub fn build(cfg: &RunConfig, policy: &Policy) -> Result<Box<dyn Algorithm>> {
         AlgorithmKind::Grpo => Box::new(grpo::Grpo),
         AlgorithmKind::Ppo => Box::new(ppo::Ppo::new(&cfg.ppo, policy)?),
         AlgorithmKind::Dpo => Box::new(dpo::Dpo::new(cfg)),
+        AlgorithmKind::OnPolicyDistill => Box::new(distill::OnPolicyDistill::new(cfg, policy)?),
     })
 }
 

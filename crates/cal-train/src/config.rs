@@ -35,6 +35,9 @@ pub enum AlgorithmKind {
     Ppo,
     /// Online DPO: each group's right and wrong rollouts as preference pairs (`[dpo]`).
     Dpo,
+    /// On-policy distillation: each sampled token rewarded by log π_T − log π_S under
+    /// `distill.teacher`, added to GRPO's advantages (`[distill]`).
+    OnPolicyDistill,
 }
 
 impl AlgorithmKind {
@@ -43,6 +46,7 @@ impl AlgorithmKind {
             Self::Grpo => "grpo",
             Self::Ppo => "ppo",
             Self::Dpo => "dpo",
+            Self::OnPolicyDistill => "on-policy-distill",
         }
     }
 }
@@ -539,6 +543,9 @@ pub struct DistillSection {
     pub learning_rate: f64,
     /// Padded tokens per forward/backward (0 = whole batches).
     pub micro_batch_tokens: usize,
+    /// On-policy distillation (`train --algorithm on-policy-distill`): the weight of
+    /// the per-token reward log π_T − log π_S beside GRPO's outcome advantages.
+    pub weight: f64,
 }
 
 impl Default for DistillSection {
@@ -554,6 +561,7 @@ impl Default for DistillSection {
             batch_size: 8,
             learning_rate: 1e-4,
             micro_batch_tokens: 2048,
+            weight: 1.0,
         }
     }
 }
@@ -577,7 +585,7 @@ pub struct RunKind {
 }
 
 impl RunKind {
-    pub const ALL: [RunKind; 6] = [
+    pub const ALL: [RunKind; 8] = [
         RunKind {
             name: "baseline",
             arm: "grpo",
@@ -612,6 +620,18 @@ impl RunKind {
             name: "cal-dpo",
             arm: "cal-dpo",
             algorithm: AlgorithmKind::Dpo,
+            cal: true,
+        },
+        RunKind {
+            name: "distill",
+            arm: "distill",
+            algorithm: AlgorithmKind::OnPolicyDistill,
+            cal: false,
+        },
+        RunKind {
+            name: "cal-distill",
+            arm: "cal-distill",
+            algorithm: AlgorithmKind::OnPolicyDistill,
             cal: true,
         },
     ];
@@ -808,7 +828,8 @@ impl RunConfig {
         match (self.run.algorithm, c.group) {
             // PPO's estimator is GAE; the default (grpo) means "not chosen"
             (AlgorithmKind::Ppo, Estimator::Grpo) => c.group = Estimator::Gae,
-            (AlgorithmKind::Ppo, Estimator::Gae) | (AlgorithmKind::Grpo | AlgorithmKind::Dpo, _) => {}
+            (AlgorithmKind::Ppo, Estimator::Gae)
+            | (AlgorithmKind::Grpo | AlgorithmKind::Dpo | AlgorithmKind::OnPolicyDistill, _) => {}
             (AlgorithmKind::Ppo, e) => bail!(
                 "run.algorithm = \"ppo\" estimates advantages with its critic (credit.advantage = \"gae\"), not {}",
                 e.name()

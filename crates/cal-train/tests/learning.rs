@@ -115,3 +115,50 @@ fn run_digits_seeded(
     eprintln!("{algorithm:?} ×{sign} (vLLM: {on_vllm}): digit fraction first 5 steps {first:.3}, last 5 steps {last:.3}: {curve:.2?}");
     (first, last, curve)
 }
+
+/// On-policy distillation: with the outcome reward silent (a random policy is never
+/// right), the per-token reward log π_T − log π_S alone moves a random student toward
+/// a teacher that learned the problems' language: the reverse KL on its samples falls.
+#[test]
+fn on_policy_distillation_moves_the_student_toward_the_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    // a teacher with opinions: a random policy after a short SFT on the problems
+    let mut teacher = policy(4);
+    let sft = cal_train::sft::SftConfig {
+        steps: 40,
+        batch_size: 8,
+        optim: cal_train::adamw::OptimConfig {
+            lr: 1e-2,
+            ..RunConfig::default().optim
+        },
+        seed: 1,
+        micro_batch_tokens: 0,
+    };
+    cal_train::sft::sft(&mut teacher, &examples(64), &sft, |_| true).unwrap();
+    let folder = dir.path().join("teacher");
+    cal_model::load::export_hf(&teacher.model, &teacher.tok, &folder).unwrap();
+    let mut cfg = RunConfig::default();
+    cfg.run.algorithm = AlgorithmKind::OnPolicyDistill;
+    cfg.distill.teacher = folder.display().to_string();
+    cfg.run.output_dir = Some(dir.path().join("run"));
+    cfg.run.steps = Some(40);
+    cfg.run.micro_batch = 0;
+    cfg.rollout.prompts_per_step = 2;
+    cfg.rollout.num_generations = 8;
+    cfg.rollout.max_new_tokens = 12;
+    cfg.loss.beta = 0.0;
+    cfg.optim.lr = 1e-2;
+    cfg.optim.min_lr_ratio = 1.0;
+    cfg.checkpoint.save_every = 0;
+    let mut t = Trainer::new(cfg, policy(1), examples(32), false).unwrap();
+    let curve: Vec<f64> = (0..40)
+        .map(|_| t.train_step().unwrap()["distill/reverse_kl"])
+        .collect();
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&curve[..5]), mean(&curve[35..]));
+    eprintln!("reverse KL first 5 steps {first:.3}, last 5 {last:.3}: {curve:.2?}");
+    assert!(
+        last < 0.5 * first,
+        "reverse KL {first:.3} → {last:.3}: {curve:.2?}"
+    );
+}

@@ -632,7 +632,12 @@ mod tests {
             };
             assert_eq!(cfg.kind(), k.name);
         }
-        for a in [AlgorithmKind::Grpo, AlgorithmKind::Ppo, AlgorithmKind::Dpo] {
+        for a in [
+            AlgorithmKind::Grpo,
+            AlgorithmKind::Ppo,
+            AlgorithmKind::Dpo,
+            AlgorithmKind::OnPolicyDistill,
+        ] {
             assert_ne!(RunKind::of(a, false).name, RunKind::of(a, true).name);
         }
         // the arms beside the two carry their kind's folder name
@@ -640,7 +645,7 @@ mod tests {
         let others = OtherArm::parse_list(&all).unwrap();
         assert_eq!(
             others.iter().map(|a| a.name).collect::<Vec<_>>(),
-            ["ppo", "cal-ppo", "dpo", "cal-dpo"]
+            ["ppo", "cal-ppo", "dpo", "cal-dpo", "distill", "cal-distill"]
         );
     }
 }
