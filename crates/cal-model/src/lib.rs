@@ -13,6 +13,7 @@ pub mod model;
 pub mod ops;
 pub mod peft;
 pub mod probe;
+pub mod qlinear;
 pub mod rowwise;
 pub mod tokenizer;
 pub mod vocab;
