@@ -52,6 +52,10 @@ pub struct LoraFlags {
     /// Dropout on the LoRA input in training forwards, in [0, 1).
     #[arg(long, id = "model.lora.dropout")]
     pub lora_dropout: Option<f64>,
+    /// QLoRA: hold the decoder layers' linear weights quantized (q4_0, q4_1, q8_0) under
+    /// the adapters (needs --lora-rank).
+    #[arg(long, id = "model.quantize-base", value_enum)]
+    pub quantize_base: Option<cal_train::config::QuantizeBase>,
 }
 
 /// The prompt flags, shared by `train`, `experiment`, `sft`, `eval` and `generate`

@@ -524,7 +524,13 @@ pub fn export_hf_with(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut merged = Params::new();
-    for (k, t) in &model.params {
+    // a quantized base is written dequantized (the adapters merged into it)
+    let dequantized = model
+        .quantized
+        .iter()
+        .map(|(k, q)| Ok((k.clone(), q.dequantize()?)))
+        .collect::<Result<Params>>()?;
+    for (k, t) in model.params.iter().chain(&dequantized) {
         if k.ends_with(".lora_A") || k.ends_with(".lora_B") {
             continue;
         }

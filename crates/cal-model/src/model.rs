@@ -10,8 +10,10 @@
 use crate::config::ModelConfig;
 use crate::layer::{self, merge_heads, Layer, Weights};
 pub use crate::layer::{Forward, KvCache};
+use crate::qlinear::QLinear;
 use crate::{attention, ops};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
 use rand::SeedableRng;
 use rand_distr_lite::normal_vec;
@@ -44,6 +46,9 @@ pub struct Transformer {
     pub device: Device,
     pub dtype: DType,
     inv_freq: Tensor,
+    /// Frozen linear weights held quantized (QLoRA's base), by parameter name; they are
+    /// not in `params`. Empty unless [`Transformer::quantize_base`] ran.
+    pub quantized: BTreeMap<String, QLinear>,
 }
 
 /// The parameter names and shapes an architecture needs.
@@ -106,11 +111,29 @@ pub mod rand_distr_lite {
 impl Transformer {
     /// Checks names, shapes and dtypes of `params` against `cfg` and builds the model.
     pub fn new(cfg: ModelConfig, params: Params, device: &Device) -> Result<Self> {
+        Self::from_parts(cfg, params, BTreeMap::new(), device)
+    }
+
+    /// [`Transformer::new`] with some linear weights held quantized instead of in
+    /// `params`.
+    fn from_parts(
+        cfg: ModelConfig,
+        params: Params,
+        quantized: BTreeMap<String, QLinear>,
+        device: &Device,
+    ) -> Result<Self> {
         let dtype = params
             .get("model.embed_tokens.weight")
             .map(|t| t.dtype())
             .ok_or_else(|| anyhow::anyhow!("missing tensor model.embed_tokens.weight"))?;
         for (name, shape) in expected_shapes(&cfg) {
+            if let Some(q) = quantized.get(&name) {
+                let (o, i) = q.dims();
+                if [o, i] != shape.as_slice() {
+                    bail!("quantized {name}: expected shape {shape:?}, found [{o}, {i}]");
+                }
+                continue;
+            }
             match params.get(&name) {
                 None => bail!("missing tensor {name} (expected shape {shape:?})"),
                 Some(t) if t.dims() != shape.as_slice() => {
@@ -136,6 +159,7 @@ impl Transformer {
             device: device.clone(),
             dtype,
             inv_freq,
+            quantized,
         })
     }
 
@@ -166,7 +190,12 @@ impl Transformer {
             .iter()
             .map(|(k, t)| Ok((k.clone(), t.detach().to_dtype(self.dtype)?.copy()?)))
             .collect::<Result<Params>>()?;
-        let mut m = Self::new(self.cfg.clone(), params, &self.device)?;
+        let mut m = Self::from_parts(
+            self.cfg.clone(),
+            params,
+            self.quantized.clone(),
+            &self.device,
+        )?;
         m.lora = self.lora.clone();
         Ok(m)
     }
@@ -182,12 +211,16 @@ impl Transformer {
     /// A copy on `device` (same dtypes, no autograd graph): how the GPU tests put one
     /// model on both devices.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
+        if !self.quantized.is_empty() && !device.same_device(&self.device) {
+            bail!("a model with a quantized base stays on the device it was quantized on");
+        }
         let params = self
             .params
             .iter()
             .map(|(k, t)| Ok((k.clone(), t.detach().to_device(device)?)))
             .collect::<Result<Params>>()?;
-        let mut m = Self::new(self.cfg.clone(), params, device)?.with_compute_dtype(self.dtype);
+        let mut m = Self::from_parts(self.cfg.clone(), params, self.quantized.clone(), device)?
+            .with_compute_dtype(self.dtype);
         m.lora = self.lora.clone();
         Ok(m)
     }
@@ -215,7 +248,31 @@ impl Transformer {
             device: self.device.clone(),
             dtype: self.dtype,
             inv_freq: self.inv_freq.clone(),
+            quantized: self.quantized.clone(),
         })
+    }
+
+    /// QLoRA's base: every decoder layer's linear weight (`*_proj.weight`) is quantized
+    /// to `dtype` and dropped from `params`, so the frozen base is never held in f32
+    /// again; norms, embeddings, biases and adapters stay as they are. Returns the bytes
+    /// the quantized weights take. Call before adapters are attached or anything is
+    /// made trainable (quantized weights are frozen).
+    pub fn quantize_base(&mut self, dtype: GgmlDType) -> Result<usize> {
+        let names: Vec<String> = self
+            .params
+            .keys()
+            .filter(|k| k.starts_with("model.layers.") && k.ends_with("_proj.weight"))
+            .cloned()
+            .collect();
+        let mut bytes = 0;
+        for name in names {
+            let w = self.params.remove(&name).expect("listed above");
+            let q =
+                QLinear::quantize(&w, dtype, 256).with_context(|| format!("quantizing {name}"))?;
+            bytes += q.storage_bytes();
+            self.quantized.insert(name, q);
+        }
+        Ok(bytes)
     }
 
     /// Adds zero-initialised (B = 0) LoRA adapters on every linear layer whose name ends
@@ -229,19 +286,28 @@ impl Transformer {
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut added = Vec::new();
-        let targets: Vec<(String, Vec<usize>)> = self
+        // the linear weights, in f32 or quantized, with their [out, in]
+        let weights = self
             .params
             .iter()
-            .filter(|(k, t)| {
+            .filter(|(_, t)| t.rank() == 2)
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .chain(self.quantized.iter().map(|(k, q)| {
+                let (o, i) = q.dims();
+                (k.clone(), vec![o, i])
+            }));
+        let mut targets: Vec<(String, Vec<usize>)> = weights
+            .filter(|(k, _)| {
                 k.ends_with(".weight")
-                    && t.rank() == 2
                     && cfg
                         .targets
                         .iter()
                         .any(|tg| k.trim_end_matches(".weight").ends_with(tg.as_str()))
             })
-            .map(|(k, t)| (k.trim_end_matches(".weight").to_string(), t.dims().to_vec()))
+            .map(|(k, d)| (k.trim_end_matches(".weight").to_string(), d))
             .collect();
+        // one order whatever holds the weight, so a seed draws the same adapters
+        targets.sort();
         if targets.is_empty() {
             bail!("LoRA targets {:?} match no linear layer", cfg.targets);
         }
@@ -308,8 +374,18 @@ impl Transformer {
         } else {
             ops::linear
         };
-        let w = self.p(&format!("{module}.weight"))?;
-        let y = linear(x, &w, self.p_opt(&format!("{module}.bias"))?.as_ref())?;
+        let name = format!("{module}.weight");
+        let bias = self.p_opt(&format!("{module}.bias"))?;
+        let y = match self.quantized.get(&name) {
+            Some(q) => {
+                let y = q.forward(x)?;
+                match &bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            None => linear(x, &self.p(&name)?, bias.as_ref())?,
+        };
         match (
             &self.lora,
             fwd.adapters,

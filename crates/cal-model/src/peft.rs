@@ -97,13 +97,18 @@ pub fn load_adapter(model: &mut Transformer, dir: &Path) -> Result<()> {
         } else {
             bail!("{}: unexpected tensor {k}", weights.display());
         };
-        let Some(base) = model.params.get(&format!("{module}.weight")) else {
+        let base = format!("{module}.weight");
+        let dims = match (model.params.get(&base), model.quantized.get(&base)) {
+            (Some(t), _) => Some((t.dim(0)?, t.dim(1)?)),
+            (None, Some(q)) => Some(q.dims()),
+            (None, None) => None,
+        };
+        let Some((out, inp)) = dims else {
             bail!(
                 "{}: {k} adapts {module}, which the model does not have",
                 weights.display()
             );
         };
-        let (out, inp) = (base.dim(0)?, base.dim(1)?);
         let want = if ours == "lora_A" {
             [rank, inp]
         } else {

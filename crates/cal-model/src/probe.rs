@@ -83,6 +83,9 @@ impl Transformer {
     /// Adapters are not carried over.
     pub fn keep_layers(&self, keep: &[usize]) -> Result<Transformer> {
         let n = self.cfg.num_hidden_layers;
+        if !self.quantized.is_empty() {
+            bail!("--student-layers: the teacher's base is quantized; keep layers of an unquantized model");
+        }
         if keep.is_empty() {
             bail!("--student-layers: keep at least one layer");
         }

@@ -26,13 +26,14 @@ pub struct QLinear {
 
 impl QLinear {
     /// Quantizes `w: [out, in]` (any float dtype) to `dtype` in tiles of `tile_rows` rows.
-    /// `in` must be a multiple of the format's block size.
+    /// `in` must be a multiple of twice the format's block size.
     pub fn quantize(w: &Tensor, dtype: GgmlDType, tile_rows: usize) -> Result<Self> {
         let (out, inp) = w.dims2()?;
-        if inp % dtype.block_size() != 0 {
+        // candle's CPU dot products take the blocks of a row in pairs
+        if inp % (2 * dtype.block_size()) != 0 {
             bail!(
                 "cannot quantize a [{out}, {inp}] weight to {dtype:?}: {inp} columns are not a \
-                 multiple of its block size {}",
+                 multiple of twice its block size {}",
                 dtype.block_size()
             );
         }
@@ -79,7 +80,7 @@ impl QLinear {
 
     /// `x: [..., in]` → `[..., out]`, differentiable in `x`. Off the CPU, each tile is
     /// dequantized for its product (the graph then holds the tiles until the backward).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if !x.device().is_cpu() {
             let parts = self
                 .tiles
@@ -89,7 +90,7 @@ impl QLinear {
                     x.broadcast_matmul(&w.t()?)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            return Ok(Tensor::cat(&parts, D::Minus1)?);
+            return Tensor::cat(&parts, D::Minus1);
         }
         let dtype = x.dtype();
         let xf = x.detach().to_dtype(DType::F32)?.contiguous()?;
@@ -105,7 +106,7 @@ impl QLinear {
             return Ok(y);
         }
         // the value computed above, with a backward pass to `x`
-        Ok(x.apply_op1(InputGrad { w: self.clone(), y })?)
+        x.apply_op1(InputGrad { w: self.clone(), y })
     }
 
     /// `dy: [..., out]` → `dy · W: [..., in]`, one dequantized tile at a time.
@@ -162,8 +163,9 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn weight(out: usize, inp: usize, seed: u64) -> Tensor {
+        use rand::Rng;
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-        let v = crate::model::rand_distr_lite::normal_vec(&mut rng, out * inp, 0.05);
+        let v: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1..0.1)).collect();
         Tensor::from_vec(v, (out, inp), &Device::Cpu).unwrap()
     }
 
@@ -222,7 +224,7 @@ mod tests {
         let err = QLinear::quantize(&weight(4, 20, 1), GgmlDType::Q4_0, 8)
             .err()
             .unwrap();
-        assert!(err.to_string().contains("block size 32"), "{err}");
+        assert!(err.to_string().contains("twice its block size 32"), "{err}");
     }
 
     /// A LoRA-style adapter on the frozen quantized base: its gradient through the

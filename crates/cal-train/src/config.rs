@@ -137,8 +137,46 @@ pub struct ModelSection {
     pub name: String,
     pub device: DeviceSpec,
     pub dtype: DTypeSpec,
+    /// QLoRA: the decoder layers' linear weights held quantized under the LoRA
+    /// adapters (`none`: the base in the model's dtype).
+    pub quantize_base: QuantizeBase,
     pub lora: LoraSection,
     pub tiny: TinySection,
+}
+
+/// How QLoRA holds the frozen base (`model.quantize-base`, `--quantize-base`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+pub enum QuantizeBase {
+    /// Not quantized.
+    #[default]
+    #[serde(rename = "none")]
+    #[value(name = "none")]
+    None,
+    /// 4-bit blocks of 32 with a scale (GGML Q4_0).
+    #[serde(rename = "q4_0")]
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// 4-bit blocks of 32 with a scale and a minimum (GGML Q4_1).
+    #[serde(rename = "q4_1")]
+    #[value(name = "q4_1")]
+    Q4_1,
+    /// 8-bit blocks of 32 with a scale (GGML Q8_0).
+    #[serde(rename = "q8_0")]
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl QuantizeBase {
+    /// The GGML format, `None` when the base stays unquantized.
+    pub fn ggml(self) -> Option<candle_core::quantized::GgmlDType> {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::None => None,
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+            Self::Q4_1 => Some(GgmlDType::Q4_1),
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+        }
+    }
 }
 
 impl Default for ModelSection {
@@ -147,6 +185,7 @@ impl Default for ModelSection {
             name: "tiny".into(),
             device: DeviceSpec::Cpu,
             dtype: DTypeSpec::F32,
+            quantize_base: QuantizeBase::None,
             lora: LoraSection::default(),
             tiny: TinySection::default(),
         }

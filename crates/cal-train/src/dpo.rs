@@ -553,7 +553,7 @@ impl DpoRun {
         let lock = RunLock::acquire(out)?;
         rundir::prepare(out, start)?;
         let lora = config.model.lora.rank > 0;
-        let trainable = policy.attach_lora(&config.model.lora, config.run.seed)?;
+        let trainable = policy.prepare(&config.model, config.run.seed)?;
         let mut lp = DpoLoop::new(
             &mut policy,
             pairs,

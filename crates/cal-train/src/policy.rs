@@ -72,6 +72,26 @@ impl Policy {
         Ok(ids)
     }
 
+    /// Readies the model for training as `model` configures it: the base quantized
+    /// (QLoRA, `model.quantize-base`; it needs adapters), then the adapters attached
+    /// ([`Policy::attach_lora`]). Returns which parameters train.
+    pub fn prepare(
+        &mut self,
+        model: &crate::config::ModelSection,
+        seed: u64,
+    ) -> Result<fn(&str) -> bool> {
+        if let Some(q) = model.quantize_base.ggml() {
+            if model.lora.rank == 0 {
+                anyhow::bail!(
+                    "--quantize-base {q:?} freezes the base: it needs LoRA adapters (--lora-rank)"
+                );
+            }
+            let bytes = self.model.quantize_base(q)?;
+            tracing::info!("base quantized to {q:?}: {:.1} MB", bytes as f64 / 1e6);
+        }
+        self.attach_lora(&model.lora, seed)
+    }
+
     /// Adds the configured LoRA adapters (none when `lora.rank` is 0) and says which
     /// parameters train: the adapters alone with LoRA, every weight without. One place
     /// for RL and SFT, so both train the same parameters for the same configuration.

@@ -407,7 +407,7 @@ impl SftRun {
         let start = start.into();
         let lock = RunLock::acquire(out)?;
         rundir::prepare(out, start)?;
-        let trainable = policy.attach_lora(&config.model.lora, config.run.seed)?;
+        let trainable = policy.prepare(&config.model, config.run.seed)?;
         let mut lp = SftLoop::with_objective(&mut policy, examples, &cfg, trainable, objective)?;
         let mut resumed = None;
         if start == Start::Resume {

@@ -122,7 +122,7 @@ impl Trainer {
         collective.barrier()?; // the others read the folder once it is ready
                                // before the adapters: a separate critic copies the base model
         let algo = algorithm::build(&cfg, &policy)?;
-        let trainable = policy.attach_lora(&cfg.model.lora, cfg.run.seed)?;
+        let trainable = policy.prepare(&cfg.model, cfg.run.seed)?;
         // The reference is a real frozen copy (full fine-tuning) or the same base with
         // the adapters switched off (LoRA): never the policy being trained.
         let reference = (cfg.model.lora.rank == 0 && cfg.needs_reference())
