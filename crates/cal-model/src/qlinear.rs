@@ -165,7 +165,9 @@ mod tests {
     fn weight(out: usize, inp: usize, seed: u64) -> Tensor {
         use rand::Rng;
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-        let v: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.1..0.1)).collect();
+        let v: Vec<f32> = (0..out * inp)
+            .map(|_| rng.random_range(-0.1..0.1))
+            .collect();
         Tensor::from_vec(v, (out, inp), &Device::Cpu).unwrap()
     }
 
