@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# LoRA against QLoRA (--quantize-base q4_0) on SmolLM2-135M-Instruct, taking turns:
+# 3 SFT steps of 4 problems, LoRA rank 16 on q,k,v,o; each run's peak resident memory
+# (/usr/bin/time, load and export included) and its step times.
+#
+#   bash bench/qlora_mem.sh [ROUNDS=2] [DATASET=runs/real-model-study/data/sft.jsonl]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-2}
+data=${2:-runs/real-model-study/data/sft.jsonl}
+bin=${CAL_GRPO:-target/release/cal-grpo}
+gguf=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+for r in $(seq 1 "$rounds"); do
+  for q in none q4_0; do
+    dir=$(mktemp -d /tmp/qlora-mem.XXXX)
+    /usr/bin/time -f "$q round $r: peak %M KiB, wall %e s" "$bin" sft --model "$gguf" --dataset "$data" \
+      --steps 3 --batch-size 4 --lora-rank 16 --quantize-base "$q" --save-every 0 \
+      --output-dir "$dir/run" 2>&1 | grep -E "peak"
+    python3 -c "
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if 'perf/step_seconds' in l]
+print('  step seconds', [round(r['perf/step_seconds'], 1) for r in rows])" "$dir/run/metrics.jsonl"
+    rm -rf "$dir"
+  done
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
