@@ -58,6 +58,15 @@ pub struct LoraFlags {
     pub quantize_base: Option<cal_train::config::QuantizeBase>,
 }
 
+/// `eval --quantize-base`: generate with the base quantized, as a QLoRA run does.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct QuantizeFlags {
+    /// Evaluate with the decoder layers' linear weights quantized (q4_0, q4_1, q8_0), as
+    /// a QLoRA run (`--quantize-base`) generates.
+    #[arg(long, id = "model.quantize-base", value_enum)]
+    pub quantize_base: Option<cal_train::config::QuantizeBase>,
+}
+
 /// The prompt flags, shared by `train`, `experiment`, `sft`, `eval` and `generate`
 /// (keys of `[data]`).
 #[derive(Debug, Clone, Default, Args, Serialize)]

@@ -50,6 +50,8 @@ pub struct EvalArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub placement: PlacementFlags,
+    #[command(flatten)]
+    pub quantize: crate::config::QuantizeFlags,
     /// Completions per problem (1 = greedy; k > 1 samples at --temperature and reports
     /// pass@k), as `train --num-generations` (`--samples` is the old name).
     #[arg(
@@ -78,7 +80,11 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let layer = merge_layers([flag_layer(&args.prompt)?, flag_layer(&args.length)?]);
+    let layer = merge_layers([
+        flag_layer(&args.prompt)?,
+        flag_layer(&args.length)?,
+        flag_layer(&args.quantize)?,
+    ]);
     let cfg = RunConfig::resolve(args.config.as_deref(), &layer)?;
     if args.print_config {
         return crate::train::print_config(&cfg);
@@ -186,7 +192,10 @@ fn eval_model(
         few_shot_pool(spec, run.data.few_shot)?
     };
     let prompt = PromptFormat::of(&run.data, &pool)?;
-    let policy = Source::new(model, placement).fresh()?.with_prompt(prompt);
+    let mut policy = Source::new(model, placement).fresh()?.with_prompt(prompt);
+    if let Some(q) = run.model.quantize_base.ggml() {
+        policy.model.quantize_base(q)?;
+    }
     let graded = evaluate(&policy, &examples, ecfg, "eval")?;
     let mut report = EvalReport::new(model, model, graded, examples.len());
     report.dataset = Some(format!("{spec} ({})", part.note));

@@ -1614,3 +1614,65 @@ fn distill_trains_students_and_names_bad_ones() {
         "{err}"
     );
 }
+
+/// QLoRA from the command line: an SFT run and an evaluation with the base quantized,
+/// and a quantized base without adapters refused with the flag it needs.
+#[test]
+fn sft_and_eval_run_with_a_quantized_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cal-model/tests/fixtures/qwen2-tiny");
+    let sft = |extra: &[&str]| {
+        bin()
+            .args([
+                "sft",
+                "--dataset",
+                "generated",
+                "--num-samples",
+                "8",
+                "--steps",
+                "2",
+            ])
+            .args(["--batch-size", "2", "--quantize-base", "q4_0", "--model"])
+            .arg(&model)
+            .arg("--output-dir")
+            .arg(dir.path().join("sft"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = sft(&["--lora-rank", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("sft/model.safetensors").exists());
+    let out = bin()
+        .args([
+            "eval",
+            "--dataset",
+            "generated",
+            "--eval-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+        ])
+        .args(["--quantize-base", "q8_0", "--model"])
+        .arg(dir.path().join("sft"))
+        .arg("--output-dir")
+        .arg(dir.path().join("eval"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sft(&["--overwrite"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--lora-rank"),
+        "{err}"
+    );
+}
