@@ -519,7 +519,8 @@ pub struct DpoSection {
     pub pair_credit: crate::preference::PairCredit,
     /// Optimizer steps.
     pub steps: usize,
-    /// Pairs per step.
+    /// Pairs per step (4: a SmolLM2 LoRA step of 8 pairs took 38.8 s on 2 cores, and the
+    /// step time goes with the pairs).
     pub batch_size: usize,
     /// Peak learning rate (5e-5 suits LoRA; full fine-tuning of a large model wants
     /// TRL's 1e-6).
@@ -542,7 +543,7 @@ impl Default for DpoSection {
             loss: crate::preference::PrefLoss::Sigmoid,
             pair_credit: crate::preference::PairCredit::Full,
             steps: 100,
-            batch_size: 8,
+            batch_size: 4,
             learning_rate: 5e-5,
             max_length: 1024,
             max_prompt_length: 512,
