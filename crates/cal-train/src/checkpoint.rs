@@ -122,6 +122,100 @@ pub fn resume(out: &Path, opt: &mut crate::adamw::AdamW) -> Result<Resumed> {
     })
 }
 
+/// The data order of a supervised loop (SFT, distillation, offline DPO): a seeded
+/// permutation reshuffled at each epoch and a cursor into it. It is what such a loop's
+/// checkpoint stores beside the optimizer, so a resumed run draws the same batches.
+pub struct DataOrder {
+    order: Vec<usize>,
+    cursor: usize,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl DataOrder {
+    /// `n` items, the first epoch shuffled from `seed` when the first batch is drawn.
+    pub fn new(n: usize, seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self {
+            order: (0..n).collect(),
+            cursor: n,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// The next `size` item indices, a new epoch's shuffle when one runs out.
+    pub fn next_batch(&mut self, size: usize) -> Vec<usize> {
+        use rand::seq::SliceRandom;
+        let mut idx = Vec::with_capacity(size);
+        while idx.len() < size {
+            if self.cursor == self.order.len() {
+                self.order.shuffle(&mut self.rng);
+                self.cursor = 0;
+            }
+            idx.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        idx
+    }
+
+    /// Writes a checkpoint at `step`: `opt`'s variables and moments, this order, its
+    /// cursor and RNG.
+    pub fn save(
+        &self,
+        out: &Path,
+        step: usize,
+        opt: &crate::adamw::AdamW,
+        config: serde_json::Value,
+    ) -> Result<PathBuf> {
+        let (rng_seed, rng_stream, rng_word_pos) = rng_state(&self.rng);
+        let state = TrainState {
+            step,
+            cursor: self.cursor,
+            rng_seed,
+            rng_stream,
+            rng_word_pos,
+            config,
+            counters: serde_json::json!({ "order": self.order }),
+        };
+        let weights: cal_model::Params = opt
+            .vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        save(out, &state, &weights, &opt.state())
+    }
+
+    /// Loads the latest checkpoint of `out` into `opt` and returns its directory, its
+    /// step and its data order, which must cover this run's `self.order.len()` items
+    /// (`items` names them and `same` the flags that fix them, for the error).
+    pub fn resume(
+        &self,
+        out: &Path,
+        opt: &mut crate::adamw::AdamW,
+        items: &str,
+        same: &str,
+    ) -> Result<(PathBuf, usize, DataOrder)> {
+        let r = resume(out, opt)?;
+        let state = read_state(&r.dir)?;
+        let order: Vec<usize> = serde_json::from_value(state.counters["order"].clone())
+            .with_context(|| format!("{}: no data order of {items}", r.dir.display()))?;
+        if order.len() != self.order.len() {
+            anyhow::bail!(
+                "{}: the checkpoint's data has {} {items}, this run's {}: resume with the \
+                 same {same}",
+                r.dir.display(),
+                order.len(),
+                self.order.len()
+            );
+        }
+        let data = DataOrder {
+            order,
+            cursor: r.cursor,
+            rng: r.rng,
+        };
+        Ok((r.dir, r.step, data))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@
 //! reference is the base with the adapters off, else a frozen copy of the start.
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::DataOrder;
 use crate::config::RunConfig;
 use crate::log::{Progress, RunLogs};
 use crate::metrics::Metrics;
@@ -20,14 +20,12 @@ use crate::policy::Policy;
 use crate::preference::{preference_loss, reward_metrics, PairCredit, PairLogps, PrefLoss};
 use crate::rundir::{self, RunLock, Start};
 use crate::trainer::{RunEnd, INTERRUPTED};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use cal_core::data::preference::{first_differing_step, PreferencePair, Turns};
 use cal_core::map::map_span;
 use cal_model::generate::{build_batch, completion_logprobs, decode_with_offsets};
 use cal_model::{Forward, Transformer};
 use candle_core::{DType, Tensor};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -310,9 +308,7 @@ pub struct DpoLoop {
     pub cfg: DpoConfig,
     opt: AdamW,
     pairs: Vec<TokenPair>,
-    order: Vec<usize>,
-    cursor: usize,
-    rng: rand_chacha::ChaCha8Rng,
+    data: DataOrder,
     pub step: usize,
     /// A frozen copy of the start (full fine-tuning); `None` with LoRA (the base with
     /// adapters off) or ORPO (no reference).
@@ -348,9 +344,7 @@ impl DpoLoop {
             opt: AdamW::new(vars, cfg.optim)?,
             ref_sums: vec![None; n],
             pairs,
-            order: (0..n).collect(),
-            cursor: n,
-            rng: rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
+            data: DataOrder::new(n, cfg.seed),
             step: 0,
             reference,
         })
@@ -392,15 +386,7 @@ impl DpoLoop {
 
     /// One optimizer step on the next batch of pairs; its metrics (TRL's names).
     pub fn step(&mut self, policy: &Policy) -> Result<Metrics> {
-        let mut idx = Vec::with_capacity(self.cfg.batch_size);
-        while idx.len() < self.cfg.batch_size {
-            if self.cursor == self.order.len() {
-                self.order.shuffle(&mut self.rng);
-                self.cursor = 0;
-            }
-            idx.push(self.order[self.cursor]);
-            self.cursor += 1;
-        }
+        let idx = self.data.next_batch(self.cfg.batch_size);
         let refs = self.reference_sums(policy, &idx)?;
         let cfg = self.cfg.clone();
         let batch: Vec<&TokenPair> = idx.iter().map(|&i| &self.pairs[i]).collect();
@@ -482,41 +468,14 @@ impl DpoLoop {
 
     /// Writes a checkpoint of the loop into `out/checkpoints`.
     pub fn save(&self, out: &Path, config: serde_json::Value) -> Result<PathBuf> {
-        let (rng_seed, rng_stream, rng_word_pos) = checkpoint::rng_state(&self.rng);
-        let state = TrainState {
-            step: self.step,
-            cursor: self.cursor,
-            rng_seed,
-            rng_stream,
-            rng_word_pos,
-            config,
-            counters: serde_json::json!({ "order": self.order }),
-        };
-        let weights: cal_model::Params = self
-            .opt
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        checkpoint::save(out, &state, &weights, &self.opt.state())
+        self.data.save(out, self.step, &self.opt, config)
     }
 
     /// Continues from the latest checkpoint in `out` (weights, moments, order, RNG).
     pub fn resume(&mut self, out: &Path) -> Result<PathBuf> {
-        let r = checkpoint::resume(out, &mut self.opt)?;
-        let state = checkpoint::read_state(&r.dir)?;
-        let order: Vec<usize> = serde_json::from_value(state.counters["order"].clone())
-            .with_context(|| format!("{}: no pair order", r.dir.display()))?;
-        if order.len() != self.pairs.len() {
-            bail!(
-                "{}: the checkpoint's data has {} pairs, this run's {}: resume with the same --dataset",
-                r.dir.display(),
-                order.len(),
-                self.pairs.len()
-            );
-        }
-        (self.step, self.cursor, self.rng, self.order) = (r.step, r.cursor, r.rng, order);
-        Ok(r.dir)
+        let (dir, step, data) = self.data.resume(out, &mut self.opt, "pairs", "--dataset")?;
+        (self.step, self.data) = (step, data);
+        Ok(dir)
     }
 }
 

@@ -2,7 +2,7 @@
 //! from a policy that is sometimes right and sometimes slips in one step.
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::DataOrder;
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{Progress, RunLogs};
@@ -11,14 +11,12 @@ use crate::optimize::plan_micro_batches;
 use crate::policy::Policy;
 use crate::rundir::{self, RunLock, Start};
 use crate::trainer::{RunEnd, INTERRUPTED};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use cal_core::data::Example;
 use cal_core::evaluate::GradedExample;
 use cal_model::generate::{build_batch, completion_logprobs, SequenceBatch};
 use cal_model::Forward;
 use candle_core::{DType, Tensor, Var};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -133,10 +131,7 @@ pub struct SftLoop {
     objective: Box<dyn Objective>,
     opt: AdamW,
     pairs: Vec<(Vec<u32>, Vec<u32>)>,
-    /// The current epoch's order (each epoch shuffles the previous one in place).
-    order: Vec<usize>,
-    cursor: usize,
-    rng: rand_chacha::ChaCha8Rng,
+    data: DataOrder,
     pub step: usize,
 }
 
@@ -185,9 +180,7 @@ impl SftLoop {
             objective,
             opt,
             pairs,
-            order: (0..n).collect(),
-            cursor: n,
-            rng: rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
+            data: DataOrder::new(n, cfg.seed),
             step: 0,
         })
     }
@@ -205,15 +198,7 @@ impl SftLoop {
     /// [`SftLoop::step`] with the objective's metrics, summed over micro-batches.
     pub fn step_metrics(&mut self, policy: &Policy) -> Result<(f64, Metrics)> {
         let cfg = &self.cfg;
-        let mut idx = Vec::with_capacity(cfg.batch_size);
-        while idx.len() < cfg.batch_size {
-            if self.cursor == self.order.len() {
-                self.order.shuffle(&mut self.rng);
-                self.cursor = 0;
-            }
-            idx.push(self.order[self.cursor]);
-            self.cursor += 1;
-        }
+        let idx = self.data.next_batch(cfg.batch_size);
         let pairs = &self.pairs;
         let lens: Vec<(usize, usize)> = idx
             .iter()
@@ -257,42 +242,19 @@ impl SftLoop {
     /// Writes a checkpoint of the loop into `out/checkpoints` (the trained weights,
     /// the optimizer's moments, the data order and cursor, the RNG).
     pub fn save(&self, out: &Path, config: serde_json::Value) -> Result<PathBuf> {
-        let (rng_seed, rng_stream, rng_word_pos) = checkpoint::rng_state(&self.rng);
-        let state = TrainState {
-            step: self.step,
-            cursor: self.cursor,
-            rng_seed,
-            rng_stream,
-            rng_word_pos,
-            config,
-            counters: serde_json::json!({ "order": self.order }),
-        };
-        let weights: cal_model::Params = self
-            .opt
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        checkpoint::save(out, &state, &weights, &self.opt.state())
+        self.data.save(out, self.step, &self.opt, config)
     }
 
     /// Continues from the latest checkpoint in `out` (weights, moments, order, RNG).
     pub fn resume(&mut self, out: &Path) -> Result<PathBuf> {
-        let r = checkpoint::resume(out, &mut self.opt)?;
-        let state = checkpoint::read_state(&r.dir)?;
-        let order: Vec<usize> = serde_json::from_value(state.counters["order"].clone())
-            .with_context(|| format!("{}: no SFT data order", r.dir.display()))?;
-        if order.len() != self.pairs.len() {
-            bail!(
-                "{}: the checkpoint's data has {} examples, this run's {}: resume with the \
-                 same --dataset and --num-samples",
-                r.dir.display(),
-                order.len(),
-                self.pairs.len()
-            );
-        }
-        (self.step, self.cursor, self.rng, self.order) = (r.step, r.cursor, r.rng, order);
-        Ok(r.dir)
+        let (dir, step, data) = self.data.resume(
+            out,
+            &mut self.opt,
+            "examples",
+            "--dataset and --num-samples",
+        )?;
+        (self.step, self.data) = (step, data);
+        Ok(dir)
     }
 }
 
