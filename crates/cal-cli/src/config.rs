@@ -335,6 +335,15 @@ pub struct TrainArgs {
     /// Rows per generation call (bounds memory).
     #[arg(long, id = "rollout.generation-batch")]
     pub generation_batch: Option<usize>,
+    /// Sampling randomness: `step` (one stream over the step's rows) or `group` (per
+    /// completion, from its group's place in the data: what a data-parallel run uses,
+    /// so one process reproduces it).
+    #[arg(long, id = "rollout.seeds", value_enum)]
+    pub rollout_seeds: Option<cal_train::config::SampleSeeds>,
+    /// Data parallel: compare the ranks' weight checksums every this many steps (0 =
+    /// never).
+    #[arg(long, id = "run.weight-check-every")]
+    pub weight_check_every: Option<usize>,
     /// Who samples the rollouts: `local` (this process) or `vllm` (the --rollout-url
     /// servers, or without one a server started for the run; the policy is synced
     /// there after every step).

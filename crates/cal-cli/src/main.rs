@@ -95,9 +95,31 @@ enum Command {
     ConfigDocs,
 }
 
+/// The ranks of a data-parallel run (set on the main thread, for `train`; taken and
+/// dropped before exit, which finalises MPI).
+static RANKS: std::sync::Mutex<Option<std::sync::Arc<dyn cal_train::collective::Collective>>> =
+    std::sync::Mutex::new(None);
+
+fn ranks() -> Option<std::sync::Arc<dyn cal_train::collective::Collective>> {
+    RANKS.lock().ok()?.clone()
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    let ranks = cal_train::collective::launched_ranks();
+    if ranks > 1 && !matches!(cli.command, Command::Train(_)) {
+        anyhow::bail!(
+            "started as one of {ranks} MPI ranks: of the commands, `train` runs data parallel; \
+             run this one without mpirun"
+        );
+    }
     match cli.command {
-        Command::Train(args) => train::run(&args)?,
+        Command::Train(args) => {
+            let c = cal_train::collective::from_launch()?;
+            if let Ok(mut r) = RANKS.lock() {
+                *r = Some(c.clone());
+            }
+            train::run(&args, c)?
+        }
         Command::Eval(args) => eval::run(&args)?,
         Command::Compare(args) => compare::run(&args)?,
         Command::Experiment(args) => experiment::run(&args)?,
@@ -168,7 +190,16 @@ fn tune_runtime() {
     }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // the ranks of a data-parallel run on this machine share its cores
+        let local = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+            .unwrap_or_else(cal_train::collective::launched_ranks);
+        let n = (n / local.max(1)).max(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        if local > 1 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
     }
 }
 
@@ -188,11 +219,28 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     match run(cli) {
-        Ok(code) => code,
+        Ok(code) => {
+            // the last reference: MPI finalises here, on every rank
+            RANKS.lock().map(|mut r| r.take()).ok();
+            code
+        }
         Err(e) => {
             let full = std::env::var("CAL_GRPO_BACKTRACE").is_ok_and(|v| v != "0");
-            eprintln!("error: {}", user_message(&format!("{e:#}"), full));
-            ExitCode::FAILURE
+            match ranks().filter(|c| c.world() > 1) {
+                Some(c) => {
+                    // the others wait for this rank in a collective: end them all
+                    eprintln!(
+                        "error (rank {}): {}",
+                        c.rank(),
+                        user_message(&format!("{e:#}"), full)
+                    );
+                    c.abort(1)
+                }
+                None => {
+                    eprintln!("error: {}", user_message(&format!("{e:#}"), full));
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -5,11 +5,13 @@ use crate::config::TrainArgs;
 use crate::source::{datasets, Source};
 use anyhow::Result;
 use cal_model::load;
+use cal_train::collective::Collective;
 use cal_train::config::RunConfig;
 use cal_train::engine::server::serve_if_needed;
 use cal_train::evaluate::{evaluate, EvalConfig, EvalReport};
 use cal_train::policy::PolicySource;
 use cal_train::trainer::{RunEnd, Trainer};
+use std::sync::Arc;
 
 /// `--print-config`: the effective configuration as TOML.
 pub fn print_config(cfg: &RunConfig) -> Result<()> {
@@ -17,39 +19,68 @@ pub fn print_config(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &TrainArgs) -> Result<()> {
+/// `ranks`: the processes of a data-parallel run (one by default); rank 0 speaks,
+/// writes and evaluates for the run, every rank trains.
+pub fn run(args: &TrainArgs, ranks: Arc<dyn Collective>) -> Result<()> {
     let mut cfg = args.resolve()?;
     if args.print_config {
         return print_config(&cfg);
     }
     let source = Source::of(&cfg);
-    source.prepare()?;
+    let main = ranks.is_main();
+    // rank 0 fetches data and makes the tiny warm start; the others then read them
+    if main {
+        source.prepare()?;
+    }
+    ranks.barrier()?;
+    if !main {
+        source.prepare()?;
+    }
     let (train, test) = datasets(&cfg)?;
     let out = cfg.output_dir();
-    eprintln!(
-        "{} run: {} steps × {} prompts × {} generations on {} problems ({} / {}); output {}",
-        cfg.kind(),
-        cfg.steps(train.len()),
-        cfg.rollout.prompts_per_step,
-        cfg.rollout.num_generations,
-        train.len(),
-        cfg.model.device,
-        cfg.model.dtype.name(),
-        out.display()
-    );
+    if main {
+        eprintln!(
+            "{} run: {} steps × {} prompts × {} generations on {} problems ({} / {}); output {}",
+            cfg.kind(),
+            cfg.steps(train.len()),
+            cfg.rollout.prompts_per_step,
+            cfg.rollout.num_generations,
+            train.len(),
+            cfg.model.device,
+            cfg.model.dtype.name(),
+            out.display()
+        );
+        if ranks.world() > 1 {
+            eprintln!(
+                "data parallel: {} ranks, {} prompts each per step",
+                ranks.world(),
+                cfg.rollout.prompts_per_step / ranks.world()
+            );
+        }
+    }
     let name = cfg.kind();
     let config = serde_json::to_value(&cfg)?;
     let eval = EvalConfig::of_run(&cfg);
-    let policy = source.fresh()?;
+    let policy = if main {
+        let p = source.fresh()?;
+        ranks.barrier()?;
+        p
+    } else {
+        ranks.barrier()?; // rank 0's warm start is in the cache now
+        source.fresh()?
+    };
     // rollouts on vLLM without a URL: a server of our own, stopped when this returns
     let server = serve_if_needed(&mut cfg, &policy, &out.with_extension("vllm"))?;
-    let mut trainer =
-        Trainer::new(cfg, policy, train, args.start())?.with_held_out(test.clone(), eval.clone());
+    let mut trainer = Trainer::new_on(cfg, policy, train, args.start(), ranks)?
+        .with_held_out(test.clone(), eval.clone());
     if trainer.run()? == RunEnd::Interrupted {
         drop(server); // exit runs no destructors
         std::process::exit(130);
     }
     drop(server);
+    if !main {
+        return Ok(());
+    }
     let graded = match trainer.held_out_now() {
         Some(g) => g.to_vec(),
         None => evaluate(&trainer.policy, &test, &eval, "eval")?,

@@ -175,22 +175,34 @@ pub fn masked_mean(x: &TokenMatrix, mask: &[bool]) -> f64 {
 /// `(x − mean) / sqrt(var + 1e-8)` over the masked entries (the unbiased variance, as
 /// verl's `masked_whiten`); 0 where masked. Fewer than two entries: only centred.
 pub fn masked_whiten(x: &TokenMatrix, mask: &[bool]) -> TokenMatrix {
-    let vals: Vec<f64> = x
-        .data
-        .iter()
-        .zip(mask)
-        .filter(|(_, &m)| m)
-        .map(|(v, _)| *v)
-        .collect();
-    let n = vals.len() as f64;
-    let mean = masked_mean(x, mask);
-    let scale = if vals.len() > 1 {
-        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-        1.0 / (var + 1e-8).sqrt()
+    let none: Result<TokenMatrix, std::convert::Infallible> =
+        masked_whiten_over(x, mask, |_| Ok(()));
+    none.unwrap_or_else(|e| match e {})
+}
+
+/// [`masked_whiten`] over a batch split across processes: `sum` replaces its argument
+/// by the element-wise sum over all of them (the count and sum, then the squared
+/// deviations), so every part is whitened with the whole batch's mean and variance.
+/// With a `sum` that does nothing it is [`masked_whiten`], to the bit.
+pub fn masked_whiten_over<E>(
+    x: &TokenMatrix,
+    mask: &[bool],
+    mut sum: impl FnMut(&mut [f64]) -> Result<(), E>,
+) -> Result<TokenMatrix, E> {
+    let vals = || x.data.iter().zip(mask).filter(|(_, &m)| m).map(|(v, _)| *v);
+    let (s, n) = vals().fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    let mut first = [s, n as f64];
+    sum(&mut first)?;
+    let n = first[1];
+    let mean = first[0] / n.max(1.0);
+    let mut sq = [vals().map(|v| (v - mean).powi(2)).sum::<f64>()];
+    sum(&mut sq)?;
+    let scale = if n > 1.0 {
+        1.0 / (sq[0] / (n - 1.0) + 1e-8).sqrt()
     } else {
         1.0
     };
-    TokenMatrix {
+    Ok(TokenMatrix {
         rows: x.rows,
         cols: x.cols,
         data: x
@@ -199,7 +211,7 @@ pub fn masked_whiten(x: &TokenMatrix, mask: &[bool]) -> TokenMatrix {
             .zip(mask)
             .map(|(v, &m)| if m { (v - mean) * scale } else { 0.0 })
             .collect(),
-    }
+    })
 }
 
 /// REINFORCE++ (Hu 2025; verl's `compute_reinforce_plus_plus_outcome_advantage`):
@@ -301,5 +313,54 @@ mod tests {
         let long = [roll(0.0, Some(0..4)), roll(0.0, Some(3..4))];
         let (r, _) = token_rewards(&long, &cfg);
         assert!((r.row(0).iter().sum::<f64>() - r.row(1).iter().sum::<f64>()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn whitening_a_split_batch_with_summed_stats_is_whitening_the_whole() {
+        use std::sync::{Barrier, Mutex};
+        let rows: Vec<Vec<f64>> = (0..6)
+            .map(|i| {
+                (0..5)
+                    .map(|t| ((i * 7 + t * 3) % 11) as f64 - 4.0)
+                    .collect()
+            })
+            .collect();
+        let mask: Vec<bool> = (0..30).map(|k| k % 5 < 3 + (k / 5) % 3).collect();
+        let whole = masked_whiten(&TokenMatrix::from_rows(&rows), &mask);
+        // two "ranks" of three rows each, summing their statistics through shared memory
+        let (total, gate) = (Mutex::new(Vec::<f64>::new()), Barrier::new(2));
+        let sum = |v: &mut [f64]| -> Result<(), ()> {
+            total.lock().unwrap().resize(v.len(), 0.0);
+            gate.wait();
+            for (a, b) in total.lock().unwrap().iter_mut().zip(v.iter()) {
+                *a += b;
+            }
+            gate.wait();
+            v.copy_from_slice(&total.lock().unwrap());
+            gate.wait();
+            total.lock().unwrap().clear();
+            gate.wait();
+            Ok(())
+        };
+        let parts: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|r| {
+                    let (rows, mask, sum) = (&rows, &mask, &sum);
+                    s.spawn(move || {
+                        let x = TokenMatrix::from_rows(&rows[3 * r..3 * r + 3]);
+                        masked_whiten_over(&x, &mask[15 * r..15 * r + 15], sum)
+                            .unwrap()
+                            .data
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let joined: Vec<f64> = parts.concat();
+        assert!(
+            close(&joined, &whole.data, 1e-12),
+            "{joined:?} vs {:?}",
+            whole.data
+        );
     }
 }

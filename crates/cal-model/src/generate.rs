@@ -7,7 +7,7 @@
 
 use crate::model::{positions_from_mask, Forward, KvCache, Transformer};
 use crate::tokenizer::TokenizerBundle;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rand::Rng;
 use rayon::prelude::*;
@@ -237,6 +237,25 @@ pub fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&Vec<u32>>, Vec<u32>) {
     (distinct, rows)
 }
 
+/// Where a batch's sampling randomness comes from.
+enum Draws<'a, R: Rng> {
+    /// One stream for the batch, drawn in row order: a seeded run repeats with the
+    /// same batches.
+    Stream(&'a mut R),
+    /// One stream per row: a row's tokens depend on its own stream alone, whatever
+    /// batch (or process) it is sampled in.
+    Rows(&'a mut [R]),
+}
+
+impl<R: Rng> Draws<'_, R> {
+    fn uniform(&mut self, row: usize) -> f64 {
+        match self {
+            Draws::Stream(rng) => rng.random(),
+            Draws::Rows(rngs) => rngs[row].random(),
+        }
+    }
+}
+
 /// Generates completions for `prompts` (token ids) in one batch.
 pub fn generate(
     model: &Transformer,
@@ -244,6 +263,37 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &SamplingConfig,
     rng: &mut impl Rng,
+) -> Result<Vec<Generation>> {
+    generate_with(model, tok, prompts, cfg, Draws::Stream(rng))
+}
+
+/// [`generate`] with one random stream per prompt (`rngs[i]` samples row `i`), so a
+/// row's completion does not depend on the rows batched with it: a data-parallel
+/// run that splits a step's rows over processes samples what one process would.
+/// Tokens are picked on the host, where the per-row uniforms are.
+pub fn generate_per_row<R: Rng>(
+    model: &Transformer,
+    tok: &TokenizerBundle,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    rngs: &mut [R],
+) -> Result<Vec<Generation>> {
+    if rngs.len() != prompts.len() {
+        bail!(
+            "{} random streams for {} prompts",
+            rngs.len(),
+            prompts.len()
+        );
+    }
+    generate_with(model, tok, prompts, cfg, Draws::Rows(rngs))
+}
+
+fn generate_with<R: Rng>(
+    model: &Transformer,
+    tok: &TokenizerBundle,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    mut draws: Draws<'_, R>,
 ) -> Result<Vec<Generation>> {
     let b = prompts.len();
     if b == 0 {
@@ -277,12 +327,14 @@ pub fn generate(
     let dev = &model.device;
     // Off the CPU, tokens are picked where the logits are (only the ids come back);
     // the CPU samples on the host, reproducibly from `rng`.
-    let on_device = !crate::device::cpu_kernels(dev);
+    let on_device = !crate::device::cpu_kernels(dev) && matches!(draws, Draws::Stream(_));
     if on_device && !is_greedy(cfg) && !dev.is_cpu() {
         // The device's generator, seeded from the run's RNG: a seeded run repeats.
         // (The CPU takes this path only in tests of the device path; its generator
         // cannot be seeded.)
-        dev.set_seed(rng.random())?;
+        if let Draws::Stream(rng) = &mut draws {
+            dev.set_seed(rng.random())?;
+        }
     }
     let input = Tensor::from_vec(ids, (distinct.len(), lp), dev)?;
     let positions = positions_from_mask(&mask, dev)?;
@@ -316,7 +368,10 @@ pub fn generate(
             .decode_logits(&last)?
             .to_dtype(candle_core::DType::F32)?;
         let picked = match on_device
-            .then(|| sample_on_device(&logits, cfg, rng))
+            .then(|| match &mut draws {
+                Draws::Stream(rng) => sample_on_device(&logits, cfg, rng),
+                Draws::Rows(_) => Ok(None),
+            })
             .transpose()?
         {
             Some(Some(ids)) => ids,
@@ -325,16 +380,22 @@ pub fn generate(
                 // Uniforms drawn in row order (one per live row, none when greedy),
                 // then the rows sampled in parallel: the same tokens as a sequential
                 // loop.
-                let draws: Vec<Option<f64>> = finish
+                let u: Vec<Option<f64>> = finish
                     .iter()
-                    .map(|f| {
-                        f.is_none()
-                            .then(|| if is_greedy(cfg) { 0.0 } else { rng.random() })
+                    .enumerate()
+                    .map(|(r, f)| {
+                        f.is_none().then(|| {
+                            if is_greedy(cfg) {
+                                0.0
+                            } else {
+                                draws.uniform(r)
+                            }
+                        })
                     })
                     .collect();
                 logits
                     .par_iter()
-                    .zip(&draws)
+                    .zip(&u)
                     .map(|(row, u)| u.map_or(tok.pad_id, |u| sample_row_at(row, cfg, u)))
                     .collect()
             }

@@ -32,6 +32,20 @@ pub struct Scored<'a> {
     pub rollouts: &'a Rollouts,
     pub graded: &'a Graded,
     pub spans: &'a Spans,
+    /// The other ranks' shares of the step: statistics over the whole batch (PPO's
+    /// and REINFORCE++'s whitening) are summed across them.
+    pub collective: &'a dyn crate::collective::Collective,
+}
+
+impl Scored<'_> {
+    /// [`cal_core::advantage::masked_whiten`] over the whole step's batch.
+    pub fn whiten(
+        &self,
+        x: &cal_core::advantage::TokenMatrix,
+        mask: &[bool],
+    ) -> Result<cal_core::advantage::TokenMatrix> {
+        cal_core::advantage::masked_whiten_over(x, mask, |v| self.collective.all_reduce_sum_f64(v))
+    }
 }
 
 /// One RL algorithm on top of the shared harness.

@@ -89,6 +89,8 @@ pub struct Resumed {
     pub cursor: usize,
     pub rng: rand_chacha::ChaCha8Rng,
     pub skipped: usize,
+    /// How the run seeded its sampling (`rollout.seeds`; `None` before the key existed).
+    pub sample_seeds: Option<crate::config::SampleSeeds>,
 }
 
 /// Loads the latest checkpoint of `out` into the optimizer's variables and moments.
@@ -118,6 +120,7 @@ pub fn resume(out: &Path, opt: &mut crate::adamw::AdamW) -> Result<Resumed> {
         cursor: state.cursor,
         rng: restore_rng(state.rng_seed, state.rng_stream, state.rng_word_pos),
         skipped: state.counters["skipped_steps"].as_u64().unwrap_or(0) as usize,
+        sample_seeds: serde_json::from_value(state.config["rollout"]["seeds"].clone()).ok(),
         dir: ck,
     })
 }

@@ -9,6 +9,9 @@
 //! `master_process`). [`SingleProcess`] is the default: rank 0 of 1, every operation a
 //! no-op, so a one-process run is bit for bit what it was before ranks existed.
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -28,11 +31,23 @@ pub trait Collective: Send + Sync {
     /// Replaces `data` on every rank by its element-wise sum over the ranks.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
 
+    /// [`Collective::all_reduce_sum`] in f64: batch statistics and metrics.
+    fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<()>;
+
+    /// Every rank's `data`, in rank order, on rank 0 (the others get nothing back).
+    fn gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+
     /// Replaces `data` on every rank by rank `root`'s.
     fn broadcast(&self, data: &mut [u8], root: usize) -> Result<()>;
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+
+    /// Ends the whole run now, every rank, with exit status `code`: what a rank that
+    /// failed calls, so that none is left waiting for it.
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
 }
 
 /// One process: rank 0 of 1.
@@ -52,12 +67,54 @@ impl Collective for SingleProcess {
         Ok(())
     }
 
+    fn all_reduce_sum_f64(&self, _data: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+
+    fn gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![data.to_vec()])
+    }
+
     fn broadcast(&self, _data: &mut [u8], _root: usize) -> Result<()> {
         Ok(())
     }
 
     fn barrier(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// How many ranks the launcher (`mpirun`, `srun`) started, from its environment (1
+/// without one).
+pub fn launched_ranks() -> usize {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MV2_COMM_WORLD_SIZE",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+    .unwrap_or(1)
+}
+
+/// The ranks of this process's run: MPI's world when a launcher started several (with
+/// the `mpi` feature), else [`SingleProcess`].
+pub fn from_launch() -> Result<std::sync::Arc<dyn Collective>> {
+    let n = launched_ranks();
+    if n <= 1 {
+        return Ok(std::sync::Arc::new(SingleProcess));
+    }
+    #[cfg(feature = "mpi")]
+    {
+        Ok(std::sync::Arc::new(mpi::Mpi::init()?))
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        anyhow::bail!(
+            "started as one of {n} MPI ranks, but this binary was built without data \
+             parallel: cargo build --release -p cal-cli --features mpi"
+        )
     }
 }
 
@@ -84,6 +141,81 @@ pub fn reduce_gradients(c: &dyn Collective, grads: &mut [Option<Tensor>]) -> Res
         let summed = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?;
         *g = summed.to_dtype(g.dtype())?;
         at += n;
+    }
+    Ok(())
+}
+
+/// The range of `n` items (a step's groups, a batch's pairs) that `rank` of `world`
+/// takes: equal consecutive shares, so the ranks' shares in rank order are the batch.
+pub fn share(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let per = n / world.max(1);
+    rank * per..(rank + 1) * per
+}
+
+/// Whether any rank says yes (a non-finite loss on one rank skips the step on all, so
+/// that none waits in a reduce the others never reach).
+pub fn any_rank(c: &dyn Collective, yes: bool) -> Result<bool> {
+    if c.world() == 1 {
+        return Ok(yes);
+    }
+    let mut v = [f64::from(u8::from(yes))];
+    c.all_reduce_sum_f64(&mut v)?;
+    Ok(v[0] > 0.0)
+}
+
+/// A checksum of `params` (names and bytes, in order).
+pub fn weights_checksum(params: &[(String, Tensor)]) -> Result<u64> {
+    use std::hash::Hasher;
+    // FNV-1a: the same on every rank and build, unlike std's randomly keyed hashers
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    for (name, t) in params {
+        h.write(name.as_bytes());
+        let v = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        for x in v {
+            h.write(&x.to_bits().to_le_bytes());
+        }
+    }
+    Ok(h.finish())
+}
+
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Every rank's weights against rank 0's: an error on every rank, naming the ranks
+/// that differ, when they do (the ranks took different steps: the run is not one run).
+pub fn check_weights(c: &dyn Collective, params: &[(String, Tensor)], step: usize) -> Result<()> {
+    if c.world() == 1 {
+        return Ok(());
+    }
+    let mine = weights_checksum(params)?;
+    let mut root = mine.to_le_bytes();
+    c.broadcast(&mut root, 0)?;
+    let mut differs = vec![0.0f64; c.world()];
+    differs[c.rank()] = f64::from(u8::from(u64::from_le_bytes(root) != mine));
+    c.all_reduce_sum_f64(&mut differs)?;
+    let bad: Vec<String> = (0..c.world())
+        .filter(|&r| differs[r] > 0.0)
+        .map(|r| r.to_string())
+        .collect();
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "after step {step} the weights of rank(s) {} differ from rank 0's: the ranks \
+             no longer train one model (run.weight-check-every)",
+            bad.join(", ")
+        );
     }
     Ok(())
 }
@@ -122,6 +254,12 @@ mod tests {
             data.copy_from_slice(&self.sum.lock().unwrap());
             self.gate.wait();
             Ok(())
+        }
+        fn all_reduce_sum_f64(&self, _data: &mut [f64]) -> Result<()> {
+            unimplemented!("not used by the reduce point")
+        }
+        fn gather_bytes(&self, _data: &[u8]) -> Result<Vec<Vec<u8>>> {
+            unimplemented!("not used by the reduce point")
         }
         fn broadcast(&self, _data: &mut [u8], _root: usize) -> Result<()> {
             unimplemented!("not used by the reduce point")
@@ -180,5 +318,27 @@ mod tests {
             assert_eq!(grads[0], [3.0, 6.0, 0.0, -3.0]);
             assert_eq!(grads[1], [30.0]);
         }
+    }
+
+    #[test]
+    fn shares_cover_the_batch_in_rank_order() {
+        let parts: Vec<_> = (0..4).map(|r| share(8, r, 4)).collect();
+        assert_eq!(parts, [0..2, 2..4, 4..6, 6..8]);
+        assert_eq!(share(8, 0, 1), 0..8);
+    }
+
+    #[test]
+    fn the_checksum_sees_one_changed_bit() {
+        let dev = Device::Cpu;
+        let a = vec![("w".to_string(), Tensor::new(&[1.0f32, 2.0], &dev).unwrap())];
+        let b = vec![(
+            "w".to_string(),
+            Tensor::new(&[1.0f32, f32::from_bits(2.0f32.to_bits() + 1)], &dev).unwrap(),
+        )];
+        assert_ne!(weights_checksum(&a).unwrap(), weights_checksum(&b).unwrap());
+        assert_eq!(
+            weights_checksum(&a).unwrap(),
+            weights_checksum(&a.clone()).unwrap()
+        );
     }
 }

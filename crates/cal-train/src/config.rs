@@ -98,6 +98,9 @@ pub struct RunSection {
     /// generation; the policy, reference, old-policy and value passes), and micro-batches
     /// hold whole groups. `off`: every row carries its own copy of the prompt.
     pub shared_prefix: Switch,
+    /// Data parallel: every this many steps the ranks compare a checksum of their
+    /// weights, and a mismatch stops the run (0 = never).
+    pub weight_check_every: usize,
 }
 
 /// A setting that is `on` or `off`.
@@ -126,6 +129,7 @@ impl Default for RunSection {
             micro_batch: 2,
             micro_batch_tokens: 0,
             shared_prefix: Switch::On,
+            weight_check_every: 10,
         }
     }
 }
@@ -372,6 +376,11 @@ pub struct RolloutConfig {
     pub top_p: f64,
     /// Rows per generation call (bounds memory).
     pub generation_batch: usize,
+    /// Where sampling randomness comes from: `step` (one stream over the step's rows)
+    /// or `group` (each completion its own stream, from the seed and its group's place
+    /// in the data, so a data-parallel run samples what one process does; forced on
+    /// under `mpirun`).
+    pub seeds: SampleSeeds,
     /// Who samples the rollouts: `local` (this process) or `vllm` (the servers in
     /// `urls`, or one started for the run; the policy synced after every step).
     pub engine: RolloutEngine,
@@ -399,6 +408,17 @@ pub struct RolloutConfig {
     pub sync_dir: Option<PathBuf>,
 }
 
+/// Where a step's sampling randomness comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SampleSeeds {
+    /// The run's random stream, drawn over the step's rows in order.
+    #[default]
+    Step,
+    /// One stream per completion, seeded by its group's index in the data.
+    Group,
+}
+
 /// Where rollouts are generated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -419,6 +439,7 @@ impl Default for RolloutConfig {
             temperature: 1.0,
             top_p: 1.0,
             generation_batch: 64,
+            seeds: SampleSeeds::Step,
             engine: RolloutEngine::Local,
             urls: Vec::new(),
             server_python: None,

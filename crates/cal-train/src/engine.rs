@@ -19,6 +19,7 @@ pub mod vllm;
 
 use crate::config::{RolloutConfig, RolloutEngine};
 use crate::policy::Policy;
+use crate::seed::mix_seed;
 use anyhow::Result;
 use cal_core::data::Example;
 use cal_model::generate::{Generation, SamplingConfig};
@@ -65,6 +66,40 @@ impl RolloutConfig {
     }
 }
 
+/// Where a step's sampling randomness comes from (`rollout.seeds`).
+pub enum StepSeeds<'a> {
+    /// The run's RNG, drawn in order over the step's rows: the default.
+    Stream(&'a mut rand_chacha::ChaCha8Rng),
+    /// One stream per completion, seeded by the run seed, the group's index in the
+    /// run's data stream (`index[i]` for prompt `i`) and the completion's place in its
+    /// group: any split of a step's groups over processes samples what one would.
+    Groups { seed: u64, index: &'a [u64] },
+}
+
+impl StepSeeds<'_> {
+    /// Per-completion streams of `Groups` (`g` per prompt, in group order).
+    fn row_rngs(seed: u64, index: &[u64], g: usize) -> Vec<rand_chacha::ChaCha8Rng> {
+        use rand::SeedableRng;
+        index
+            .iter()
+            .flat_map(|&i| (0..g as u64).map(move |j| mix_seed(&[seed, i, j])))
+            .map(rand_chacha::ChaCha8Rng::seed_from_u64)
+            .collect()
+    }
+
+    /// One seed per prompt, for an engine that seeds a group's request.
+    pub fn prompt_seeds(&mut self, n: usize) -> Vec<u64> {
+        use rand::Rng;
+        match self {
+            StepSeeds::Stream(rng) => (0..n).map(|_| rng.random::<u32>() as u64).collect(),
+            StepSeeds::Groups { seed, index } => index
+                .iter()
+                .map(|&i| mix_seed(&[*seed, i]) & u64::from(u32::MAX))
+                .collect(),
+        }
+    }
+}
+
 /// A step's completions, `G` per prompt in group order, with the engine's log-prob of
 /// each token when an engine other than the trainer sampled them.
 pub struct Samples {
@@ -81,7 +116,7 @@ pub trait RolloutBackend {
         prompts: &[Vec<u32>],
         cfg: &RolloutConfig,
         share_prompts: bool,
-        rng: &mut rand_chacha::ChaCha8Rng,
+        seeds: StepSeeds<'_>,
     ) -> Result<Samples>;
 
     /// Whether it serves its own copy of the weights (synced after every step).
@@ -112,12 +147,27 @@ impl RolloutBackend for Local {
         prompts: &[Vec<u32>],
         cfg: &RolloutConfig,
         share_prompts: bool,
-        rng: &mut rand_chacha::ChaCha8Rng,
+        seeds: StepSeeds<'_>,
     ) -> Result<Samples> {
         let rows = per_rollout(prompts.to_vec(), cfg.num_generations);
         let sampling = cfg.sampling(share_prompts);
+        let batch = cfg.generation_batch;
+        let gens = match seeds {
+            StepSeeds::Stream(rng) => policy.sample(&rows, &sampling, batch, rng)?,
+            StepSeeds::Groups { seed, index } => {
+                if index.len() != prompts.len() {
+                    anyhow::bail!(
+                        "{} group indices for {} prompts",
+                        index.len(),
+                        prompts.len()
+                    );
+                }
+                let mut rngs = StepSeeds::row_rngs(seed, index, cfg.num_generations);
+                policy.sample_per_row(&rows, &sampling, batch, &mut rngs)?
+            }
+        };
         Ok(Samples {
-            gens: policy.sample(&rows, &sampling, cfg.generation_batch, rng)?,
+            gens,
             engine_logp: None,
         })
     }

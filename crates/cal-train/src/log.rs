@@ -146,6 +146,8 @@ pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     label: String,
     total: u64,
+    /// Shows nothing (a data-parallel run's other ranks: rank 0 speaks for the run).
+    silent: bool,
 }
 
 impl Progress {
@@ -167,6 +169,17 @@ impl Progress {
             bar,
             label: label.to_string(),
             total,
+            silent: false,
+        }
+    }
+
+    /// One that shows nothing.
+    pub fn silent() -> Self {
+        Self {
+            bar: None,
+            label: String::new(),
+            total: 0,
+            silent: true,
         }
     }
 
@@ -176,6 +189,7 @@ impl Progress {
                 b.set_position(position);
                 b.set_message(msg.to_string());
             }
+            None if self.silent => {}
             None => eprintln!("{} {position}/{} {msg}", self.label, self.total),
         }
     }

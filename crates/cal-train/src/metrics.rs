@@ -83,3 +83,128 @@ pub fn step_metrics(s: &StepRecord) -> Metrics {
     );
     m
 }
+
+/// How a step's metric reads over the ranks: counts add up, a stage takes as long as
+/// its slowest rank, everything else (means over equal shares) is averaged.
+fn merge_rule(key: &str) -> Merge {
+    const SUMS: &[&str] = &[
+        "oracle/",
+        "credit/",
+        "spans/located",
+        "spans/not_located",
+        "spans/capped",
+        "perf/micro_batches",
+        "perf/padded_tokens",
+        "perf/tokens_per_second",
+        "dpo/pairs",
+    ];
+    if key == "oracle/latency_ms" {
+        Merge::Mean
+    } else if SUMS.iter().any(|p| key.starts_with(p)) {
+        Merge::Sum
+    } else if key.starts_with("perf/") && key.ends_with("seconds") {
+        Merge::Max
+    } else {
+        Merge::Mean
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Merge {
+    Sum,
+    Max,
+    Mean,
+}
+
+/// One step's metrics from every rank's: see [`merge_rule`]. A key some ranks lack is
+/// merged over the ranks that have it.
+pub fn merge_metrics(parts: &[Metrics]) -> Metrics {
+    let mut out = Metrics::new();
+    let keys: std::collections::BTreeSet<&String> = parts.iter().flat_map(|m| m.keys()).collect();
+    for k in keys {
+        let vals: Vec<f64> = parts.iter().filter_map(|m| m.get(k).copied()).collect();
+        let v = match merge_rule(k) {
+            Merge::Sum => vals.iter().sum(),
+            Merge::Max => vals.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            Merge::Mean => vals.iter().sum::<f64>() / vals.len() as f64,
+        };
+        out.insert(k.clone(), v);
+    }
+    // the spread of the rewards over the whole step (equal shares): the mean over the
+    // ranks of each one's second moment, less the square of the whole mean
+    let all = |k: &str| {
+        parts
+            .iter()
+            .map(|m| m.get(k).copied())
+            .collect::<Option<Vec<f64>>>()
+    };
+    if let (Some(mean), Some(std)) = (all("reward/mean"), all("reward/std")) {
+        let n = parts.len() as f64;
+        let m2 = mean
+            .iter()
+            .zip(&std)
+            .map(|(m, s)| s * s + m * m)
+            .sum::<f64>()
+            / n;
+        let mu = mean.iter().sum::<f64>() / n;
+        out.insert("reward/std".into(), (m2 - mu * mu).max(0.0).sqrt());
+    }
+    out
+}
+
+/// The step's metrics over all ranks, on rank 0 (the others keep their own: they log
+/// nothing).
+pub fn reduce_metrics(
+    c: &dyn crate::collective::Collective,
+    m: Metrics,
+) -> anyhow::Result<Metrics> {
+    if c.world() == 1 {
+        return Ok(m);
+    }
+    let parts = c.gather_bytes(&serde_json::to_vec(&m)?)?;
+    if !c.is_main() {
+        return Ok(m);
+    }
+    let parts: Vec<Metrics> = parts
+        .iter()
+        .map(|b| serde_json::from_slice(b))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(merge_metrics(&parts))
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    #[test]
+    fn metrics_merge_by_kind() {
+        let m = |pairs: &[(&str, f64)]| -> Metrics {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let a = m(&[
+            ("reward/accuracy", 0.5),
+            ("oracle/calls", 3.0),
+            ("perf/step_seconds", 2.0),
+            ("oracle/latency_ms", 10.0),
+        ]);
+        let b = m(&[
+            ("reward/accuracy", 0.25),
+            ("oracle/calls", 4.0),
+            ("perf/step_seconds", 3.0),
+            ("oracle/latency_ms", 30.0),
+            ("x", 1.0),
+        ]);
+        let got = merge_metrics(&[a, b]);
+        assert_eq!(got["reward/accuracy"], 0.375);
+        assert_eq!(got["oracle/calls"], 7.0);
+        assert_eq!(got["perf/step_seconds"], 3.0);
+        assert_eq!(got["oracle/latency_ms"], 20.0);
+        assert_eq!(got["x"], 1.0);
+        // rewards {0, 1} on one rank and {1, 1} on the other: the whole step's std of
+        // {0, 1, 1, 1} is sqrt(3)/4
+        let a = m(&[("reward/mean", 0.5), ("reward/std", 0.5)]);
+        let b = m(&[("reward/mean", 1.0), ("reward/std", 0.0)]);
+        let got = merge_metrics(&[a, b]);
+        assert!((got["reward/std"] - 3f64.sqrt() / 4.0).abs() < 1e-12);
+    }
+}

@@ -7,7 +7,7 @@
 //! full-batch gradient, so `micro_batch` changes memory, not the update.
 
 use crate::adamw::AdamW;
-use crate::collective::{reduce_gradients, Collective};
+use crate::collective::{any_rank, reduce_gradients, Collective};
 use crate::config::RunConfig;
 use crate::loss::{micro_batch_weight, policy_loss, LossConfig, LossOutput};
 use crate::policy::Policy;
@@ -430,6 +430,28 @@ pub fn engine_weights(
     Ok(((w * mask)?, sums))
 }
 
+/// Data parallel: each micro-batch's weight against the rows and tokens of the whole
+/// step over all ranks (summed), so that the ranks' summed gradients are the one-process
+/// gradient of the same batch. One process: untouched.
+pub fn global_weights(
+    c: &dyn Collective,
+    micro: &mut [MicroBatch],
+    aggregation: crate::loss::Aggregation,
+) -> Result<()> {
+    if c.world() == 1 {
+        return Ok(());
+    }
+    let mut t = [
+        micro.iter().map(|m| m.rows.len() as f64).sum::<f64>(),
+        micro.iter().map(|m| m.tokens).sum::<f64>(),
+    ];
+    c.all_reduce_sum_f64(&mut t)?;
+    for m in micro.iter_mut() {
+        m.weight = micro_batch_weight(aggregation, m.rows.len(), t[0] as usize, m.tokens, t[1]);
+    }
+    Ok(())
+}
+
 /// `num_iterations` × (loss and gradient of every micro-batch, the algorithm's own
 /// term included, accumulated; one AdamW step at `lr`). `step` seeds the LoRA dropout
 /// masks.
@@ -446,7 +468,13 @@ pub fn update(
     lr: f64,
 ) -> Result<Update> {
     let (dev, dtype) = (policy.model.device.clone(), policy.model.master_dtype());
-    let total_tokens: f64 = micro.iter().map(|m| m.tokens).sum::<f64>().max(1.0);
+    // data parallel: the whole step's tokens, so that each rank's sums below are its
+    // contribution to the step's means
+    let mut total_tokens = [micro.iter().map(|m| m.tokens).sum::<f64>()];
+    if collective.world() > 1 {
+        collective.all_reduce_sum_f64(&mut total_tokens)?;
+    }
+    let total_tokens = total_tokens[0].max(1.0);
     let adv_t: Vec<Tensor> = micro
         .iter()
         .map(|m| {
@@ -512,7 +540,7 @@ pub fn update(
                 u.skipped = true;
                 break;
             }
-            let weighted = if micro.len() == 1 {
+            let weighted = if micro.len() == 1 && collective.world() == 1 {
                 out.loss
             } else {
                 (out.loss * m.weight)?
@@ -528,11 +556,17 @@ pub fn update(
                 .to_scalar::<f64>()?
                 / total_tokens;
         }
-        if u.skipped {
+        if any_rank(collective, u.skipped)? {
+            u.skipped = true;
             break;
         }
         // the reduce point: the global gradient, before its norm is taken and clipped
         reduce_gradients(collective, &mut acc)?;
+        if collective.world() > 1 {
+            let mut sums = [loss, kl, clip, ent];
+            collective.all_reduce_sum_f64(&mut sums)?;
+            [loss, kl, clip, ent] = sums;
+        }
         u.grad_norm = opt.step_accumulated(&acc, lr)?;
         u.iterations += 1;
         u.loss += loss;

@@ -2,7 +2,7 @@
 
 use crate::config::LoraSection;
 use anyhow::Result;
-use cal_model::generate::{generate, Generation, SamplingConfig};
+use cal_model::generate::{generate, generate_per_row, Generation, SamplingConfig};
 use cal_model::tokenizer::TokenizerBundle;
 use cal_model::Transformer;
 use rand::Rng;
@@ -122,6 +122,23 @@ impl Policy {
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(batch.max(1)) {
             out.extend(generate(&self.model, &self.tok, chunk, cfg, rng)?);
+        }
+        Ok(out)
+    }
+
+    /// [`Policy::sample`] with one random stream per prompt (`rngs[i]` samples prompt
+    /// `i`): each completion is the same whatever batch or process samples it.
+    pub fn sample_per_row<R: Rng>(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &SamplingConfig,
+        batch: usize,
+        rngs: &mut [R],
+    ) -> Result<Vec<Generation>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        let batch = batch.max(1);
+        for (chunk, r) in prompts.chunks(batch).zip(rngs.chunks_mut(batch)) {
+            out.extend(generate_per_row(&self.model, &self.tok, chunk, cfg, r)?);
         }
         Ok(out)
     }

@@ -2,7 +2,7 @@
 //! a serving engine ([`crate::engine`]).
 
 use crate::config::RolloutConfig;
-use crate::engine::{per_rollout, RolloutBackend};
+use crate::engine::{per_rollout, RolloutBackend, StepSeeds};
 use crate::policy::Policy;
 use anyhow::{bail, Result};
 use cal_core::data::Example;
@@ -82,11 +82,11 @@ pub fn generate(
     examples: Vec<Example>,
     cfg: &RolloutConfig,
     share_prompts: bool,
-    rng: &mut rand_chacha::ChaCha8Rng,
+    seeds: StepSeeds<'_>,
 ) -> Result<Rollouts> {
     let g = cfg.num_generations;
     let prompts = prompt_ids(policy, &examples)?;
-    let samples = engine.complete(policy, &prompts, cfg, share_prompts, rng)?;
+    let samples = engine.complete(policy, &prompts, cfg, share_prompts, seeds)?;
     let mut r = Rollouts::new(examples, per_rollout(prompts, g), samples.gens, g)?;
     r.engine_logp = samples.engine_logp;
     Ok(r)

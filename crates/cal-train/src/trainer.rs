@@ -13,13 +13,13 @@
 use crate::adamw::{lr_at, AdamW};
 use crate::algorithm::{self, Algorithm, Scored};
 use crate::checkpoint::{self, TrainState};
-use crate::collective::{Collective, SingleProcess};
-use crate::config::RunConfig;
-use crate::engine::{self, RolloutBackend};
+use crate::collective::{any_rank, check_weights, share, Collective, SingleProcess};
+use crate::config::{RunConfig, SampleSeeds};
+use crate::engine::{self, RolloutBackend, StepSeeds};
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{Progress, RunLogs};
-use crate::metrics::{step_metrics, Metrics, StepRecord};
-use crate::optimize::{fixed_logprobs, micro_batches, update};
+use crate::metrics::{reduce_metrics, step_metrics, Metrics, StepRecord};
+use crate::optimize::{fixed_logprobs, global_weights, micro_batches, update};
 use crate::policy::Policy;
 use crate::rollout::{self, Rollouts};
 use crate::rundir::{self, RunLock, Start};
@@ -112,6 +112,32 @@ impl Trainer {
         }
         // The same checks and derived values as a resolved configuration (a no-op on one).
         cfg.finish()?;
+        let world = collective.world();
+        if world > 1 {
+            let n = cfg.rollout.prompts_per_step;
+            if !n.is_multiple_of(world) {
+                bail!(
+                    "--prompts-per-step {n} does not divide over the {world} ranks: each rank \
+                     takes an equal share of whole groups"
+                );
+            }
+            if cfg.rollout.engine != crate::config::RolloutEngine::Local {
+                bail!(
+                    "data parallel training samples locally on each rank (rollout.engine = local)"
+                );
+            }
+            if cfg.rollout.seeds == SampleSeeds::Step {
+                // the samples of a group must not depend on which rank draws them
+                cfg.rollout.seeds = SampleSeeds::Group;
+                if main {
+                    eprintln!(
+                        "data parallel over {world} ranks: rollouts seeded per group \
+                         (rollout.seeds = group; one process reproduces this run with \
+                         --rollout-seeds group)"
+                    );
+                }
+            }
+        }
         // the prompt of the configuration, few-shot examples drawn from this run's data
         policy.prompt = crate::prompt::PromptFormat::of(&cfg.data, &data)?;
         let out_dir = cfg.output_dir();
@@ -139,6 +165,14 @@ impl Trainer {
         if start == Start::Resume {
             let r = checkpoint::resume(&out_dir, &mut opt)?;
             (step, cursor, rng, skipped) = (r.step, r.cursor, r.rng, r.skipped);
+            if r.sample_seeds == Some(SampleSeeds::Group) && cfg.rollout.seeds != SampleSeeds::Group
+            {
+                // a data-parallel run resumed by fewer ranks samples as it began
+                cfg.rollout.seeds = SampleSeeds::Group;
+                if main {
+                    eprintln!("resumed run samples per group, as it began (rollout.seeds = group)");
+                }
+            }
             eprintln!("resumed from {} (step {step})", r.dir.display());
         }
         let rewards = cfg.reward.functions()?;
@@ -213,6 +247,9 @@ impl Trainer {
         let Some((test, eval)) = &self.held_out else {
             return Ok(None);
         };
+        if !self.collective.is_main() {
+            return Ok(None); // rank 0 evaluates for the run
+        }
         let graded = match self.last_held_out.take() {
             Some((step, g)) if step == self.step => g,
             _ => evaluate(&self.policy, test, eval, &format!("eval @{}", self.step))?,
@@ -265,7 +302,11 @@ impl Trainer {
 
     /// Runs until the last step (or SIGINT), checkpointing as configured.
     pub fn run(&mut self) -> Result<RunEnd> {
-        let progress = Progress::new(self.cfg.kind(), self.total_steps as u64, self.step as u64);
+        let progress = if self.collective.is_main() {
+            Progress::new(self.cfg.kind(), self.total_steps as u64, self.step as u64)
+        } else {
+            Progress::silent()
+        };
         if self.cfg.eval.every > 0 && self.step == 0 {
             self.evaluate_held_out()?; // the curve starts at the policy RL starts from
         }
@@ -290,7 +331,8 @@ impl Trainer {
             if (every > 0 && self.step.is_multiple_of(every)) || last {
                 self.save()?;
             }
-            if INTERRUPTED.load(Ordering::SeqCst) {
+            // every rank stops after the same step, or none does
+            if any_rank(self.collective.as_ref(), INTERRUPTED.load(Ordering::SeqCst))? {
                 progress.finish();
                 let dir = self.save()?;
                 eprintln!(
@@ -340,16 +382,37 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<Metrics> {
         let t0 = Instant::now();
         let (cursor, rng) = (self.cursor, self.rng.clone());
-        let examples = self.next_examples(self.cfg.rollout.prompts_per_step);
+        // the step's groups in the run's global data order; this rank takes its share
+        let c = self.collective.clone();
+        let mut examples = self.next_examples(self.cfg.rollout.prompts_per_step);
+        let part = share(examples.len(), c.rank(), c.world());
+        let index: Vec<u64> = part.clone().map(|i| (cursor + i) as u64).collect();
+        examples = examples.drain(part).collect();
+        let seeds = match self.cfg.rollout.seeds {
+            SampleSeeds::Step => StepSeeds::Stream(&mut self.rng),
+            SampleSeeds::Group => StepSeeds::Groups {
+                seed: self.cfg.run.seed,
+                index: &index,
+            },
+        };
         let rollouts = match rollout::generate(
             self.engine.as_mut(),
             &self.policy,
             examples,
             &self.cfg.rollout,
             self.cfg.run.shared_prefix.on(),
-            &mut self.rng,
+            seeds,
         ) {
             Ok(r) => r,
+            Err(err) if c.world() > 1 => {
+                // the others wait in this step's reduce: the run stops on every rank
+                // (mpirun ends them), and the last checkpoint stays whole
+                return Err(err.context(format!(
+                    "rank {}: rollouts failed at step {}; continue with --resume",
+                    c.rank(),
+                    self.step + 1
+                )));
+            }
             Err(err) => {
                 // no partial group is trained on: back to the state after the last
                 // step, saved, so that --resume asks for the same samples again
@@ -380,6 +443,11 @@ impl Trainer {
             "perf/tokens_per_second".into(),
             n_tokens as f64 / t_gen.max(1e-9),
         );
+        let every = self.cfg.run.weight_check_every;
+        if c.world() > 1 && every > 0 && self.step.is_multiple_of(every) {
+            check_weights(c.as_ref(), &self.trainable(), self.step)?;
+        }
+        let m = reduce_metrics(c.as_ref(), m)?;
         self.log(&m)?;
         Ok(m)
     }
@@ -403,6 +471,12 @@ impl Trainer {
             &self.cfg,
             self.algo.whole_groups(),
         )?;
+        // each rank's share weighed against the whole step's rows and tokens
+        global_weights(
+            self.collective.as_ref(),
+            &mut micro,
+            self.cfg.loss.aggregation,
+        )?;
         // where a step's time goes: the fixed (reference) pass, the wait for the
         // oracle after it (it runs meanwhile), and the policy's forward + backward
         let t = Instant::now();
@@ -419,6 +493,7 @@ impl Trainer {
             rollouts: r,
             graded: &graded,
             spans: &spans,
+            collective: self.collective.as_ref(),
         };
         let adv = (self.algo).advantages(&scored, &self.policy, &mut micro, &self.cfg)?;
         let lr = lr_at(&self.cfg.optim, self.step, self.total_steps);

@@ -13,7 +13,7 @@ use crate::optimize::{Loss, MicroBatch};
 use crate::policy::Policy;
 use crate::score;
 use anyhow::{bail, Result};
-use cal_core::advantage::reinforce_plus_plus;
+use cal_core::advantage::discounted_returns;
 use cal_core::credit::{AdvantageMatrix, Estimator};
 
 pub struct Grpo;
@@ -34,7 +34,7 @@ impl Algorithm for Grpo {
             Estimator::ReinforcePlusPlus => {
                 let (rewards, mask, shaped, fallbacks) =
                     score::token_rewards(s.rollouts, s.graded, s.spans, c);
-                let adv = reinforce_plus_plus(&rewards, &mask, c.gamma);
+                let adv = s.whiten(&discounted_returns(&rewards, &mask, c.gamma), &mask)?;
                 Ok(advantage_matrix(&adv, &mask, shaped, fallbacks))
             }
             e => bail!(

@@ -26,7 +26,7 @@ use crate::score;
 use crate::value::{explained_variance, value_loss, ValueHead};
 pub use crate::value::{CriticKind, KlPlacement, PpoConfig};
 use anyhow::{bail, Result};
-use cal_core::advantage::{gae, masked_mean, masked_whiten, TokenMatrix};
+use cal_core::advantage::{gae, masked_mean, TokenMatrix};
 use cal_core::credit::{AdvantageMatrix, Estimator};
 use cal_model::generate::{completion_hidden, completion_logprobs, completion_logprobs_hidden};
 use cal_model::{Forward, Transformer};
@@ -228,7 +228,7 @@ impl Algorithm for Ppo {
             ..Stats::default()
         };
         let adv = if self.cfg.whiten {
-            masked_whiten(&adv, &mask)
+            s.whiten(&adv, &mask)?
         } else {
             adv
         };

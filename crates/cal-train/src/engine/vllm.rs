@@ -23,14 +23,13 @@
 //! [`super::server`] starts and stops a local server when the user gives no URL.
 
 use super::pool::{post_with_failover, ServerPool};
-use super::{judge_served, EngineSampling, RolloutBackend, Samples, SyncProbe};
+use super::{judge_served, EngineSampling, RolloutBackend, Samples, StepSeeds, SyncProbe};
 use crate::config::RolloutConfig;
 use crate::policy::Policy;
 use anyhow::{anyhow, bail, Context, Result};
 use cal_model::generate::{decode_with_offsets, FinishReason, Generation};
 use cal_model::tokenizer::TokenizerBundle;
 use cal_model::Transformer;
-use rand::Rng;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -440,9 +439,9 @@ impl RolloutBackend for Vllm {
         prompts: &[Vec<u32>],
         cfg: &RolloutConfig,
         _share_prompts: bool,
-        rng: &mut rand_chacha::ChaCha8Rng,
+        mut seeds: StepSeeds<'_>,
     ) -> Result<Samples> {
-        let seeds: Vec<u64> = prompts.iter().map(|_| rng.random::<u32>() as u64).collect();
+        let seeds = seeds.prompt_seeds(prompts.len());
         let replies = self.rt.block_on(self.engine.complete(
             prompts,
             &seeds,
