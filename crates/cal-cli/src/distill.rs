@@ -247,11 +247,14 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         eval_every: cfg.eval.every,
         skip_start_eval: false,
         eval: cal_train::evaluate::EvalConfig::of_run(&cfg),
+
+        weight_check_every: cfg.run.weight_check_every,
     };
     let spec = RunSpec {
         config: &cfg,
         cfg: recipe(&cfg),
         objective: Box::new(objective),
+        ranks: std::sync::Arc::new(cal_train::collective::SingleProcess),
     };
     let start = Start::from_flags(args.resume, args.overwrite);
     let mut run = SftRun::with_objective(&out, spec, student, &examples, held_out, harness, start)?;

@@ -106,20 +106,22 @@ fn ranks() -> Option<std::sync::Arc<dyn cal_train::collective::Collective>> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let ranks = cal_train::collective::launched_ranks();
-    if ranks > 1 && !matches!(cli.command, Command::Train(_)) {
+    if ranks > 1 && !matches!(cli.command, Command::Train(_) | Command::Sft(_)) {
         anyhow::bail!(
-            "started as one of {ranks} MPI ranks: of the commands, `train` runs data parallel; \
-             run this one without mpirun"
+            "started as one of {ranks} MPI ranks: of the commands, `train` and `sft` run data \
+             parallel; run this one without mpirun"
         );
     }
-    match cli.command {
-        Command::Train(args) => {
-            let c = cal_train::collective::from_launch()?;
-            if let Ok(mut r) = RANKS.lock() {
-                *r = Some(c.clone());
-            }
-            train::run(&args, c)?
+    // the ranks of a data-parallel run, initialised on this (the main) thread
+    let launch = || -> Result<std::sync::Arc<dyn cal_train::collective::Collective>> {
+        let c = cal_train::collective::from_launch()?;
+        if let Ok(mut r) = RANKS.lock() {
+            *r = Some(c.clone());
         }
+        Ok(c)
+    };
+    match cli.command {
+        Command::Train(args) => train::run(&args, launch()?)?,
         Command::Eval(args) => eval::run(&args)?,
         Command::Compare(args) => compare::run(&args)?,
         Command::Experiment(args) => experiment::run(&args)?,
@@ -138,7 +140,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Err(e) => return Err(e),
         },
         Command::Demo(args) => demo::run(&args)?,
-        Command::Sft(args) => sft::run(&args)?,
+        Command::Sft(args) => sft::run(&args, launch()?)?,
         Command::Dpo(args) => dpo::run(&args)?,
         Command::Distill(args) => distill::run(&args)?,
         Command::MakePairs(args) => make_pairs::run(&args)?,

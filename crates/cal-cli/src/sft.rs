@@ -8,16 +8,18 @@ use crate::source::Source;
 use anyhow::{Context, Result};
 use cal_core::data;
 use cal_model::load;
+use cal_train::collective::Collective;
 use cal_train::config::RunConfig;
 use cal_train::policy::{PolicySource, PromptFormat};
 use cal_train::rundir::Start;
-use cal_train::sft::{SftHarness, SftRun};
+use cal_train::sft::{CrossEntropy, RunSpec, SftConfig, SftHarness, SftRun};
 use cal_train::tiny::{self, TinySpec};
 use cal_train::trainer::RunEnd;
 use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Flags of `cal-grpo sft`. Each sets one key of the run configuration (its clap id), over
 /// `sft`'s own defaults and a `--config` file, as `train`'s do.
@@ -100,6 +102,10 @@ pub struct SftArgs {
     /// Data order and initialisation.
     #[arg(long, id = "run.seed")]
     pub seed: Option<u64>,
+    /// Data parallel: compare the ranks' weight checksums every this many steps (0 =
+    /// never).
+    #[arg(long, id = "run.weight-check-every")]
+    pub weight_check_every: Option<usize>,
 }
 
 /// `sft`'s own defaults, below a `--config` file.
@@ -119,7 +125,9 @@ impl SftArgs {
     }
 }
 
-pub fn run(args: &SftArgs) -> Result<()> {
+/// `ranks`: the processes of a data-parallel run (one by default): each takes an equal
+/// share of every batch; rank 0 writes, evaluates and exports.
+pub fn run(args: &SftArgs, ranks: Arc<dyn Collective>) -> Result<()> {
     let cfg = args.resolve()?;
     if args.print_config {
         return crate::train::print_config(&cfg);
@@ -127,6 +135,9 @@ pub fn run(args: &SftArgs) -> Result<()> {
     let placement = cfg.model.placement();
     let out = cfg.output_dir();
     if cfg.model.name == "tiny" {
+        if ranks.world() > 1 {
+            anyhow::bail!("`sft --model tiny` exports the cached recipe: run it in one process");
+        }
         // One writer per output folder (the export is written file by file).
         let _lock = cal_train::rundir::RunLock::acquire(&out)?;
         let (dev, dtype) = placement.resolve()?;
@@ -180,11 +191,20 @@ pub fn run(args: &SftArgs) -> Result<()> {
         eval_every: cfg.eval.every,
         skip_start_eval: args.skip_start_eval,
         eval: cal_train::evaluate::EvalConfig::of_run(&cfg),
+
+        weight_check_every: cfg.run.weight_check_every,
     };
-    let mut run = SftRun::new(
+    let spec = RunSpec {
+        config: &cfg,
+        cfg: SftConfig::of_run(&cfg),
+        objective: Box::new(CrossEntropy),
+        ranks: ranks.clone(),
+    };
+    let policy = policy.with_prompt(prompt);
+    let mut run = SftRun::with_objective(
         &out,
-        &cfg,
-        policy.with_prompt(prompt),
+        spec,
+        policy,
         &examples,
         held_out,
         harness,
@@ -193,6 +213,9 @@ pub fn run(args: &SftArgs) -> Result<()> {
     let (end, r) = run.run()?;
     if end == RunEnd::Interrupted {
         std::process::exit(130);
+    }
+    if !ranks.is_main() {
+        return Ok(()); // rank 0 exports for the run
     }
     load::export_hf(&run.policy.model, &run.policy.tok, &out)
         .with_context(|| format!("exporting to {}", out.display()))?;

@@ -178,9 +178,17 @@ fn two_ranks_train_lora_as_one_process() {
 #[test]
 fn two_ranks_train_a_model_of_smollm2_widths_as_one_process() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("config.json");
-    // SmolLM2-135M's widths and heads, 2 layers, the small vocabulary of the tokenizer
-    // a random model is given
+    let model = smollm2_widths(dir.path());
+    one_equals_two(
+        "smollm2-widths",
+        &["--model", &model, "--learning-rate", "1e-4"],
+    );
+}
+
+/// A model of SmolLM2-135M's widths and heads with 2 layers, and the small vocabulary
+/// of the tokenizer a random model is given.
+fn smollm2_widths(dir: &Path) -> String {
+    let cfg = dir.join("config.json");
     std::fs::write(
         &cfg,
         r#"{"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
@@ -189,11 +197,69 @@ fn two_ranks_train_a_model_of_smollm2_widths_as_one_process() {
             "tie_word_embeddings": true, "max_position_embeddings": 512}"#,
     )
     .unwrap();
-    let model = format!("random:{}", cfg.display());
-    one_equals_two(
-        "smollm2-widths",
-        &["--model", &model, "--learning-rate", "1e-4"],
-    );
+    format!("random:{}", cfg.display())
+}
+
+/// `sft` on 2 ranks against one process: each rank takes half of every batch; the
+/// loss at every step and the weights after the last, to f32 tolerance (full
+/// fine-tuning and LoRA, the second with token-budget micro-batches).
+#[test]
+fn two_ranks_run_sft_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2_widths(dir.path());
+    for (name, extra) in [
+        ("full", vec![]),
+        (
+            "lora",
+            vec!["--lora-rank", "4", "--micro-batch-tokens", "200"],
+        ),
+    ] {
+        let run = |np: usize| -> PathBuf {
+            let out = dir.path().join(format!("sft-{name}-np{np}"));
+            let o = launch(np, &dir.path().join("cache"))
+                .args([
+                    "sft",
+                    "--model",
+                    &model,
+                    "--steps",
+                    "3",
+                    "--batch-size",
+                    "4",
+                ])
+                .args([
+                    "--num-samples",
+                    "32",
+                    "--save-every",
+                    "1",
+                    "--weight-check-every",
+                    "1",
+                ])
+                .args(&extra)
+                .arg("--output-dir")
+                .arg(&out)
+                .output()
+                .unwrap();
+            ok(o, &format!("sft {name}, {np} rank(s)"));
+            out
+        };
+        let (one, two) = (run(1), run(2));
+        let (m1, m2) = (metrics(&one), metrics(&two));
+        assert_eq!((m1.len(), m2.len()), (3, 3), "{name}");
+        for (a, b) in m1.iter().zip(&m2) {
+            let (x, y) = (
+                a["sft/loss"].as_f64().unwrap(),
+                b["sft/loss"].as_f64().unwrap(),
+            );
+            assert!(
+                close(x, y, 1e-5),
+                "{name} step {}: loss {x} vs {y}",
+                a["step"]
+            );
+        }
+        let d = max_diff(&weights(&one, 3), &weights(&two, 3));
+        eprintln!("sft {name}: largest weight difference after 3 steps {d:.3e}");
+        assert!(d <= 1e-5, "sft {name}: weights differ by {d}");
+    }
 }
 
 #[test]

@@ -3,6 +3,9 @@
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::checkpoint::DataOrder;
+use crate::collective::{
+    any_rank, check_weights, reduce_gradients, share, Collective, SingleProcess,
+};
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{Progress, RunLogs};
@@ -20,6 +23,7 @@ use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SftConfig {
@@ -133,6 +137,8 @@ pub struct SftLoop {
     pairs: Vec<(Vec<u32>, Vec<u32>)>,
     data: DataOrder,
     pub step: usize,
+    /// The ranks of a data-parallel run: each takes an equal share of every batch.
+    ranks: Arc<dyn Collective>,
 }
 
 impl SftLoop {
@@ -182,7 +188,19 @@ impl SftLoop {
             pairs,
             data: DataOrder::new(n, cfg.seed),
             step: 0,
+            ranks: Arc::new(SingleProcess),
         })
+    }
+
+    /// The loop as one rank of `ranks`: each step's batch (in the global order) is
+    /// split into equal shares, and the gradients and batch totals summed over them.
+    pub fn on(mut self, ranks: Arc<dyn Collective>) -> Result<Self> {
+        let (n, w) = (self.cfg.batch_size, ranks.world());
+        if !n.is_multiple_of(w) {
+            bail!("--batch-size {n} does not divide over the {w} ranks: each rank takes an equal share");
+        }
+        self.ranks = ranks;
+        Ok(self)
     }
 
     pub fn done(&self) -> bool {
@@ -198,7 +216,9 @@ impl SftLoop {
     /// [`SftLoop::step`] with the objective's metrics, summed over micro-batches.
     pub fn step_metrics(&mut self, policy: &Policy) -> Result<(f64, Metrics)> {
         let cfg = &self.cfg;
-        let idx = self.data.next_batch(cfg.batch_size);
+        let c = self.ranks.clone();
+        let mut idx = self.data.next_batch(cfg.batch_size);
+        idx = idx[share(idx.len(), c.rank(), c.world())].to_vec();
         let pairs = &self.pairs;
         let lens: Vec<(usize, usize)> = idx
             .iter()
@@ -206,10 +226,18 @@ impl SftLoop {
             .collect();
         // Every target token of the batch weighs the same: each micro-batch's summed
         // loss is divided by the batch's totals.
+        let mut sums = [
+            lens.iter().map(|l| l.1).sum::<usize>() as f64,
+            lens.iter().map(|l| l.0 + l.1).sum::<usize>() as f64,
+            lens.len() as f64,
+        ];
+        if c.world() > 1 {
+            c.all_reduce_sum_f64(&mut sums)?; // the whole batch's, over the ranks
+        }
         let totals = BatchTotals {
-            target_tokens: lens.iter().map(|l| l.1).sum::<usize>().max(1) as f64,
-            tokens: lens.iter().map(|l| l.0 + l.1).sum::<usize>().max(1) as f64,
-            rows: lens.len() as f64,
+            target_tokens: sums[0].max(1.0),
+            tokens: sums[1].max(1.0),
+            rows: sums[2],
         };
         let plan = plan_micro_batches(&lens, 0, cfg.micro_batch_tokens);
         let seed = crate::seed::mix_seed(&[cfg.seed, self.step as u64]);
@@ -226,13 +254,29 @@ impl SftLoop {
                 *metrics.entry(k).or_insert(0.0) += v;
             }
             lv += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if plan.len() == 1 {
+            if plan.len() == 1 && c.world() == 1 {
                 self.opt.step(&loss.backward()?, lr)?;
             } else {
                 self.opt.accumulate(&mut acc, &loss.backward()?)?;
             }
         }
-        if plan.len() > 1 {
+        if c.world() > 1 {
+            reduce_gradients(c.as_ref(), &mut acc)?;
+            // the loss and the objective's metrics are each rank's part of the
+            // batch's: summed (every rank logs the same keys)
+            let mut v: Vec<f64> = std::iter::once(lv)
+                .chain(metrics.values().copied())
+                .collect();
+            let mut n = [v.len() as f64];
+            c.all_reduce_sum_f64(&mut n)?;
+            if n[0] != (v.len() * c.world()) as f64 {
+                bail!("the ranks' SFT steps logged different metrics");
+            }
+            c.all_reduce_sum_f64(&mut v)?;
+            lv = v[0];
+            metrics.values_mut().zip(&v[1..]).for_each(|(m, x)| *m = *x);
+        }
+        if plan.len() > 1 || c.world() > 1 {
             self.opt.step_accumulated(&acc, lr)?;
         }
         self.step += 1;
@@ -240,9 +284,24 @@ impl SftLoop {
     }
 
     /// Writes a checkpoint of the loop into `out/checkpoints` (the trained weights,
-    /// the optimizer's moments, the data order and cursor, the RNG).
+    /// the optimizer's moments, the data order and cursor, the RNG): rank 0 writes,
+    /// every rank returns once it is written.
     pub fn save(&self, out: &Path, config: serde_json::Value) -> Result<PathBuf> {
-        self.data.save(out, self.step, &self.opt, config)
+        let c = &self.ranks;
+        let dir = if c.is_main() {
+            self.data.save(out, self.step, &self.opt, config)?
+        } else {
+            crate::checkpoint::step_dir(out, self.step)
+        };
+        c.barrier()?;
+        Ok(dir)
+    }
+
+    /// The trained parameters by name (the policy's and the objective's).
+    pub fn trainable(&self) -> Vec<(String, candle_core::Tensor)> {
+        (self.opt.vars().iter())
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
     }
 
     /// Continues from the latest checkpoint in `out` (weights, moments, order, RNG).
@@ -303,6 +362,8 @@ pub struct SftHarness {
     /// recipe on the same held-out set and prompt: measure it once).
     pub skip_start_eval: bool,
     pub eval: EvalConfig,
+    /// Data parallel: compare the ranks' weight checksums every N steps (0 = never).
+    pub weight_check_every: usize,
 }
 
 /// What a harnessed run trains: its configuration, the loop's recipe and the loss.
@@ -310,6 +371,8 @@ pub struct RunSpec<'a> {
     pub config: &'a RunConfig,
     pub cfg: SftConfig,
     pub objective: Box<dyn Objective>,
+    /// The ranks of a data-parallel run ([`SingleProcess`] for one process).
+    pub ranks: Arc<dyn Collective>,
 }
 
 /// `cal-grpo sft` on the training harness: a locked run folder, checkpoints and
@@ -323,11 +386,13 @@ pub struct SftRun {
     harness: SftHarness,
     out_dir: PathBuf,
     config: serde_json::Value,
-    logs: RunLogs,
+    /// Rank 0's: the others write nothing.
+    logs: Option<RunLogs>,
     losses: Vec<f64>,
     /// The held-out evaluation made at the current step, if any.
     pub last_eval: Option<(usize, Vec<GradedExample>)>,
-    _lock: RunLock,
+    ranks: Arc<dyn Collective>,
+    _lock: Option<RunLock>,
 }
 
 impl SftRun {
@@ -347,6 +412,7 @@ impl SftRun {
             config,
             cfg,
             objective: Box::new(CrossEntropy),
+            ranks: Arc::new(SingleProcess),
         };
         Self::with_objective(out, run, policy, examples, held_out, harness, start)
     }
@@ -365,20 +431,32 @@ impl SftRun {
             config,
             cfg,
             objective,
+            ranks,
         } = run;
         let start = start.into();
-        let lock = RunLock::acquire(out)?;
-        rundir::prepare(out, start)?;
+        let main = ranks.is_main();
+        let lock = main.then(|| RunLock::acquire(out)).transpose()?;
+        if main {
+            rundir::prepare(out, start)?;
+        }
+        ranks.barrier()?; // the others read the folder once it is ready
         let trainable = policy.prepare(&config.model, config.run.seed)?;
-        let mut lp = SftLoop::with_objective(&mut policy, examples, &cfg, trainable, objective)?;
+        let mut lp = SftLoop::with_objective(&mut policy, examples, &cfg, trainable, objective)?
+            .on(ranks.clone())?;
         let mut resumed = None;
         if start == Start::Resume {
             let dir = lp.resume(out)?;
-            eprintln!("resumed from {} (step {})", dir.display(), lp.step);
+            if main {
+                eprintln!("resumed from {} (step {})", dir.display(), lp.step);
+            }
             resumed = Some(lp.step);
         }
-        let logs = RunLogs::open(out, resumed)?;
-        std::fs::write(out.join("config.toml"), config.to_toml()?)?;
+        let logs = if main {
+            std::fs::write(out.join("config.toml"), config.to_toml()?)?;
+            Some(RunLogs::open(out, resumed)?)
+        } else {
+            None
+        };
         Ok(Self {
             policy,
             lp,
@@ -389,18 +467,22 @@ impl SftRun {
             logs,
             losses: Vec::new(),
             last_eval: None,
+            ranks,
             _lock: lock,
         })
     }
 
     fn log(&mut self, m: &BTreeMap<String, f64>) -> Result<()> {
-        self.logs.write(self.lp.step, m)
+        match &mut self.logs {
+            Some(logs) => logs.write(self.lp.step, m),
+            None => Ok(()),
+        }
     }
 
     /// Greedy held-out accuracy now, logged as `eval/*` at the current step.
     pub fn evaluate_held_out(&mut self) -> Result<()> {
-        if self.held_out.is_empty() {
-            return Ok(());
+        if self.held_out.is_empty() || !self.ranks.is_main() {
+            return Ok(()); // rank 0 evaluates for the run
         }
         let step = self.lp.step;
         let graded = evaluate(
@@ -438,16 +520,24 @@ impl SftRun {
         if (save > 0 && step.is_multiple_of(save)) || last {
             self.lp.save(&self.out_dir, self.config.clone())?;
         }
+        let every = self.harness.weight_check_every;
+        if self.ranks.world() > 1 && every > 0 && step.is_multiple_of(every) {
+            check_weights(self.ranks.as_ref(), &self.lp.trainable(), step)?;
+        }
         Ok(loss)
     }
 
     /// Trains to the last step (or SIGINT, which saves and returns `Interrupted`).
     pub fn run(&mut self) -> Result<(RunEnd, SftReport)> {
-        let progress = Progress::new(
-            self.lp.objective.name(),
-            self.lp.cfg.steps as u64,
-            self.lp.step as u64,
-        );
+        let progress = if self.ranks.is_main() {
+            Progress::new(
+                self.lp.objective.name(),
+                self.lp.cfg.steps as u64,
+                self.lp.step as u64,
+            )
+        } else {
+            Progress::silent()
+        };
         let t0 = std::time::Instant::now();
         if self.harness.eval_every > 0 && self.lp.step == 0 && !self.harness.skip_start_eval {
             self.evaluate_held_out()?; // the curve starts at the pretrained model
@@ -455,7 +545,9 @@ impl SftRun {
         while !self.lp.done() {
             let loss = self.train_step()?;
             progress.update(self.lp.step as u64, &format!("loss {loss:.3}"));
-            if INTERRUPTED.load(Ordering::SeqCst) && !self.lp.done() {
+            // every rank stops after the same step, or none does
+            let stop = any_rank(self.ranks.as_ref(), INTERRUPTED.load(Ordering::SeqCst))?;
+            if stop && !self.lp.done() {
                 progress.finish();
                 let dir = self.lp.save(&self.out_dir, self.config.clone())?;
                 eprintln!(

@@ -267,11 +267,13 @@ fn run_in(
             max_new_tokens: 4,
             ..cal_train::evaluate::EvalConfig::of_run(&config)
         },
+        weight_check_every: 0,
     };
     let spec = RunSpec {
         config: &config,
         cfg,
         objective: Box::new(d),
+        ranks: std::sync::Arc::new(cal_train::collective::SingleProcess),
     };
     SftRun::with_objective(
         dir,

@@ -29,6 +29,7 @@ fn harness() -> SftHarness {
             max_new_tokens: 8,
             ..EvalConfig::default()
         },
+        weight_check_every: 0,
     }
 }
 
