@@ -99,6 +99,10 @@ pub struct DpoArgs {
     /// Data order, held-out draw and initialisation.
     #[arg(long, id = "run.seed")]
     pub seed: Option<u64>,
+    /// Data parallel: compare the ranks' weight checksums every this many steps (0 =
+    /// never).
+    #[arg(long, id = "run.weight-check-every")]
+    pub weight_check_every: Option<usize>,
 }
 
 /// `dpo`'s own defaults, below a `--config` file.
@@ -114,7 +118,12 @@ impl DpoArgs {
     }
 }
 
-pub fn run(args: &DpoArgs) -> Result<()> {
+/// `ranks`: the processes of a data-parallel run (one by default): each takes an equal
+/// share of every batch of pairs; rank 0 writes, evaluates and exports.
+pub fn run(
+    args: &DpoArgs,
+    ranks: std::sync::Arc<dyn cal_train::collective::Collective>,
+) -> Result<()> {
     let cfg = args.resolve()?;
     if args.print_config {
         return crate::train::print_config(&cfg);
@@ -174,7 +183,8 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         out.display()
     );
     let start = Start::from_flags(args.resume, args.overwrite);
-    let mut run = DpoRun::new(
+    let main = ranks.is_main();
+    let mut run = DpoRun::new_on(
         &out,
         &cfg,
         policy,
@@ -183,9 +193,13 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         cfg.checkpoint.save_every,
         cfg.eval.every,
         start,
+        ranks,
     )?;
     if run.run()? == RunEnd::Interrupted {
         std::process::exit(130);
+    }
+    if !main {
+        return Ok(()); // rank 0 exports for the run
     }
     load::export_hf(&run.policy.model, &run.policy.tok, &out)
         .with_context(|| format!("exporting to {}", out.display()))?;

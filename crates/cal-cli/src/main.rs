@@ -106,10 +106,15 @@ fn ranks() -> Option<std::sync::Arc<dyn cal_train::collective::Collective>> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let ranks = cal_train::collective::launched_ranks();
-    if ranks > 1 && !matches!(cli.command, Command::Train(_) | Command::Sft(_)) {
+    if ranks > 1
+        && !matches!(
+            cli.command,
+            Command::Train(_) | Command::Sft(_) | Command::Dpo(_)
+        )
+    {
         anyhow::bail!(
-            "started as one of {ranks} MPI ranks: of the commands, `train` and `sft` run data \
-             parallel; run this one without mpirun"
+            "started as one of {ranks} MPI ranks: of the commands, `train`, `sft` and `dpo` run \
+             data parallel; run this one without mpirun"
         );
     }
     // the ranks of a data-parallel run, initialised on this (the main) thread
@@ -141,7 +146,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Demo(args) => demo::run(&args)?,
         Command::Sft(args) => sft::run(&args, launch()?)?,
-        Command::Dpo(args) => dpo::run(&args)?,
+        Command::Dpo(args) => dpo::run(&args, launch()?)?,
         Command::Distill(args) => distill::run(&args)?,
         Command::MakePairs(args) => make_pairs::run(&args)?,
         Command::Export(args) => export::run(&args)?,

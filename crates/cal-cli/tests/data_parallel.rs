@@ -262,6 +262,73 @@ fn two_ranks_run_sft_as_one_process() {
     }
 }
 
+/// `dpo` on 2 ranks against one process, on TRL-format pairs: each rank takes half of
+/// every batch of pairs; the loss and reward metrics at every step and the weights after
+/// the last (DPO with a frozen reference, and IPO with LoRA).
+#[test]
+fn two_ranks_run_dpo_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2_widths(dir.path());
+    let pairs = dir.path().join("pairs.jsonl");
+    let rows: String = (0..24)
+        .map(|i| {
+            let (a, b) = (i % 7 + 2, i % 5 + 3);
+            serde_json::json!({
+                "prompt": format!("Question: what is {a} + {b}?\nAnswer:"),
+                "chosen": format!(" {a} + {b} = {}. The answer is {}.", a + b, a + b),
+                "rejected": format!(" {a} + {b} = {}. The answer is {}.", a + b + 1, a + b + 1),
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&pairs, rows).unwrap();
+    for (name, extra) in [
+        ("dpo", vec![]),
+        ("ipo-lora", vec!["--loss", "ipo", "--lora-rank", "4"]),
+    ] {
+        let run = |np: usize| -> PathBuf {
+            let out = dir.path().join(format!("{name}-np{np}"));
+            let o = launch(np, &dir.path().join("cache"))
+                .args(["dpo", "--model", &model, "--dataset"])
+                .arg(&pairs)
+                .args(["--steps", "3", "--batch-size", "4", "--save-every", "1"])
+                .args(["--weight-check-every", "1", "--learning-rate", "1e-4"])
+                .args(&extra)
+                .arg("--output-dir")
+                .arg(&out)
+                .output()
+                .unwrap();
+            ok(o, &format!("{name}, {np} rank(s)"));
+            out
+        };
+        let (one, two) = (run(1), run(2));
+        let rows = |m: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+            m.into_iter().filter(|r| r.get("loss").is_some()).collect()
+        };
+        let (m1, m2) = (rows(metrics(&one)), rows(metrics(&two)));
+        assert_eq!((m1.len(), m2.len()), (3, 3), "{name}");
+        for (a, b) in m1.iter().zip(&m2) {
+            for k in [
+                "loss",
+                "logps/chosen",
+                "rewards/margins",
+                "rewards/accuracies",
+            ] {
+                let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+                assert!(
+                    close(x, y, 1e-4),
+                    "{name} step {}: {k} {x} vs {y}",
+                    a["step"]
+                );
+            }
+        }
+        let d = max_diff(&weights(&one, 3), &weights(&two, 3));
+        eprintln!("{name}: largest weight difference after 3 steps {d:.3e}");
+        assert!(d <= 1e-5, "{name}: weights differ by {d}");
+    }
+}
+
 #[test]
 fn prompts_that_do_not_divide_over_the_ranks_are_an_error_naming_both() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,9 @@
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::checkpoint::DataOrder;
+use crate::collective::{
+    any_rank, check_weights, reduce_gradients, share, Collective, SingleProcess,
+};
 use crate::config::RunConfig;
 use crate::log::{Progress, RunLogs};
 use crate::metrics::Metrics;
@@ -29,6 +32,7 @@ use candle_core::{DType, Tensor};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// The recipe of a preference run.
 #[derive(Debug, Clone, PartialEq)]
@@ -314,6 +318,8 @@ pub struct DpoLoop {
     /// adapters off) or ORPO (no reference).
     reference: Option<Transformer>,
     ref_sums: Vec<Option<[f64; 2]>>,
+    /// The ranks of a data-parallel run: each takes an equal share of every batch.
+    ranks: Arc<dyn Collective>,
 }
 
 impl DpoLoop {
@@ -347,7 +353,26 @@ impl DpoLoop {
             data: DataOrder::new(n, cfg.seed),
             step: 0,
             reference,
+            ranks: Arc::new(SingleProcess),
         })
+    }
+
+    /// The loop as one rank of `ranks`: each step's pairs (in the global order) are
+    /// split into equal shares, and the gradients and batch totals summed over them.
+    pub fn on(mut self, ranks: Arc<dyn Collective>) -> Result<Self> {
+        let (n, w) = (self.cfg.batch_size, ranks.world());
+        if !n.is_multiple_of(w) {
+            bail!("--batch-size {n} does not divide over the {w} ranks: each rank takes an equal share");
+        }
+        self.ranks = ranks;
+        Ok(self)
+    }
+
+    /// The trained parameters by name.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        (self.opt.vars().iter())
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
     }
 
     pub fn done(&self) -> bool {
@@ -386,12 +411,21 @@ impl DpoLoop {
 
     /// One optimizer step on the next batch of pairs; its metrics (TRL's names).
     pub fn step(&mut self, policy: &Policy) -> Result<Metrics> {
-        let idx = self.data.next_batch(self.cfg.batch_size);
+        let ranks = self.ranks.clone();
+        let mut idx = self.data.next_batch(self.cfg.batch_size);
+        idx = idx[share(idx.len(), ranks.rank(), ranks.world())].to_vec();
         let refs = self.reference_sums(policy, &idx)?;
         let cfg = self.cfg.clone();
         let batch: Vec<&TokenPair> = idx.iter().map(|&i| &self.pairs[i]).collect();
-        let pairs_total = batch.len() as f64;
-        let chosen_tokens: f64 = batch.iter().map(|p| p.chosen_span.len() as f64).sum();
+        // the whole batch's pairs and chosen tokens, over the ranks
+        let mut totals = [
+            batch.len() as f64,
+            batch.iter().map(|p| p.chosen_span.len() as f64).sum(),
+        ];
+        if ranks.world() > 1 {
+            ranks.all_reduce_sum_f64(&mut totals)?;
+        }
+        let [pairs_total, chosen_tokens] = totals;
         let seed = crate::seed::mix_seed(&[cfg.seed, self.step as u64]);
         let lr = lr_at(&cfg.optim, self.step, cfg.steps);
         let plan = plan_pairs(&batch, cfg.micro_batch_tokens);
@@ -416,13 +450,27 @@ impl DpoLoop {
             logps_r += r;
             chosen_r.extend(out.chosen_rewards);
             rejected_r.extend(out.rejected_rewards);
-            if plan.len() == 1 {
+            if plan.len() == 1 && ranks.world() == 1 {
                 self.opt.step(&out.loss.backward()?, lr)?;
             } else {
                 self.opt.accumulate(&mut acc, &out.loss.backward()?)?;
             }
         }
-        if plan.len() > 1 {
+        let mut rewards = reward_metrics(&chosen_r, &rejected_r);
+        let w = ranks.world();
+        if w > 1 {
+            reduce_gradients(ranks.as_ref(), &mut acc)?;
+            // sums of the ranks' parts; the reward metrics are means over equal shares
+            let mut v = [loss, logps_c, logps_r];
+            ranks.all_reduce_sum_f64(&mut v)?;
+            [loss, logps_c, logps_r] = v;
+            let mut r: Vec<f64> = rewards.iter().map(|(_, x)| *x).collect();
+            ranks.all_reduce_sum_f64(&mut r)?;
+            for ((_, x), s) in rewards.iter_mut().zip(r) {
+                *x = s / w as f64;
+            }
+        }
+        if plan.len() > 1 || w > 1 {
             self.opt.step_accumulated(&acc, lr)?;
         }
         self.step += 1;
@@ -432,7 +480,7 @@ impl DpoLoop {
             ("logps/chosen".to_string(), logps_c / pairs_total),
             ("logps/rejected".to_string(), logps_r / pairs_total),
         ]);
-        for (k, v) in reward_metrics(&chosen_r, &rejected_r) {
+        for (k, v) in rewards {
             m.insert(k.to_string(), v);
         }
         Ok(m)
@@ -466,9 +514,17 @@ impl DpoLoop {
             .collect())
     }
 
-    /// Writes a checkpoint of the loop into `out/checkpoints`.
+    /// Writes a checkpoint of the loop into `out/checkpoints`: rank 0 writes, every
+    /// rank returns once it is written.
     pub fn save(&self, out: &Path, config: serde_json::Value) -> Result<PathBuf> {
-        self.data.save(out, self.step, &self.opt, config)
+        let c = &self.ranks;
+        let dir = if c.is_main() {
+            self.data.save(out, self.step, &self.opt, config)?
+        } else {
+            crate::checkpoint::step_dir(out, self.step)
+        };
+        c.barrier()?;
+        Ok(dir)
     }
 
     /// Continues from the latest checkpoint in `out` (weights, moments, order, RNG).
@@ -490,16 +546,38 @@ pub struct DpoRun {
     eval_every: usize,
     out_dir: PathBuf,
     config: serde_json::Value,
-    logs: RunLogs,
+    /// Rank 0's: the others write nothing.
+    logs: Option<RunLogs>,
     /// The held-out metrics at the start and at the last evaluation.
     pub first_eval: Option<Metrics>,
     pub last_eval: Option<Metrics>,
-    _lock: RunLock,
+    ranks: Arc<dyn Collective>,
+    weight_check_every: usize,
+    _lock: Option<RunLock>,
 }
 
 impl DpoRun {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        out: &Path,
+        config: &RunConfig,
+        policy: Policy,
+        pairs: Vec<TokenPair>,
+        held_out: Vec<TokenPair>,
+        save_every: usize,
+        eval_every: usize,
+        start: Start,
+    ) -> Result<Self> {
+        let one: Arc<dyn Collective> = Arc::new(SingleProcess);
+        Self::new_on(
+            out, config, policy, pairs, held_out, save_every, eval_every, start, one,
+        )
+    }
+
+    /// [`DpoRun::new`] as one rank of `ranks`: rank 0 locks, writes, logs and
+    /// evaluates; every rank trains on its share of each batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_on(
         out: &Path,
         config: &RunConfig,
         mut policy: Policy,
@@ -508,9 +586,14 @@ impl DpoRun {
         save_every: usize,
         eval_every: usize,
         start: Start,
+        ranks: Arc<dyn Collective>,
     ) -> Result<Self> {
-        let lock = RunLock::acquire(out)?;
-        rundir::prepare(out, start)?;
+        let main = ranks.is_main();
+        let lock = main.then(|| RunLock::acquire(out)).transpose()?;
+        if main {
+            rundir::prepare(out, start)?;
+        }
+        ranks.barrier()?; // the others read the folder once it is ready
         let lora = config.model.lora.rank > 0;
         let trainable = policy.prepare(&config.model, config.run.seed)?;
         let mut lp = DpoLoop::new(
@@ -519,15 +602,22 @@ impl DpoRun {
             &DpoConfig::of_run(config),
             trainable,
             lora,
-        )?;
+        )?
+        .on(ranks.clone())?;
         let mut resumed = None;
         if start == Start::Resume {
             let dir = lp.resume(out)?;
-            eprintln!("resumed from {} (step {})", dir.display(), lp.step);
+            if main {
+                eprintln!("resumed from {} (step {})", dir.display(), lp.step);
+            }
             resumed = Some(lp.step);
         }
-        let logs = RunLogs::open(out, resumed)?;
-        std::fs::write(out.join("config.toml"), config.to_toml()?)?;
+        let logs = if main {
+            std::fs::write(out.join("config.toml"), config.to_toml()?)?;
+            Some(RunLogs::open(out, resumed)?)
+        } else {
+            None
+        };
         Ok(Self {
             policy,
             lp,
@@ -539,17 +629,19 @@ impl DpoRun {
             logs,
             first_eval: None,
             last_eval: None,
+            weight_check_every: config.run.weight_check_every,
+            ranks,
             _lock: lock,
         })
     }
 
     /// The held-out pair accuracy now, logged as `eval/rewards/*` at the current step.
     pub fn evaluate_held_out(&mut self) -> Result<()> {
-        if self.held_out.is_empty() {
-            return Ok(());
+        if self.held_out.is_empty() || !self.ranks.is_main() {
+            return Ok(()); // rank 0 evaluates for the run
         }
         let m = self.lp.evaluate(&self.policy, &self.held_out)?;
-        self.logs.write(self.lp.step, &m)?;
+        self.log(&m)?;
         if self.first_eval.is_none() {
             self.first_eval = Some(m.clone());
         }
@@ -563,7 +655,7 @@ impl DpoRun {
         let t = std::time::Instant::now();
         let mut m = self.lp.step(&self.policy)?;
         m.insert("perf/step_seconds".into(), t.elapsed().as_secs_f64());
-        self.logs.write(self.lp.step, &m)?;
+        self.log(&m)?;
         let (step, last) = (self.lp.step, self.lp.done());
         if last || (self.eval_every > 0 && step.is_multiple_of(self.eval_every)) {
             self.evaluate_held_out()?;
@@ -571,13 +663,28 @@ impl DpoRun {
         if last || (self.save_every > 0 && step.is_multiple_of(self.save_every)) {
             self.lp.save(&self.out_dir, self.config.clone())?;
         }
+        let every = self.weight_check_every;
+        if self.ranks.world() > 1 && every > 0 && step.is_multiple_of(every) {
+            check_weights(self.ranks.as_ref(), &self.lp.trainable(), step)?;
+        }
         Ok(m)
+    }
+
+    fn log(&mut self, m: &Metrics) -> Result<()> {
+        match &mut self.logs {
+            Some(logs) => logs.write(self.lp.step, m),
+            None => Ok(()),
+        }
     }
 
     /// Trains to the last step (or SIGINT, which saves and returns `Interrupted`).
     pub fn run(&mut self) -> Result<RunEnd> {
         let total = self.lp.cfg.steps;
-        let progress = Progress::new("dpo", total as u64, self.lp.step as u64);
+        let progress = if self.ranks.is_main() {
+            Progress::new("dpo", total as u64, self.lp.step as u64)
+        } else {
+            Progress::silent()
+        };
         if self.lp.step == 0 {
             self.evaluate_held_out()?; // the start's pair accuracy
         }
@@ -590,7 +697,9 @@ impl DpoRun {
                     m["loss"], m["rewards/accuracies"], m["rewards/margins"]
                 ),
             );
-            if INTERRUPTED.load(Ordering::SeqCst) && !self.lp.done() {
+            // every rank stops after the same step, or none does
+            let stop = any_rank(self.ranks.as_ref(), INTERRUPTED.load(Ordering::SeqCst))?;
+            if stop && !self.lp.done() {
                 progress.finish();
                 let dir = self.lp.save(&self.out_dir, self.config.clone())?;
                 eprintln!(

@@ -121,6 +121,16 @@ impl Trainer {
                      takes an equal share of whole groups"
                 );
             }
+            use crate::config::AlgorithmKind;
+            if matches!(
+                cfg.run.algorithm,
+                AlgorithmKind::Dpo | AlgorithmKind::OnPolicyDistill
+            ) {
+                bail!(
+                    "--algorithm {} does not run data parallel yet (grpo and ppo do)",
+                    cfg.run.algorithm.name()
+                );
+            }
             if cfg.rollout.engine != crate::config::RolloutEngine::Local {
                 bail!(
                     "data parallel training samples locally on each rank (rollout.engine = local)"
