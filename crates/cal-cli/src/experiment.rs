@@ -5,11 +5,13 @@ use crate::config::TrainArgs;
 use crate::source::{datasets, Source};
 use crate::train::print_config;
 use anyhow::{bail, Result};
+use cal_train::collective::Collective;
 use cal_train::engine::server;
 use cal_train::evaluate::EvalConfig;
 use cal_train::policy::PolicySource;
 use cal_train::study::experiment::{self, ExperimentConfig, OtherArm};
 use clap::Args;
+use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct ExperimentArgs {
@@ -45,7 +47,9 @@ pub enum Preset {
     Study,
 }
 
-pub fn run(args: &ExperimentArgs) -> Result<()> {
+/// `ranks`: under `mpirun`, every arm trains on all ranks, one arm after another;
+/// rank 0 evaluates, compares and writes.
+pub fn run(args: &ExperimentArgs, ranks: Arc<dyn Collective>) -> Result<()> {
     let others = OtherArm::parse_list(&args.arms)?;
     let mut targs = args.train.clone();
     targs.num_samples = args.num_samples_pos.or(targs.num_samples);
@@ -68,7 +72,18 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
     }
     let source = Source::of(&cfg);
     let t0 = std::time::Instant::now();
-    source.prepare()?;
+    let main = ranks.is_main();
+    // rank 0 fetches the data and makes the tiny warm start; the others then read them
+    if main {
+        source.prepare()?;
+        if ranks.world() > 1 {
+            source.fresh()?;
+        }
+    }
+    ranks.barrier()?;
+    if !main {
+        source.prepare()?;
+    }
     let (train, test) = datasets(&cfg)?;
     let seeds: Vec<u64> = (0..n_seeds.max(1) as u64)
         .map(|i| cfg.run.seed + i)
@@ -84,12 +99,23 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
         test.len()
     );
     let out = cfg.output_dir();
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
+    if main {
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
+    }
     let threads = crate::arms::process_threads();
     let mut jobs = args
         .jobs
         .unwrap_or_else(|| crate::arms::default_jobs(&cfg.model.name, cfg.model.device, threads));
+    if ranks.world() > 1 {
+        if jobs > 1 && main {
+            eprintln!(
+                "experiment on {} ranks: the arms one after another, each on all ranks",
+                ranks.world()
+            );
+        }
+        jobs = 1;
+    }
     if jobs == 0 {
         bail!("--jobs must be at least 1");
     }
@@ -125,10 +151,14 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
             source: &source,
             train: &train,
             test: &test,
+            ranks: ranks.clone(),
         };
         experiment::run(&source, &ecfg, &test, &runner)?
     };
     drop(server);
+    if !main {
+        return Ok(());
+    }
     let table = experiment::summary_table(&results);
     std::fs::write(out.join("summary.md"), &table)?;
     println!("{table}");

@@ -106,15 +106,14 @@ fn ranks() -> Option<std::sync::Arc<dyn cal_train::collective::Collective>> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let ranks = cal_train::collective::launched_ranks();
-    if ranks > 1
-        && !matches!(
-            cli.command,
-            Command::Train(_) | Command::Sft(_) | Command::Dpo(_)
-        )
-    {
+    let parallel = matches!(
+        cli.command,
+        Command::Train(_) | Command::Sft(_) | Command::Dpo(_) | Command::Experiment(_)
+    );
+    if ranks > 1 && !parallel {
         anyhow::bail!(
-            "started as one of {ranks} MPI ranks: of the commands, `train`, `sft` and `dpo` run \
-             data parallel; run this one without mpirun"
+            "started as one of {ranks} MPI ranks: of the commands, `train`, `sft`, `dpo` and \
+             `experiment` run data parallel; run this one without mpirun"
         );
     }
     // the ranks of a data-parallel run, initialised on this (the main) thread
@@ -129,7 +128,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => train::run(&args, launch()?)?,
         Command::Eval(args) => eval::run(&args)?,
         Command::Compare(args) => compare::run(&args)?,
-        Command::Experiment(args) => experiment::run(&args)?,
+        Command::Experiment(args) => experiment::run(&args, launch()?)?,
         Command::Summarize(args) => summarize::run(&args)?,
         Command::Oracle(args) => oracle::run(&args)?,
         Command::Bench(args) => bench::run(&args)?,

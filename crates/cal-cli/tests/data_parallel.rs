@@ -329,6 +329,37 @@ fn two_ranks_run_dpo_as_one_process() {
     }
 }
 
+/// `experiment` under `mpirun`: each arm on both ranks, one after another; rank 0
+/// evaluates and compares. Its arms answer the held-out problems as those of one process
+/// with the same sampling seeds.
+#[test]
+fn an_experiment_on_two_ranks_is_the_experiment_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |np: usize| -> PathBuf {
+        let out = dir.path().join(format!("exp-np{np}"));
+        let o = launch(np, &dir.path().join("cache"))
+            .args(["experiment", "--sft-steps", "4", "--train-problems", "64"])
+            .args(["--steps", "2", "--num-samples", "8", "--eval-samples", "6"])
+            .args(["--prompts-per-step", "2", "--num-generations", "2"])
+            .args(["--max-new-tokens", "24", "--eval-every", "1", "--jobs", "1"])
+            .args(["--rollout-seeds", "group", "--output-dir"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        ok(o, &format!("experiment, {np} rank(s)"));
+        out
+    };
+    let (one, two) = (run(1), run(2));
+    for arm in ["baseline", "cal"] {
+        let read = |d: &Path| {
+            std::fs::read_to_string(d.join("seed-42").join(arm).join("eval_examples.jsonl"))
+                .unwrap()
+        };
+        assert_eq!(read(&one), read(&two), "{arm}: held-out responses differ");
+    }
+    assert!(two.join("summary.md").exists());
+}
+
 #[test]
 fn prompts_that_do_not_divide_over_the_ranks_are_an_error_naming_both() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 //! the same budget and are compared with the baseline ([`OtherArm`]).
 
 use crate::algorithm::AlgorithmKind;
+use crate::collective::{Collective, SingleProcess};
 use crate::config::{RunConfig, RunKind};
 use crate::evaluate::{evaluate, EvalConfig, EvalReport};
 use crate::policy::PolicySource;
@@ -17,6 +18,7 @@ use cal_core::credit::CreditMode;
 use cal_core::data::Example;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub struct ExperimentConfig {
     pub out_dir: PathBuf,
@@ -151,6 +153,12 @@ pub trait ArmRunner {
     /// One report per arm, in `arms`' order. A finished arm is reused, never redone;
     /// an interrupted one continues from its checkpoint.
     fn run_arms(&self, arms: &[Arm]) -> Result<Vec<EvalReport>>;
+
+    /// The ranks every arm trains on (one process by default): rank 0 evaluates,
+    /// compares and writes the experiment's folder; the others only train.
+    fn ranks(&self) -> Arc<dyn Collective> {
+        Arc::new(SingleProcess)
+    }
 }
 
 /// The arms one after another, in this process.
@@ -158,13 +166,22 @@ pub struct Sequential<'a> {
     pub source: &'a dyn PolicySource,
     pub train: &'a [Example],
     pub test: &'a [Example],
+    /// Each arm on all of these ranks (data parallel under `mpirun`).
+    pub ranks: Arc<dyn Collective>,
 }
 
 impl ArmRunner for Sequential<'_> {
     fn run_arms(&self, arms: &[Arm]) -> Result<Vec<EvalReport>> {
-        arms.iter()
-            .map(|arm| train_and_eval(self.source, arm, self.train, self.test))
-            .collect()
+        let mut reports = Vec::new();
+        for arm in arms {
+            let r = train_and_eval_on(self.source, arm, self.train, self.test, &self.ranks)?;
+            reports.extend(r);
+        }
+        Ok(reports)
+    }
+
+    fn ranks(&self) -> Arc<dyn Collective> {
+        self.ranks.clone()
     }
 }
 
@@ -176,9 +193,23 @@ pub fn train_and_eval(
     train: &[Example],
     test: &[Example],
 ) -> Result<EvalReport> {
+    let one: Arc<dyn Collective> = Arc::new(SingleProcess);
+    train_and_eval_on(source, arm, train, test, &one)?
+        .ok_or_else(|| anyhow::anyhow!("one process is rank 0"))
+}
+
+/// [`train_and_eval`] on every rank of `ranks`: rank 0 evaluates and writes the
+/// report (`Some`), the others train and return `None`.
+pub fn train_and_eval_on(
+    source: &dyn PolicySource,
+    arm: &Arm,
+    train: &[Example],
+    test: &[Example],
+    ranks: &Arc<dyn Collective>,
+) -> Result<Option<EvalReport>> {
     let dir = &arm.dir;
     if arm.finished() {
-        return EvalReport::read(dir);
+        return ranks.is_main().then(|| EvalReport::read(dir)).transpose();
     }
     let resume = crate::checkpoint::latest(dir).is_some();
     let mut cfg = arm.run.clone();
@@ -191,7 +222,7 @@ pub fn train_and_eval(
     } else {
         Start::Overwrite
     };
-    let mut trainer = Trainer::new(cfg, source.fresh()?, train.to_vec(), start)?
+    let mut trainer = Trainer::new_on(cfg, source.fresh()?, train.to_vec(), start, ranks.clone())?
         .with_held_out(test.to_vec(), arm.eval.clone());
     if let Some(before) = &arm.before {
         let r = EvalReport::read(before)?;
@@ -203,6 +234,9 @@ pub fn train_and_eval(
     }
     if trainer.run()? == RunEnd::Interrupted {
         bail!("interrupted; rerun the same command to continue");
+    }
+    if !ranks.is_main() {
+        return Ok(None);
     }
     let graded = match trainer.held_out_now() {
         Some(g) => g.to_vec(),
@@ -222,7 +256,7 @@ pub fn train_and_eval(
     report.config = Some(config);
     report.prompt = Some(trainer.policy.prompt.clone());
     report.write(dir)?;
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// The arms of each seed, in order: baseline, CAL, then the others, for every seed.
@@ -270,9 +304,17 @@ pub fn run(
     runner: &dyn ArmRunner,
 ) -> Result<Vec<SeedResult>> {
     // One experiment per folder at a time; each arm's trainer also locks its own.
-    let _lock = RunLock::acquire(&cfg.out_dir)?;
-    eprintln!("policy: {}", source.describe());
+    // Under several ranks rank 0 evaluates and writes; the others wait, then read.
+    let ranks = runner.ranks();
+    let main = ranks.is_main();
+    let _lock = main.then(|| RunLock::acquire(&cfg.out_dir)).transpose()?;
     let before_dir = cfg.out_dir.join("before");
+    if !main {
+        ranks.barrier()?;
+        runner.run_arms(&arms(cfg))?;
+        return Ok(Vec::new());
+    }
+    eprintln!("policy: {}", source.describe());
     let before = if before_dir.join(EvalReport::FILE).exists() {
         EvalReport::read(&before_dir)?
     } else {
@@ -295,6 +337,7 @@ pub fn run(
         ))
     );
     let before = before.accuracy.accuracy;
+    ranks.barrier()?; // the others start the arms with "before RL" written
     let reports = runner.run_arms(&arms(cfg))?;
     let mut results = Vec::new();
     let per_seed = 2 + cfg.others.len();
