@@ -192,8 +192,12 @@ fn eval_model(
         few_shot_pool(spec, run.data.few_shot)?
     };
     let prompt = PromptFormat::of(&run.data, &pool)?;
-    let mut policy = Source::new(model, placement).fresh()?.with_prompt(prompt);
-    if let Some(q) = run.model.quantize_base.ggml() {
+    let q = run.model.quantize_base.ggml();
+    let mut policy = Source::new(model, placement)
+        .quantized(q)
+        .fresh()?
+        .with_prompt(prompt);
+    if let Some(q) = q {
         policy.model.quantize_base(q)?;
     }
     let graded = evaluate(&policy, &examples, ecfg, "eval")?;

@@ -106,6 +106,11 @@ pub struct SftArgs {
     /// never).
     #[arg(long, id = "run.weight-check-every")]
     pub weight_check_every: Option<usize>,
+    /// Write no merged model at the end (a LoRA run still writes its adapter to
+    /// OUTPUT/adapter): a QLoRA base of billions of parameters merged is tens of GB in f32.
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_export: bool,
 }
 
 /// `sft`'s own defaults, below a `--config` file.
@@ -154,7 +159,9 @@ pub fn run(args: &SftArgs, ranks: Arc<dyn Collective>) -> Result<()> {
         );
         return Ok(());
     }
-    let policy = Source::new(&cfg.model.name, placement).fresh()?;
+    let policy = Source::new(&cfg.model.name, placement)
+        .quantized(cfg.model.quantize_base.ggml())
+        .fresh()?;
     let examples = if cfg.data.dataset == "generated" {
         TinySpec::default().splits().0
     } else {
@@ -217,8 +224,14 @@ pub fn run(args: &SftArgs, ranks: Arc<dyn Collective>) -> Result<()> {
     if !ranks.is_main() {
         return Ok(()); // rank 0 exports for the run
     }
-    load::export_hf(&run.policy.model, &run.policy.tok, &out)
-        .with_context(|| format!("exporting to {}", out.display()))?;
+    if run.policy.model.lora.is_some() {
+        // the adapter alone, in PEFT's format: `export --adapter` merges it
+        cal_model::peft::export_adapter(&run.policy.model, &out.join("adapter"))?;
+    }
+    if !args.no_export {
+        load::export_hf(&run.policy.model, &run.policy.tok, &out)
+            .with_context(|| format!("exporting to {}", out.display()))?;
+    }
     let curve = match &run.last_eval {
         Some((_, g)) => format!(
             "; held-out accuracy {:.1}%",
@@ -226,13 +239,15 @@ pub fn run(args: &SftArgs, ranks: Arc<dyn Collective>) -> Result<()> {
         ),
         None => String::new(),
     };
+    let wrote = match (args.no_export, run.policy.model.lora.is_some()) {
+        (false, false) => format!("model exported to {}", out.display()),
+        (false, true) => format!("model and PEFT adapter exported to {}", out.display()),
+        (true, true) => format!("PEFT adapter exported to {}", out.join("adapter").display()),
+        (true, false) => format!("checkpoints in {}", out.join("checkpoints").display()),
+    };
     println!(
-        "SFT {} steps: loss {:.3} → {:.3} in {:.0}s{curve}; model exported to {}",
-        r.steps,
-        r.first_loss,
-        r.last_loss,
-        r.seconds,
-        out.display()
+        "SFT {} steps: loss {:.3} → {:.3} in {:.0}s{curve}; {wrote}",
+        r.steps, r.first_loss, r.last_loss, r.seconds,
     );
     Ok(())
 }

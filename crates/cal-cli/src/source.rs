@@ -15,6 +15,10 @@ use std::path::PathBuf;
 pub struct Source {
     pub kind: SourceKind,
     pub placement: Placement,
+    /// QLoRA's base format: a `random:` model is drawn straight into it, a layer at a
+    /// time (a 7B shape's f32 weights would not fit); other models quantize on
+    /// `Policy::prepare`.
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
 }
 
 pub enum SourceKind {
@@ -45,7 +49,12 @@ impl PolicySource for Source {
                     .into_iter()
                     .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer));
                 let tok = cal_model::tokenizer::train_tiny(corpus, 400.min(cfg.vocab_size))?;
-                let model = cal_model::Transformer::init_random(cfg, 0, dtype, &dev)?;
+                let model = match self.quantize {
+                    Some(q) => {
+                        cal_model::Transformer::init_random_quantized(cfg, 0, q, dtype, &dev)?
+                    }
+                    None => cal_model::Transformer::init_random(cfg, 0, dtype, &dev)?,
+                };
                 Ok(Policy::new(model, tok))
             }
         }
@@ -82,7 +91,11 @@ impl Source {
         } else {
             SourceKind::Path(PathBuf::from(model))
         };
-        Self { kind, placement }
+        Self {
+            kind,
+            placement,
+            quantize: None,
+        }
     }
 
     /// The run's model; `tiny` is trained on the run's generated benchmark.
@@ -92,6 +105,13 @@ impl Source {
             cfg.model.placement(),
             TinySpec::for_run(&cfg.model.tiny, &cfg.data),
         )
+        .quantized(cfg.model.quantize_base.ggml())
+    }
+
+    /// With QLoRA's base format `q` (see [`Source::quantize`]).
+    pub fn quantized(mut self, q: Option<candle_core::quantized::GgmlDType>) -> Self {
+        self.quantize = q;
+        self
     }
 
     /// Makes sure the tiny policy exists (trains it on first use) and reports how good

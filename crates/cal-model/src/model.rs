@@ -182,6 +182,41 @@ impl Transformer {
         Ok(Self::new(cfg, params, device)?.with_compute_dtype(dtype))
     }
 
+    /// [`Transformer::init_random`] with the decoder layers' linear weights quantized
+    /// to `q` one at a time, as they are drawn: a QLoRA base of a shape whose f32 weights
+    /// would not fit in memory (a 7B model's 28 GB) never exists in f32 at once. The
+    /// same draws as `init_random`, so quantizing its model afterwards gives the same
+    /// blocks.
+    pub fn init_random_quantized(
+        cfg: ModelConfig,
+        seed: u64,
+        q: GgmlDType,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut params = Params::new();
+        let mut quantized = BTreeMap::new();
+        for (name, shape) in expected_shapes(&cfg) {
+            let n: usize = shape.iter().product();
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape.as_slice(), DType::F32, device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), DType::F32, device)?
+            } else {
+                Tensor::from_vec(normal_vec(&mut rng, n, 0.02), shape.as_slice(), device)?
+            };
+            if name.starts_with("model.layers.") && name.ends_with("_proj.weight") {
+                let ql =
+                    QLinear::quantize(&t, q, 256).with_context(|| format!("quantizing {name}"))?;
+                quantized.insert(name, ql);
+            } else {
+                params.insert(name, t.to_dtype(crate::device::loss_dtype(dtype))?);
+            }
+        }
+        Ok(Self::from_parts(cfg, params, quantized, device)?.with_compute_dtype(dtype))
+    }
+
     /// A frozen deep copy (new storage): the reference policy of full fine-tuning.
     /// In the compute dtype: a bf16 policy with f32 master weights gets a bf16 reference.
     pub fn frozen_copy(&self) -> Result<Self> {

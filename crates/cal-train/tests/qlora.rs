@@ -176,3 +176,50 @@ fn a_qlora_run_resumes_bit_exact() {
     r.run().unwrap();
     assert!(want == adapters(&r), "adapters differ after resume");
 }
+
+/// A random model drawn straight into a quantized base (a layer at a time, for shapes
+/// whose f32 weights do not fit) is the random model of the same seed quantized after.
+#[test]
+fn a_random_base_drawn_quantized_is_the_random_base_quantized() {
+    let json = r#"{"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 96, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "max_position_embeddings": 64}"#;
+    let cfg = cal_model::ModelConfig::from_hf_json(json, std::path::Path::new("c.json")).unwrap();
+    let q = candle_core::quantized::GgmlDType::Q4_0;
+    let (dt, dev) = (candle_core::DType::F32, candle_core::Device::Cpu);
+    let drawn = cal_model::Transformer::init_random_quantized(cfg.clone(), 5, q, dt, &dev).unwrap();
+    let mut after = cal_model::Transformer::init_random(cfg, 5, dt, &dev).unwrap();
+    after.quantize_base(q).unwrap();
+    let keys = |m: &cal_model::Transformer| m.quantized.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&drawn), keys(&after));
+    assert_eq!(drawn.quantized.len(), 2 * 7);
+    for (name, ql) in &drawn.quantized {
+        let (a, b) = (
+            ql.dequantize().unwrap(),
+            after.quantized[name].dequantize().unwrap(),
+        );
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+    assert_eq!(
+        drawn.params.keys().collect::<Vec<_>>(),
+        after.params.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &drawn.params {
+        let d = (t - &after.params[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+}
