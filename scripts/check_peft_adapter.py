@@ -10,7 +10,12 @@ Needs torch, transformers and peft (a throwaway venv; CI does not install them):
 
     python3 -m venv /tmp/peft-venv && /tmp/peft-venv/bin/pip install torch transformers peft
     /tmp/peft-venv/bin/python scripts/check_peft_adapter.py BASE_HF_FOLDER RUN_FOLDER
+
+`train` writes the merged model to RUN/model, `sft` to RUN itself; both are read. For a
+QLoRA run the base is the one the adapter was trained over, the quantized base written
+back dequantized: `cal-grpo export --model M --quantize-base q4_0 --output-dir BASE`.
 """
+import os
 import sys
 
 import torch
@@ -30,8 +35,10 @@ def main():
         plain = base(input_ids=ids).logits
         peft_model = PeftModel.from_pretrained(base, f"{run_dir}/adapter")
         adapted = peft_model(input_ids=ids).logits
+        # `train` writes the merged model to RUN/model, `sft` to RUN itself
+        merged_dir = f"{run_dir}/model" if os.path.isdir(f"{run_dir}/model") else run_dir
         merged = AutoModelForCausalLM.from_pretrained(
-            f"{run_dir}/model", dtype=torch.float32
+            merged_dir, dtype=torch.float32
         )(input_ids=ids).logits
     moved = (adapted - plain).abs().max().item()
     diff = (adapted - merged).abs().max().item()

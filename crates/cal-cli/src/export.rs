@@ -26,6 +26,11 @@ pub struct ExportArgs {
     /// server needs when a fully fine-tuned run reloads its weights in place.
     #[arg(long)]
     pub untie_embeddings: bool,
+    /// The base as a QLoRA run holds it: the decoder layers' linear weights quantized
+    /// (q4_0, q4_1, q8_0) and written back dequantized, with `--adapter` merged into
+    /// that. A QLoRA adapter was trained over this base, not over the f32 original.
+    #[arg(long, value_enum)]
+    pub quantize_base: Option<cal_train::config::QuantizeBase>,
     #[command(flatten)]
     pub placement: PlacementFlags,
 }
@@ -45,7 +50,13 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             );
         }
     }
-    let mut policy = Source::new(&args.model, args.placement.placement()).fresh()?;
+    let q = args.quantize_base.and_then(|q| q.ggml());
+    let mut policy = Source::new(&args.model, args.placement.placement())
+        .quantized(q)
+        .fresh()?;
+    if let Some(q) = q {
+        policy.model.quantize_base(q)?; // a no-op for a random base drawn quantized
+    }
     if let Some(a) = &args.adapter {
         cal_model::peft::load_adapter(&mut policy.model, a)
             .with_context(|| format!("adapter {}", a.display()))?;

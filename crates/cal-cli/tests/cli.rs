@@ -1676,3 +1676,46 @@ fn sft_and_eval_run_with_a_quantized_base() {
         "{err}"
     );
 }
+
+/// `export --quantize-base`: the base a QLoRA adapter was trained over, its layers'
+/// weights quantized and written back dequantized (within the format's rounding of the
+/// original), everything else (embeddings, norms) as it was.
+#[test]
+fn export_writes_the_quantized_base_dequantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cal-model/tests/fixtures/qwen2-tiny");
+    let export = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let o = bin()
+            .args(["export", "--model"])
+            .arg(&model)
+            .args(extra)
+            .arg("--output-dir")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (f32w, q4) = (export("f32", &[]), export("q4", &["--quantize-base", "q4_0"]));
+    let diff = |k: &str| {
+        (&f32w[k] - &q4[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let proj = "model.layers.0.self_attn.q_proj.weight";
+    let scale = f32w[proj].abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let (d, s) = (diff(proj), scale.to_scalar::<f32>().unwrap());
+    assert!(d > 0.0 && d <= s / 7.0, "q4_0 rounding of {proj}: {d} (largest weight {s})");
+    assert_eq!(diff("model.embed_tokens.weight"), 0.0);
+    assert_eq!(diff("model.norm.weight"), 0.0);
+}
