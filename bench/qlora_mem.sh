@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# LoRA against QLoRA (--quantize-base q4_0) on SmolLM2-135M-Instruct, taking turns:
+# LoRA against QLoRA (--quantize-base q4_0, and keep: the GGUF's own Q4_1 blocks) on
+# SmolLM2-135M-Instruct, taking turns:
 # 3 SFT steps of 4 problems, LoRA rank 16 on q,k,v,o; each run's peak resident memory
 # (/usr/bin/time, load and export included) and its step times.
 #
@@ -12,7 +13,7 @@ bin=${CAL_GRPO:-target/release/cal-grpo}
 gguf=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$rounds"); do
-  for q in none q4_0; do
+  for q in ${QUANT:-none q4_0 keep}; do
     dir=$(mktemp -d /tmp/qlora-mem.XXXX)
     /usr/bin/time -f "$q round $r: peak %M KiB, wall %e s" "$bin" sft --model "$gguf" --dataset "$data" \
       --steps 3 --batch-size 4 --lora-rank 16 --quantize-base "$q" --save-every 0 \

@@ -52,8 +52,8 @@ pub struct LoraFlags {
     /// Dropout on the LoRA input in training forwards, in [0, 1).
     #[arg(long, id = "model.lora.dropout")]
     pub lora_dropout: Option<f64>,
-    /// QLoRA: hold the decoder layers' linear weights quantized (q4_0, q4_1, q8_0) under
-    /// the adapters (needs --lora-rank).
+    /// QLoRA: hold the decoder layers' linear weights quantized (q4_0, q4_1, q8_0; keep:
+    /// a .gguf file's own blocks) under the adapters (needs --lora-rank).
     #[arg(long, id = "model.quantize-base", value_enum)]
     pub quantize_base: Option<cal_train::config::QuantizeBase>,
 }
@@ -61,8 +61,8 @@ pub struct LoraFlags {
 /// `eval --quantize-base`: generate with the base quantized, as a QLoRA run does.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct QuantizeFlags {
-    /// Evaluate with the decoder layers' linear weights quantized (q4_0, q4_1, q8_0), as
-    /// a QLoRA run (`--quantize-base`) generates.
+    /// Evaluate with the decoder layers' linear weights quantized (q4_0, q4_1, q8_0; keep:
+    /// a .gguf file's own blocks), as a QLoRA run (`--quantize-base`) generates.
     #[arg(long, id = "model.quantize-base", value_enum)]
     pub quantize_base: Option<cal_train::config::QuantizeBase>,
 }

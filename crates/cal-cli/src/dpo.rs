@@ -147,7 +147,9 @@ pub fn run(
             (train, set.pairs)
         }
     };
-    let policy = Source::new(&cfg.model.name, cfg.model.placement()).fresh()?;
+    let policy = Source::new(&cfg.model.name, cfg.model.placement())
+        .quantized(cfg.model.quantize_base)
+        .fresh()?;
     let d = &cfg.dpo;
     let tokenize = |pairs| {
         tokenize_pairs(

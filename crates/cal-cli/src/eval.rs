@@ -192,12 +192,11 @@ fn eval_model(
         few_shot_pool(spec, run.data.few_shot)?
     };
     let prompt = PromptFormat::of(&run.data, &pool)?;
-    let q = run.model.quantize_base.ggml();
     let mut policy = Source::new(model, placement)
-        .quantized(q)
+        .quantized(run.model.quantize_base)
         .fresh()?
         .with_prompt(prompt);
-    if let Some(q) = q {
+    if let Some(q) = run.model.quantize_base.ggml() {
         policy.model.quantize_base(q)?;
     }
     let graded = evaluate(&policy, &examples, ecfg, "eval")?;

@@ -50,11 +50,11 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             );
         }
     }
-    let q = args.quantize_base.and_then(|q| q.ggml());
+    let qb = args.quantize_base.unwrap_or_default();
     let mut policy = Source::new(&args.model, args.placement.placement())
-        .quantized(q)
+        .quantized(qb)
         .fresh()?;
-    if let Some(q) = q {
+    if let Some(q) = qb.ggml() {
         policy.model.quantize_base(q)?; // a no-op for a random base drawn quantized
     }
     if let Some(a) = &args.adapter {

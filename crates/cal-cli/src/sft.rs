@@ -160,7 +160,7 @@ pub fn run(args: &SftArgs, ranks: Arc<dyn Collective>) -> Result<()> {
         return Ok(());
     }
     let policy = Source::new(&cfg.model.name, placement)
-        .quantized(cfg.model.quantize_base.ggml())
+        .quantized(cfg.model.quantize_base)
         .fresh()?;
     let examples = if cfg.data.dataset == "generated" {
         TinySpec::default().splits().0

@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use cal_core::data::{self, Example};
 use cal_model::{load, Placement};
-use cal_train::config::RunConfig;
+use cal_train::config::{QuantizeBase, RunConfig};
 use cal_train::policy::Policy;
 use cal_train::policy::PolicySource;
 use cal_train::tiny::{self, TinySpec};
@@ -18,7 +18,7 @@ pub struct Source {
     /// QLoRA's base format: a `random:` model is drawn straight into it, a layer at a
     /// time (a 7B shape's f32 weights would not fit); other models quantize on
     /// `Policy::prepare`.
-    pub quantize: Option<candle_core::quantized::GgmlDType>,
+    pub quantize: QuantizeBase,
 }
 
 pub enum SourceKind {
@@ -37,6 +37,16 @@ impl PolicySource for Source {
             SourceKind::Tiny(spec) => {
                 Ok(tiny::tiny_policy(spec, &cal_train::cache::cache_root(), &dev, dtype)?.policy)
             }
+            SourceKind::Path(p) if self.quantize == QuantizeBase::Keep => {
+                if p.extension().and_then(|e| e.to_str()) != Some("gguf") {
+                    bail!(
+                        "--quantize-base keep holds a .gguf file's own blocks; {} is not one (q4_0, q4_1 or q8_0 quantize it on load)",
+                        p.display()
+                    );
+                }
+                let l = load::load_gguf_keep(p, dtype, &dev)?;
+                Ok(Policy::new(l.model, l.tokenizer))
+            }
             SourceKind::Path(p) => {
                 let l = load::load(p, dtype, &dev)?;
                 Ok(Policy::new(l.model, l.tokenizer))
@@ -49,7 +59,10 @@ impl PolicySource for Source {
                     .into_iter()
                     .map(|e| format!("Question: {}\nAnswer: {}", e.question, e.answer));
                 let tok = cal_model::tokenizer::train_tiny(corpus, 400.min(cfg.vocab_size))?;
-                let model = match self.quantize {
+                if self.quantize == QuantizeBase::Keep {
+                    bail!("--quantize-base keep holds a .gguf file's own blocks; a random model has none (q4_0, q4_1 or q8_0 draw it quantized)");
+                }
+                let model = match self.quantize.ggml() {
                     Some(q) => {
                         cal_model::Transformer::init_random_quantized(cfg, 0, q, dtype, &dev)?
                     }
@@ -94,7 +107,7 @@ impl Source {
         Self {
             kind,
             placement,
-            quantize: None,
+            quantize: QuantizeBase::None,
         }
     }
 
@@ -105,11 +118,11 @@ impl Source {
             cfg.model.placement(),
             TinySpec::for_run(&cfg.model.tiny, &cfg.data),
         )
-        .quantized(cfg.model.quantize_base.ggml())
+        .quantized(cfg.model.quantize_base)
     }
 
     /// With QLoRA's base format `q` (see [`Source::quantize`]).
-    pub fn quantized(mut self, q: Option<candle_core::quantized::GgmlDType>) -> Self {
+    pub fn quantized(mut self, q: QuantizeBase) -> Self {
         self.quantize = q;
         self
     }

@@ -1699,7 +1699,10 @@ fn export_writes_the_quantized_base_dequantized() {
         candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap()
     };
-    let (f32w, q4) = (export("f32", &[]), export("q4", &["--quantize-base", "q4_0"]));
+    let (f32w, q4) = (
+        export("f32", &[]),
+        export("q4", &["--quantize-base", "q4_0"]),
+    );
     let diff = |k: &str| {
         (&f32w[k] - &q4[k])
             .unwrap()
@@ -1713,9 +1716,18 @@ fn export_writes_the_quantized_base_dequantized() {
             .unwrap()
     };
     let proj = "model.layers.0.self_attn.q_proj.weight";
-    let scale = f32w[proj].abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let scale = f32w[proj]
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     let (d, s) = (diff(proj), scale.to_scalar::<f32>().unwrap());
-    assert!(d > 0.0 && d <= s / 7.0, "q4_0 rounding of {proj}: {d} (largest weight {s})");
+    assert!(
+        d > 0.0 && d <= s / 7.0,
+        "q4_0 rounding of {proj}: {d} (largest weight {s})"
+    );
     assert_eq!(diff("model.embed_tokens.weight"), 0.0);
     assert_eq!(diff("model.norm.weight"), 0.0);
 }

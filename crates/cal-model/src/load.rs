@@ -445,6 +445,64 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     Ok(Loaded { model, tokenizer })
 }
 
+/// [`load_gguf`] with the decoder layers' linear weights held as the file's own
+/// quantized blocks (QLoRA's `keep`), never dequantized: the embedding, norms and LM
+/// head are dequantized as usual. A permuted q/k projection is held with its rows put
+/// back in order, block rows copied.
+pub fn load_gguf_keep(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let label = path.display().to_string();
+    let GgufHeader {
+        config: cfg,
+        tokenizer,
+        permuted,
+        content,
+    } = read_gguf_header(&mut file, &label)?;
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    let mut params = Params::new();
+    let mut quantized = std::collections::BTreeMap::new();
+    for name in &names {
+        let q = content
+            .tensor(&mut file, name, device)
+            .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        let hf = gguf_to_hf_name(name)
+            .ok_or_else(|| anyhow!("{}: unexpected tensor {name}", path.display()))?;
+        if hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") {
+            let (out, _) = q.shape().dims2()?;
+            let heads = match (permuted, hf.as_str()) {
+                (true, n) if n.ends_with("q_proj.weight") => Some(cfg.num_attention_heads),
+                (true, n) if n.ends_with("k_proj.weight") => Some(cfg.num_key_value_heads),
+                _ => None,
+            };
+            // the row order unpermute_qk gives, read off a column of row indices
+            let rows: Vec<usize> = match heads {
+                Some(h) => {
+                    let idx: Vec<f32> = (0..out).map(|i| i as f32).collect();
+                    let col = Tensor::from_vec(idx, (out, 1), &Device::Cpu)?;
+                    (unpermute_qk(&col, h)?.flatten_all()?.to_vec1::<f32>()?)
+                        .into_iter()
+                        .map(|x| x as usize)
+                        .collect()
+                }
+                None => (0..out).collect(),
+            };
+            let ql = crate::qlinear::QLinear::from_rows(&q, &rows, 256)
+                .with_context(|| format!("{label}: {name} kept quantized"))?;
+            quantized.insert(hf, ql);
+            continue;
+        }
+        let t = q
+            .dequantize(device)?
+            .to_dtype(crate::device::loss_dtype(dtype))?;
+        params.insert(hf, t);
+    }
+    let model = Transformer::from_parts(cfg, params, quantized, device)
+        .with_context(|| format!("loading {}", path.display()))?
+        .with_compute_dtype(dtype);
+    Ok(Loaded { model, tokenizer })
+}
+
 fn gguf_to_hf_name(name: &str) -> Option<String> {
     let fixed = match name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),

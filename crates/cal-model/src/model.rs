@@ -116,7 +116,7 @@ impl Transformer {
 
     /// [`Transformer::new`] with some linear weights held quantized instead of in
     /// `params`.
-    fn from_parts(
+    pub(crate) fn from_parts(
         cfg: ModelConfig,
         params: Params,
         quantized: BTreeMap<String, QLinear>,

@@ -12,7 +12,7 @@
 //! Not yet wired into the model's linear layers (`--quantize-base` is to come).
 
 use anyhow::{bail, Result};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor, D};
 use std::sync::Arc;
 
@@ -47,6 +47,41 @@ impl QLinear {
             let tile = Tensor::from_vec(tile, (rows, inp), w.device())?;
             let q = Arc::new(QTensor::quantize(&tile, dtype)?);
             tiles.push((QMatMul::from_arc(q.clone())?, q));
+        }
+        Ok(Self {
+            tiles: Arc::new(tiles),
+            out,
+            inp,
+        })
+    }
+
+    /// The rows `rows` of an already quantized weight `q: [out, in]`, in that order (a
+    /// GGUF file's blocks as they load, a row permutation applied), in tiles of
+    /// `tile_rows` rows: the blocks are copied, never dequantized.
+    pub fn from_rows(q: &QTensor, rows: &[usize], tile_rows: usize) -> Result<Self> {
+        let (out, inp) = q.shape().dims2()?;
+        let dtype = q.dtype();
+        if inp % (2 * dtype.block_size()) != 0 {
+            bail!(
+                "cannot hold a [{out}, {inp}] {dtype:?} weight as it is: {inp} columns are not a \
+                 multiple of twice its block size {}",
+                dtype.block_size()
+            );
+        }
+        if rows.len() != out || rows.iter().any(|&r| r >= out) {
+            bail!("a row order of {} rows for a weight of {out}", rows.len());
+        }
+        let row_bytes = inp / dtype.block_size() * dtype.type_size();
+        let data = q.data()?;
+        let mut tiles = Vec::new();
+        for tile in rows.chunks(tile_rows.max(1)) {
+            let mut bytes = Vec::with_capacity(tile.len() * row_bytes);
+            for &r in tile {
+                bytes.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+            }
+            let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &q.device(), dtype)?;
+            let t = Arc::new(QTensor::new(storage, (tile.len(), inp))?);
+            tiles.push((QMatMul::from_arc(t.clone())?, t));
         }
         Ok(Self {
             tiles: Arc::new(tiles),

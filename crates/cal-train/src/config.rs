@@ -142,7 +142,8 @@ pub struct ModelSection {
     pub device: DeviceSpec,
     pub dtype: DTypeSpec,
     /// QLoRA: the decoder layers' linear weights held quantized under the LoRA
-    /// adapters (`none`: the base in the model's dtype).
+    /// adapters (`none`: the base in the model's dtype; `keep`: a .gguf file's own
+    /// blocks, never dequantized).
     pub quantize_base: QuantizeBase,
     pub lora: LoraSection,
     pub tiny: TinySection,
@@ -168,6 +169,10 @@ pub enum QuantizeBase {
     #[serde(rename = "q8_0")]
     #[value(name = "q8_0")]
     Q8_0,
+    /// A `.gguf` model's own blocks, as they load (never dequantized).
+    #[serde(rename = "keep")]
+    #[value(name = "keep")]
+    Keep,
 }
 
 impl QuantizeBase {
@@ -179,7 +184,13 @@ impl QuantizeBase {
             Self::Q4_0 => Some(GgmlDType::Q4_0),
             Self::Q4_1 => Some(GgmlDType::Q4_1),
             Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Keep => None,
         }
+    }
+
+    /// Whether the base is held quantized at all.
+    pub fn on(self) -> bool {
+        self != Self::None
     }
 }
 

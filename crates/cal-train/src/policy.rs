@@ -80,12 +80,21 @@ impl Policy {
         model: &crate::config::ModelSection,
         seed: u64,
     ) -> Result<fn(&str) -> bool> {
+        if model.quantize_base.on() && model.lora.rank == 0 {
+            anyhow::bail!(
+                "--quantize-base {:?} freezes the base: it needs LoRA adapters (--lora-rank)",
+                model.quantize_base
+            );
+        }
+        if model.quantize_base == crate::config::QuantizeBase::Keep
+            && self.model.quantized.is_empty()
+        {
+            anyhow::bail!(
+                "--quantize-base keep: this model was not loaded with its quantized blocks \
+                 kept (keep needs a .gguf model, loaded by train, sft, dpo, eval or export)"
+            );
+        }
         if let Some(q) = model.quantize_base.ggml() {
-            if model.lora.rank == 0 {
-                anyhow::bail!(
-                    "--quantize-base {q:?} freezes the base: it needs LoRA adapters (--lora-rank)"
-                );
-            }
             let bytes = self.model.quantize_base(q)?;
             tracing::info!("base quantized to {q:?}: {:.1} MB", bytes as f64 / 1e6);
         }
