@@ -412,37 +412,7 @@ fn check_tensor_extents<R: std::io::Seek>(
 
 /// GGUF: weights dequantized to `dtype`, tokenizer and chat template from metadata.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let label = path.display().to_string();
-    let GgufHeader {
-        config: cfg,
-        tokenizer,
-        permuted,
-        content,
-    } = read_gguf_header(&mut file, &label)?;
-    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-    let mut params = Params::new();
-    for name in &names {
-        let q = content
-            .tensor(&mut file, name, device)
-            .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
-        let t = q
-            .dequantize(device)?
-            .to_dtype(crate::device::loss_dtype(dtype))?;
-        let hf = gguf_to_hf_name(name)
-            .ok_or_else(|| anyhow!("{}: unexpected tensor {name}", path.display()))?;
-        let t = match (permuted, hf.as_str()) {
-            (true, n) if n.ends_with("q_proj.weight") => unpermute_qk(&t, cfg.num_attention_heads)?,
-            (true, n) if n.ends_with("k_proj.weight") => unpermute_qk(&t, cfg.num_key_value_heads)?,
-            _ => t,
-        };
-        params.insert(hf, t);
-    }
-    let model = Transformer::new(cfg, params, device)
-        .with_context(|| format!("loading {}", path.display()))?
-        .with_compute_dtype(dtype);
-    Ok(Loaded { model, tokenizer })
+    read_gguf(path, dtype, device, false)
 }
 
 /// [`load_gguf`] with the decoder layers' linear weights held as the file's own
@@ -450,6 +420,10 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
 /// head are dequantized as usual. A permuted q/k projection is held with its rows put
 /// back in order, block rows copied.
 pub fn load_gguf_keep(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    read_gguf(path, dtype, device, true)
+}
+
+fn read_gguf(path: &Path, dtype: DType, device: &Device, keep: bool) -> Result<Loaded> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let label = path.display().to_string();
@@ -465,16 +439,17 @@ pub fn load_gguf_keep(path: &Path, dtype: DType, device: &Device) -> Result<Load
     for name in &names {
         let q = content
             .tensor(&mut file, name, device)
-            .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
-        let hf = gguf_to_hf_name(name)
-            .ok_or_else(|| anyhow!("{}: unexpected tensor {name}", path.display()))?;
-        if hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") {
+            .map_err(|e| anyhow!("{label}: tensor {name}: {e}"))?;
+        let hf =
+            gguf_to_hf_name(name).ok_or_else(|| anyhow!("{label}: unexpected tensor {name}"))?;
+        // llama.cpp stores q and k with their rows permuted
+        let heads = match (permuted, hf.as_str()) {
+            (true, n) if n.ends_with("q_proj.weight") => Some(cfg.num_attention_heads),
+            (true, n) if n.ends_with("k_proj.weight") => Some(cfg.num_key_value_heads),
+            _ => None,
+        };
+        if keep && hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") {
             let (out, _) = q.shape().dims2()?;
-            let heads = match (permuted, hf.as_str()) {
-                (true, n) if n.ends_with("q_proj.weight") => Some(cfg.num_attention_heads),
-                (true, n) if n.ends_with("k_proj.weight") => Some(cfg.num_key_value_heads),
-                _ => None,
-            };
             // the row order unpermute_qk gives, read off a column of row indices
             let rows: Vec<usize> = match heads {
                 Some(h) => {
@@ -495,10 +470,14 @@ pub fn load_gguf_keep(path: &Path, dtype: DType, device: &Device) -> Result<Load
         let t = q
             .dequantize(device)?
             .to_dtype(crate::device::loss_dtype(dtype))?;
+        let t = match heads {
+            Some(h) => unpermute_qk(&t, h)?,
+            None => t,
+        };
         params.insert(hf, t);
     }
     let model = Transformer::from_parts(cfg, params, quantized, device)
-        .with_context(|| format!("loading {}", path.display()))?
+        .with_context(|| format!("loading {label}"))?
         .with_compute_dtype(dtype);
     Ok(Loaded { model, tokenizer })
 }

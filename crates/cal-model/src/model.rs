@@ -166,20 +166,7 @@ impl Transformer {
     /// Random initialisation (normal, std 0.02; norms at 1), seeded; computes in `dtype`
     /// (half precision keeps f32 weights, see [`crate::load::load`]).
     pub fn init_random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut params = Params::new();
-        for (name, shape) in expected_shapes(&cfg) {
-            let n: usize = shape.iter().product();
-            let t = if name.ends_with("norm.weight") {
-                Tensor::ones(shape.as_slice(), DType::F32, device)?
-            } else if name.ends_with(".bias") {
-                Tensor::zeros(shape.as_slice(), DType::F32, device)?
-            } else {
-                Tensor::from_vec(normal_vec(&mut rng, n, 0.02), shape.as_slice(), device)?
-            };
-            params.insert(name, t.to_dtype(crate::device::loss_dtype(dtype))?);
-        }
-        Ok(Self::new(cfg, params, device)?.with_compute_dtype(dtype))
+        Self::draw_random(cfg, seed, None, dtype, device)
     }
 
     /// [`Transformer::init_random`] with the decoder layers' linear weights quantized
@@ -191,6 +178,18 @@ impl Transformer {
         cfg: ModelConfig,
         seed: u64,
         q: GgmlDType,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::draw_random(cfg, seed, Some(q), dtype, device)
+    }
+
+    /// The draws of both: every weight N(0, 0.02²) in name order, norms 1, biases 0;
+    /// with `q`, each layer's linear weight quantized as soon as it is drawn.
+    fn draw_random(
+        cfg: ModelConfig,
+        seed: u64,
+        q: Option<GgmlDType>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -206,7 +205,8 @@ impl Transformer {
             } else {
                 Tensor::from_vec(normal_vec(&mut rng, n, 0.02), shape.as_slice(), device)?
             };
-            if name.starts_with("model.layers.") && name.ends_with("_proj.weight") {
+            let layer_linear = name.starts_with("model.layers.") && name.ends_with("_proj.weight");
+            if let (Some(q), true) = (q, layer_linear) {
                 let ql =
                     QLinear::quantize(&t, q, 256).with_context(|| format!("quantizing {name}"))?;
                 quantized.insert(name, ql);

@@ -99,6 +99,13 @@ impl AdamW {
         &self.vars
     }
 
+    /// The trained parameters by name, as tensors (checkpoints, weight checks, tests).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        (self.vars.iter())
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
     /// An empty gradient accumulator, one slot per variable.
     pub fn zero_accumulator(&self) -> Vec<Option<Tensor>> {
         vec![None; self.vars.len()]

@@ -161,14 +161,19 @@ impl DataOrder {
     }
 
     /// Writes a checkpoint at `step`: `opt`'s variables and moments, this order, its
-    /// cursor and RNG.
+    /// cursor and RNG. Rank 0 of `ranks` writes; every rank returns once it is written.
     pub fn save(
         &self,
         out: &Path,
         step: usize,
         opt: &crate::adamw::AdamW,
         config: serde_json::Value,
+        ranks: &dyn crate::collective::Collective,
     ) -> Result<PathBuf> {
+        if !ranks.is_main() {
+            ranks.barrier()?;
+            return Ok(step_dir(out, step));
+        }
         let (rng_seed, rng_stream, rng_word_pos) = rng_state(&self.rng);
         let state = TrainState {
             step,
@@ -179,12 +184,10 @@ impl DataOrder {
             config,
             counters: serde_json::json!({ "order": self.order }),
         };
-        let weights: cal_model::Params = opt
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        save(out, &state, &weights, &opt.state())
+        let weights: cal_model::Params = opt.tensors().into_iter().collect();
+        let dir = save(out, &state, &weights, &opt.state())?;
+        ranks.barrier()?;
+        Ok(dir)
     }
 
     /// Loads the latest checkpoint of `out` into `opt` and returns its directory, its

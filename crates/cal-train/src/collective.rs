@@ -152,6 +152,17 @@ pub fn share(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     rank * per..(rank + 1) * per
 }
 
+/// An error naming both when `n` items (`flag`'s) do not split into equal shares over
+/// `world` ranks.
+pub fn divides_over(flag: &str, n: usize, world: usize) -> Result<()> {
+    if !n.is_multiple_of(world.max(1)) {
+        anyhow::bail!(
+            "{flag} {n} does not divide over the {world} ranks: each rank takes an equal share"
+        );
+    }
+    Ok(())
+}
+
 /// Whether any rank says yes (a non-finite loss on one rank skips the step on all, so
 /// that none waits in a reduce the others never reach).
 pub fn any_rank(c: &dyn Collective, yes: bool) -> Result<bool> {

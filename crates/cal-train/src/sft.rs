@@ -4,7 +4,7 @@
 use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::checkpoint::DataOrder;
 use crate::collective::{
-    any_rank, check_weights, reduce_gradients, share, Collective, SingleProcess,
+    any_rank, check_weights, divides_over, reduce_gradients, share, Collective, SingleProcess,
 };
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
@@ -195,10 +195,7 @@ impl SftLoop {
     /// The loop as one rank of `ranks`: each step's batch (in the global order) is
     /// split into equal shares, and the gradients and batch totals summed over them.
     pub fn on(mut self, ranks: Arc<dyn Collective>) -> Result<Self> {
-        let (n, w) = (self.cfg.batch_size, ranks.world());
-        if !n.is_multiple_of(w) {
-            bail!("--batch-size {n} does not divide over the {w} ranks: each rank takes an equal share");
-        }
+        divides_over("--batch-size", self.cfg.batch_size, ranks.world())?;
         self.ranks = ranks;
         Ok(self)
     }
@@ -287,21 +284,12 @@ impl SftLoop {
     /// the optimizer's moments, the data order and cursor, the RNG): rank 0 writes,
     /// every rank returns once it is written.
     pub fn save(&self, out: &Path, config: serde_json::Value) -> Result<PathBuf> {
-        let c = &self.ranks;
-        let dir = if c.is_main() {
-            self.data.save(out, self.step, &self.opt, config)?
-        } else {
-            crate::checkpoint::step_dir(out, self.step)
-        };
-        c.barrier()?;
-        Ok(dir)
+        (self.data).save(out, self.step, &self.opt, config, self.ranks.as_ref())
     }
 
     /// The trained parameters by name (the policy's and the objective's).
     pub fn trainable(&self) -> Vec<(String, candle_core::Tensor)> {
-        (self.opt.vars().iter())
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect()
+        self.opt.tensors()
     }
 
     /// Continues from the latest checkpoint in `out` (weights, moments, order, RNG).

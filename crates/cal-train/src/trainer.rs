@@ -13,7 +13,7 @@
 use crate::adamw::{lr_at, AdamW};
 use crate::algorithm::{self, Algorithm, Scored};
 use crate::checkpoint::{self, TrainState};
-use crate::collective::{any_rank, check_weights, share, Collective, SingleProcess};
+use crate::collective::{any_rank, check_weights, divides_over, share, Collective, SingleProcess};
 use crate::config::{RunConfig, SampleSeeds};
 use crate::engine::{self, RolloutBackend, StepSeeds};
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
@@ -114,13 +114,8 @@ impl Trainer {
         cfg.finish()?;
         let world = collective.world();
         if world > 1 {
-            let n = cfg.rollout.prompts_per_step;
-            if !n.is_multiple_of(world) {
-                bail!(
-                    "--prompts-per-step {n} does not divide over the {world} ranks: each rank \
-                     takes an equal share of whole groups"
-                );
-            }
+            // each rank takes an equal share of whole groups
+            divides_over("--prompts-per-step", cfg.rollout.prompts_per_step, world)?;
             use crate::config::AlgorithmKind;
             if matches!(
                 cfg.run.algorithm,
@@ -381,11 +376,7 @@ impl Trainer {
 
     /// Trainable parameters by name (for tests and export).
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
-        self.opt
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect()
+        self.opt.tensors()
     }
 
     /// One step: generate, then [`Trainer::learn`] from the samples; logged.
