@@ -14,7 +14,8 @@ pub struct BenchArgs {
     /// `kernels` (decoding-step matmuls: gemm vs the small-batch kernel) or `gemm`
     /// (training-shape products: candle vs OpenBLAS, alternately) or `step` (the
     /// training step of the first `--model`, candle vs OpenBLAS, alternately); the
-    /// last two need the `openblas` feature.
+    /// last two need the `openblas` feature. `qmatmul`: QLoRA's quantized products
+    /// (q4_0, q4_1, q8_0; forward, and with the input's gradient) against f32.
     #[arg(default_value = "model")]
     pub what: String,
     /// Models to measure: `tiny` and/or paths (default: tiny and the SmolLM2 asset).
@@ -70,11 +71,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         "kernels" => bench_kernels(repeats),
         "gemm" => bench_gemm(repeats),
+        "qmatmul" => bench_qmatmul(repeats),
         "step" => {
             let m = model.first().map_or("tiny", String::as_str);
             bench_step(m, placement, repeats, args.seq)
         }
-        what => anyhow::bail!("unknown benchmark {what:?} (model, generate, kernels, gemm, step)"),
+        what => anyhow::bail!(
+            "unknown benchmark {what:?} (model, generate, kernels, gemm, qmatmul, step)"
+        ),
     }
 }
 
@@ -112,6 +116,26 @@ fn bench_kernels(rounds: usize) -> Result<()> {
         "medians of {rounds} alternating rounds (9 calls each); {} threads; load average before: {}",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         load_avg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+fn bench_qmatmul(rounds: usize) -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let formats = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    let rows = cal_model::bench::bench_qmatmul(rounds, &formats)?;
+    print!("{}", cal_model::bench::qmatmul_table(&rows));
+    println!(
+        "medians of {rounds} alternating rounds (3 calls each); {} threads; load average before: {}, after: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_avg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     Ok(())
 }

@@ -52,8 +52,9 @@ pub struct LoraFlags {
     /// Dropout on the LoRA input in training forwards, in [0, 1).
     #[arg(long, id = "model.lora.dropout")]
     pub lora_dropout: Option<f64>,
-    /// QLoRA: hold the decoder layers' linear weights quantized (q4_0, q4_1, q8_0; keep:
-    /// a .gguf file's own blocks) under the adapters (needs --lora-rank).
+    /// QLoRA: hold the frozen base quantized under the adapters (needs --lora-rank): the
+    /// decoder layers' linear weights in q4_0, q4_1 or q8_0 and the embedding and head in
+    /// q8_0; keep: a .gguf file's own blocks.
     #[arg(long, id = "model.quantize-base", value_enum)]
     pub quantize_base: Option<cal_train::config::QuantizeBase>,
 }
@@ -61,8 +62,9 @@ pub struct LoraFlags {
 /// `eval --quantize-base`: generate with the base quantized, as a QLoRA run does.
 #[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct QuantizeFlags {
-    /// Evaluate with the decoder layers' linear weights quantized (q4_0, q4_1, q8_0; keep:
-    /// a .gguf file's own blocks), as a QLoRA run (`--quantize-base`) generates.
+    /// Evaluate with the base quantized (the layers' linear weights in q4_0, q4_1 or
+    /// q8_0, the embedding and head in q8_0; keep: a .gguf file's own blocks), as a QLoRA
+    /// run (`--quantize-base`) generates.
     #[arg(long, id = "model.quantize-base", value_enum)]
     pub quantize_base: Option<cal_train::config::QuantizeBase>,
 }

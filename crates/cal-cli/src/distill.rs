@@ -8,6 +8,7 @@ use crate::source::Source;
 use anyhow::{bail, Context, Result};
 use cal_core::data;
 use cal_model::load;
+use cal_train::collective::Collective;
 use cal_train::config::RunConfig;
 use cal_train::distill::{check_same_tokenizer, layer_map, parse_layers, Distiller, Strategy};
 use cal_train::policy::{PolicySource, PromptFormat};
@@ -100,6 +101,10 @@ pub struct DistillArgs {
     /// Checkpoint every N steps (0 = only at the end).
     #[arg(long, id = "checkpoint.save-every")]
     pub save_every: Option<usize>,
+    /// Data parallel: compare the ranks' weight checksums every this many steps (0 =
+    /// never).
+    #[arg(long, id = "run.weight-check-every")]
+    pub weight_check_every: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
     pub lora: LoraFlags,
@@ -140,7 +145,9 @@ fn recipe(cfg: &RunConfig) -> SftConfig {
     r
 }
 
-pub fn run(args: &DistillArgs) -> Result<()> {
+/// `ranks`: the processes of a data-parallel run (one by default): each takes an equal
+/// share of every batch; rank 0 writes, evaluates and exports.
+pub fn run(args: &DistillArgs, ranks: std::sync::Arc<dyn Collective>) -> Result<()> {
     let cfg = args.resolve()?;
     if args.print_config {
         return crate::train::print_config(&cfg);
@@ -159,9 +166,20 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     }
     let placement = cfg.model.placement();
     let load = |name: &str, flag: &str| {
-        Source::new(name, placement)
-            .fresh()
-            .with_context(|| format!("{flag} {name}: cannot load it"))
+        // rank 0 first: a `tiny` it makes is in the cache when the others load it
+        let fresh = || {
+            Source::new(name, placement)
+                .fresh()
+                .with_context(|| format!("{flag} {name}: cannot load it"))
+        };
+        if ranks.is_main() {
+            let p = fresh()?;
+            ranks.barrier()?;
+            Ok(p)
+        } else {
+            ranks.barrier()?;
+            fresh()
+        }
     };
     let teacher = load(&d.teacher, "--teacher")?;
     let (student_name, mut student) = match &kept {
@@ -219,7 +237,8 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     let params = |m: &cal_model::Transformer| {
         m.params.values().map(|t| t.elem_count()).sum::<usize>() as f64 / 1e6
     };
-    eprintln!(
+    if ranks.is_main() {
+        eprintln!(
         "distill ({:?}, α {}, τ {}): student {student_name} ({:.1}M parameters, {} layers) from \
          teacher {} ({:.1}M, {} layers){}; {} steps × {} examples from {} problems; output {}",
         d.strategy,
@@ -240,6 +259,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         examples.len(),
         out.display()
     );
+    }
     let objective = Distiller::new(teacher.model, &student.model, d, map, cfg.run.seed)?;
     student = student.with_prompt(prompt);
     let harness = SftHarness {
@@ -254,13 +274,16 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         config: &cfg,
         cfg: recipe(&cfg),
         objective: Box::new(objective),
-        ranks: std::sync::Arc::new(cal_train::collective::SingleProcess),
+        ranks: ranks.clone(),
     };
     let start = Start::from_flags(args.resume, args.overwrite);
     let mut run = SftRun::with_objective(&out, spec, student, &examples, held_out, harness, start)?;
     let (end, r) = run.run()?;
     if end == RunEnd::Interrupted {
         std::process::exit(130);
+    }
+    if !ranks.is_main() {
+        return Ok(()); // rank 0 exports for the run
     }
     load::export_hf(&run.policy.model, &run.policy.tok, &out)
         .with_context(|| format!("exporting to {}", out.display()))?;

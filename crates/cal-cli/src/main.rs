@@ -108,12 +108,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let ranks = cal_train::collective::launched_ranks();
     let parallel = matches!(
         cli.command,
-        Command::Train(_) | Command::Sft(_) | Command::Dpo(_) | Command::Experiment(_)
+        Command::Train(_)
+            | Command::Sft(_)
+            | Command::Dpo(_)
+            | Command::Distill(_)
+            | Command::Experiment(_)
     );
     if ranks > 1 && !parallel {
         anyhow::bail!(
-            "started as one of {ranks} MPI ranks: of the commands, `train`, `sft`, `dpo` and \
-             `experiment` run data parallel; run this one without mpirun"
+            "started as one of {ranks} MPI ranks: of the commands, `train`, `sft`, `dpo`, \
+             `distill` and `experiment` run data parallel; run this one without mpirun"
         );
     }
     // the ranks of a data-parallel run, initialised on this (the main) thread
@@ -146,7 +150,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::run(&args)?,
         Command::Sft(args) => sft::run(&args, launch()?)?,
         Command::Dpo(args) => dpo::run(&args, launch()?)?,
-        Command::Distill(args) => distill::run(&args)?,
+        Command::Distill(args) => distill::run(&args, launch()?)?,
         Command::MakePairs(args) => make_pairs::run(&args)?,
         Command::Export(args) => export::run(&args)?,
         Command::Generate(args) => generate::run(&args)?,

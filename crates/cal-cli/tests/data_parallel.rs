@@ -45,8 +45,6 @@ fn ok(o: Output, what: &str) -> String {
 /// after each step.
 const COMMON: &[&str] = &[
     "train",
-    "--sft-steps",
-    "4",
     "--train-problems",
     "64",
     "--num-generations",
@@ -103,12 +101,18 @@ fn close(a: f64, b: f64, rel: f64) -> bool {
 /// One process and two ranks on the same global batch: loss and gradient norm at every
 /// step, and the weights after the last, to f32 reduction-order tolerance.
 fn one_equals_two(name: &str, extra: &[&str]) {
+    one_equals_two_from(name, 4, extra)
+}
+
+/// [`one_equals_two`] from a warm start of `sft_steps` steps.
+fn one_equals_two_from(name: &str, sft_steps: usize, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let run = |np: usize, seeds: &[&str]| -> PathBuf {
         let out = dir.path().join(format!("np{np}"));
         let o = launch(np, &cache)
             .args(COMMON)
+            .args(["--sft-steps", &sft_steps.to_string()])
             .args(["--steps", "3", "--prompts-per-step", "4"])
             .args(extra)
             .args(seeds)
@@ -150,8 +154,18 @@ fn one_equals_two(name: &str, extra: &[&str]) {
             );
         }
     }
+    // online DPO learns from pairs: the steps must have made some, on both sides
+    let pairs =
+        |m: &[serde_json::Value]| -> f64 { m.iter().filter_map(|r| r["dpo/pairs"].as_f64()).sum() };
+    assert_eq!(pairs(&m1), pairs(&m2), "{name}: pairs");
+    if name.contains("dpo") {
+        assert!(pairs(&m1) > 0.0, "{name}: no pairs in 3 steps");
+    }
     let d = max_diff(&weights(&one, 3), &weights(&two, 3));
-    eprintln!("{name}: largest weight difference after 3 steps {d:.3e}");
+    eprintln!(
+        "{name}: largest weight difference after 3 steps {d:.3e} ({} pairs)",
+        pairs(&m1)
+    );
     assert!(d <= 1e-5, "{name}: weights differ by {d}");
 }
 
@@ -185,16 +199,115 @@ fn two_ranks_train_a_model_of_smollm2_widths_as_one_process() {
     );
 }
 
+/// Online DPO: each rank pairs its own groups' answers; the loss averages over the
+/// pairs of all ranks. One-step problems and a longer warm start, so that groups hold
+/// right and wrong answers.
+#[test]
+fn two_ranks_train_online_dpo_as_one_process() {
+    one_equals_two_from(
+        "online dpo",
+        60,
+        &[
+            "--algorithm",
+            "dpo",
+            "--learning-rate",
+            "1e-3",
+            "--chain-steps",
+            "1",
+        ],
+    );
+}
+
+/// On-policy distillation: each rank scores its own samples with its copy of the
+/// teacher (here a random model of one layer, the student's vocabulary).
+#[test]
+fn two_ranks_train_on_policy_distillation_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2_widths(dir.path());
+    let teacher = dir.path().join("teacher");
+    let o = launch(1, &dir.path().join("cache"))
+        .args(["export", "--model"])
+        .arg(random_model(dir.path(), "teacher.json", 1))
+        .arg("--output-dir")
+        .arg(&teacher)
+        .output()
+        .unwrap();
+    ok(o, "exporting the teacher");
+    let teacher = teacher.display().to_string();
+    one_equals_two(
+        "on-policy distill",
+        &[
+            "--model",
+            &model,
+            "--learning-rate",
+            "1e-4",
+            "--algorithm",
+            "on-policy-distill",
+            "--teacher",
+            &teacher,
+        ],
+    );
+}
+
+/// `distill` on 2 ranks against one process: each rank takes half of every batch; the
+/// loss at every step and the weights after the last (the student's and the attention
+/// strategy's projection).
+#[test]
+fn two_ranks_run_distill_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = smollm2_widths(dir.path());
+    let run = |np: usize| -> PathBuf {
+        let out = dir.path().join(format!("distill-np{np}"));
+        let o = launch(np, &dir.path().join("cache"))
+            .args(["distill", "--teacher", &teacher, "--student-layers", "1"])
+            .args([
+                "--strategy",
+                "attention",
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+            ])
+            .args(["--num-samples", "32", "--save-every", "1"])
+            .args(["--weight-check-every", "1", "--eval-every", "0"])
+            .arg("--output-dir")
+            .arg(&out)
+            .output()
+            .unwrap();
+        ok(o, &format!("distill, {np} rank(s)"));
+        out
+    };
+    let (one, two) = (run(1), run(2));
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    assert_eq!((m1.len(), m2.len()), (3, 3));
+    for (a, b) in m1.iter().zip(&m2) {
+        for k in ["distill/loss", "distill/kl"] {
+            let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+            assert!(close(x, y, 1e-5), "step {}: {k} {x} vs {y}", a["step"]);
+        }
+    }
+    let d = max_diff(&weights(&one, 3), &weights(&two, 3));
+    eprintln!("distill: largest weight difference after 3 steps {d:.3e}");
+    assert!(d <= 1e-5, "distill: weights differ by {d}");
+}
+
 /// A model of SmolLM2-135M's widths and heads with 2 layers, and the small vocabulary
 /// of the tokenizer a random model is given.
 fn smollm2_widths(dir: &Path) -> String {
-    let cfg = dir.join("config.json");
+    random_model(dir, "config.json", 2)
+}
+
+/// A random model of SmolLM2-135M's widths with `layers` layers.
+fn random_model(dir: &Path, name: &str, layers: usize) -> String {
+    let cfg = dir.join(name);
     std::fs::write(
         &cfg,
-        r#"{"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
-            "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3,
+        format!(
+            r#"{{"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": {layers}, "num_attention_heads": 9, "num_key_value_heads": 3,
             "head_dim": 64, "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-            "tie_word_embeddings": true, "max_position_embeddings": 512}"#,
+            "tie_word_embeddings": true, "max_position_embeddings": 512}}"#
+        ),
     )
     .unwrap();
     format!("random:{}", cfg.display())
@@ -365,6 +478,7 @@ fn prompts_that_do_not_divide_over_the_ranks_are_an_error_naming_both() {
     let dir = tempfile::tempdir().unwrap();
     let o = launch(2, &dir.path().join("cache"))
         .args(COMMON)
+        .args(["--sft-steps", "4"])
         .args(["--steps", "1", "--prompts-per-step", "3", "--output-dir"])
         .arg(dir.path().join("run"))
         .output()
@@ -408,6 +522,8 @@ fn a_killed_rank_stops_the_run_and_its_checkpoint_resumes_exactly() {
         let mut a: Vec<String> = COMMON.iter().map(|s| s.to_string()).collect();
         a.extend(
             [
+                "--sft-steps",
+                "4",
                 "--steps",
                 steps,
                 "--prompts-per-step",

@@ -218,3 +218,113 @@ pub fn gemm_table(rows: &[GemmRow]) -> String {
     }
     s + &format!("\nbest rate seen (the normaliser): {best:.0} GFLOP/s\n")
 }
+
+/// One row of `cal-grpo bench qmatmul`: a training-shape product through the f32 weight
+/// and through the same weight held quantized ([`crate::qlinear::QLinear`]), both ways
+/// it computes: dequantized tile by tile into an f32 GEMM (`forward`, whole sequences)
+/// and candle's quantized matmul (`forward_decode`, decoding steps).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QMatmulRow {
+    pub shape: String,
+    /// `q4_0`, `q4_1` or `q8_0`.
+    pub format: String,
+    /// `forward` (`x · Wᵀ`) or `fwd+bwd` (the same and the input's gradient `dy · W`:
+    /// what a frozen base layer computes under LoRA).
+    pub pass: &'static str,
+    pub f32_ms: f64,
+    pub tiles_ms: f64,
+    pub qmatmul_ms: f64,
+    pub f32_gflops: f64,
+    pub tiles_gflops: f64,
+    pub qmatmul_gflops: f64,
+}
+
+/// QLoRA's base products against f32: for each shape (SmolLM2-135M's and Qwen2.5-7B's
+/// layer products, and SmolLM2's vocabulary head) and format, the f32 product
+/// (`ops::linear`, with the backward to the input alone, as for a frozen weight) and
+/// the quantized layer's two forwards (with the tile-by-tile dequantizing backward)
+/// take turns within each of `rounds` rounds (median of 3 calls per round).
+pub fn bench_qmatmul(
+    rounds: usize,
+    formats: &[candle_core::quantized::GgmlDType],
+) -> Result<Vec<QMatmulRow>> {
+    use crate::qlinear::QLinear;
+    let dev = Device::Cpu;
+    let time = |f: &dyn Fn() -> Result<()>| median_time(3, f);
+    let shapes = [
+        ("SmolLM2 gate/up", 2048, 576, 1536),
+        ("SmolLM2 down", 2048, 1536, 576),
+        ("SmolLM2 q/o", 2048, 576, 576),
+        ("SmolLM2 head", 512, 576, 49152),
+        ("Qwen2.5-7B gate/up", 128, 3584, 18944),
+        ("Qwen2.5-7B down", 128, 18944, 3584),
+    ];
+    let mut rows = Vec::new();
+    for (name, m, k, n) in shapes {
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev)?)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let up = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
+        for &fmt in formats {
+            let q = QLinear::quantize(&w, fmt, 256)?;
+            for pass in ["forward", "fwd+bwd"] {
+                // 0: f32, 1: dequantized tiles, 2: quantized matmul
+                let run = |side: usize| -> Result<()> {
+                    let y = match side {
+                        0 => crate::ops::linear(x.as_tensor(), &w, None)?,
+                        1 => q.forward(x.as_tensor())?,
+                        _ => q.forward_decode(x.as_tensor())?,
+                    };
+                    if pass == "fwd+bwd" {
+                        let g = (y * &up)?.sum_all()?.backward()?;
+                        anyhow::ensure!(g.get(&x).is_some());
+                    } else {
+                        anyhow::ensure!(y.dims() == [m, n]);
+                    }
+                    Ok(())
+                };
+                let mut t = [Vec::new(), Vec::new(), Vec::new()];
+                for _ in 0..rounds.max(1) {
+                    for (side, v) in t.iter_mut().enumerate() {
+                        v.push(time(&|| run(side))?);
+                    }
+                }
+                let products = if pass == "forward" { 1.0 } else { 2.0 };
+                let flops = products * 2.0 * (m * k * n) as f64;
+                let [a, b, c] = t.map(median);
+                rows.push(QMatmulRow {
+                    shape: format!("{name} [{m}, {k}] x [{k}, {n}]"),
+                    format: format!("{fmt:?}").to_lowercase(),
+                    pass,
+                    f32_ms: a * 1e3,
+                    tiles_ms: b * 1e3,
+                    qmatmul_ms: c * 1e3,
+                    f32_gflops: flops / a / 1e9,
+                    tiles_gflops: flops / b / 1e9,
+                    qmatmul_gflops: flops / c / 1e9,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+pub fn qmatmul_table(rows: &[QMatmulRow]) -> String {
+    let mut s = String::from(
+        "| product | format | pass | f32 ms | tiles ms | qmatmul ms | f32 GFLOP/s | tiles / f32 rate | qmatmul / f32 rate |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.0}% |\n",
+            r.shape,
+            r.format,
+            r.pass,
+            r.f32_ms,
+            r.tiles_ms,
+            r.qmatmul_ms,
+            r.f32_gflops,
+            100.0 * r.tiles_gflops / r.f32_gflops,
+            100.0 * r.qmatmul_gflops / r.f32_gflops
+        );
+    }
+    s
+}

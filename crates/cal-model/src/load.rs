@@ -5,7 +5,7 @@ use crate::config::ModelConfig;
 use crate::model::{Params, Transformer};
 use crate::tokenizer::{self, ChatTemplate, TokenizerBundle};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -415,10 +415,12 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     read_gguf(path, dtype, device, false)
 }
 
-/// [`load_gguf`] with the decoder layers' linear weights held as the file's own
-/// quantized blocks (QLoRA's `keep`), never dequantized: the embedding, norms and LM
-/// head are dequantized as usual. A permuted q/k projection is held with its rows put
-/// back in order, block rows copied.
+/// [`load_gguf`] with the frozen base held as the file's own quantized blocks (QLoRA's
+/// `keep`), never dequantized: the decoder layers' linear weights, the embedding and
+/// the LM head. Only the norms (and biases) are dequantized. A permuted q/k projection
+/// is held with its rows put back in order, block rows copied; a vocabulary matrix in
+/// a format the quantized matmul cannot take (f16, or rows not a whole number of block
+/// pairs) is requantized to 8 bits instead.
 pub fn load_gguf_keep(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     read_gguf(path, dtype, device, true)
 }
@@ -448,6 +450,24 @@ fn read_gguf(path: &Path, dtype: DType, device: &Device, keep: bool) -> Result<L
             (true, n) if n.ends_with("k_proj.weight") => Some(cfg.num_key_value_heads),
             _ => None,
         };
+        // the vocabulary matrices: kept as they are when the quantized matmul takes
+        // their format, else requantized to 8 bits one tensor at a time
+        if keep && !hf.starts_with("model.layers.") && crate::model::quantizable(&hf) {
+            let (_, inp) = q.shape().dims2()?;
+            let fmt = q.dtype();
+            let direct = !matches!(fmt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+                && inp % (2 * fmt.block_size()) == 0;
+            let ql = if direct {
+                let rows: Vec<usize> = (0..q.shape().dims2()?.0).collect();
+                crate::qlinear::QLinear::from_rows(&q, &rows, 256)
+            } else {
+                let w = q.dequantize(device)?;
+                crate::qlinear::QLinear::quantize(&w, crate::model::VOCAB_FORMAT, 256)
+            }
+            .with_context(|| format!("{label}: {name} kept quantized"))?;
+            quantized.insert(hf, ql);
+            continue;
+        }
         if keep && hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") {
             let (out, _) = q.shape().dims2()?;
             // the row order unpermute_qk gives, read off a column of row indices
@@ -678,7 +698,7 @@ mod tests {
         edit(&mut md);
         let emb = QTensor::quantize(
             &Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
-            candle_core::quantized::GgmlDType::F32,
+            GgmlDType::F32,
         )
         .unwrap();
         let tensors: Vec<(&str, &QTensor)> = if with_embedding {

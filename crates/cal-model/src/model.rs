@@ -22,6 +22,24 @@ use std::collections::BTreeMap;
 /// Name → tensor, with Hugging Face names.
 pub type Params = BTreeMap<String, Tensor>;
 
+/// The token embedding's name (also the output projection of a tied model).
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// An untied model's output projection.
+pub const HEAD: &str = "lm_head.weight";
+
+/// The format QLoRA holds the vocabulary matrices in when it quantizes a base: 8 bits
+/// whatever the layers get, as llama.cpp's own 4-bit files hold SmolLM2's embedding
+/// (the head's errors reach every token's log-probability directly).
+pub const VOCAB_FORMAT: GgmlDType = GgmlDType::Q8_0;
+
+/// Whether `name` is a frozen base weight QLoRA holds quantized: a decoder layer's
+/// linear weight or a vocabulary matrix.
+pub fn quantizable(name: &str) -> bool {
+    (name.starts_with("model.layers.") && name.ends_with("_proj.weight"))
+        || name == EMBED
+        || name == HEAD
+}
+
 /// LoRA settings. Adapter tensors are `<module>.lora_A` `[r, in]` and
 /// `<module>.lora_B` `[out, r]`; `B` starts at zero so a fresh adapter is a no-op.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -122,10 +140,11 @@ impl Transformer {
         quantized: BTreeMap<String, QLinear>,
         device: &Device,
     ) -> Result<Self> {
+        // the final norm is never quantized, so it carries the parameters' dtype
         let dtype = params
-            .get("model.embed_tokens.weight")
+            .get("model.norm.weight")
             .map(|t| t.dtype())
-            .ok_or_else(|| anyhow::anyhow!("missing tensor model.embed_tokens.weight"))?;
+            .ok_or_else(|| anyhow::anyhow!("missing tensor model.norm.weight"))?;
         for (name, shape) in expected_shapes(&cfg) {
             if let Some(q) = quantized.get(&name) {
                 let (o, i) = q.dims();
@@ -205,8 +224,12 @@ impl Transformer {
             } else {
                 Tensor::from_vec(normal_vec(&mut rng, n, 0.02), shape.as_slice(), device)?
             };
-            let layer_linear = name.starts_with("model.layers.") && name.ends_with("_proj.weight");
-            if let (Some(q), true) = (q, layer_linear) {
+            if let (Some(q), true) = (q, quantizable(&name)) {
+                let q = if name.starts_with("model.layers.") {
+                    q
+                } else {
+                    VOCAB_FORMAT
+                };
                 let ql =
                     QLinear::quantize(&t, q, 256).with_context(|| format!("quantizing {name}"))?;
                 quantized.insert(name, ql);
@@ -288,22 +311,27 @@ impl Transformer {
     }
 
     /// QLoRA's base: every decoder layer's linear weight (`*_proj.weight`) is quantized
-    /// to `dtype` and dropped from `params`, so the frozen base is never held in f32
-    /// again; norms, embeddings, biases and adapters stay as they are. Returns the bytes
-    /// the quantized weights take. Call before adapters are attached or anything is
-    /// made trainable (quantized weights are frozen).
+    /// to `dtype`, and the embedding and LM head to [`VOCAB_FORMAT`], each dropped from
+    /// `params`, so the frozen base is never held in f32 again; norms, biases and
+    /// adapters stay as they are. Returns the bytes the quantized weights take. Call
+    /// before adapters are attached or anything is made trainable (quantized weights
+    /// are frozen).
     pub fn quantize_base(&mut self, dtype: GgmlDType) -> Result<usize> {
         let names: Vec<String> = self
             .params
             .keys()
-            .filter(|k| k.starts_with("model.layers.") && k.ends_with("_proj.weight"))
+            .filter(|k| quantizable(k))
             .cloned()
             .collect();
         let mut bytes = 0;
         for name in names {
             let w = self.params.remove(&name).expect("listed above");
-            let q =
-                QLinear::quantize(&w, dtype, 256).with_context(|| format!("quantizing {name}"))?;
+            let q = if name.starts_with("model.layers.") {
+                dtype
+            } else {
+                VOCAB_FORMAT
+            };
+            let q = QLinear::quantize(&w, q, 256).with_context(|| format!("quantizing {name}"))?;
             bytes += q.storage_bytes();
             self.quantized.insert(name, q);
         }
@@ -413,7 +441,11 @@ impl Transformer {
         let bias = self.p_opt(&format!("{module}.bias"))?;
         let y = match self.quantized.get(&name) {
             Some(q) => {
-                let y = q.forward(x)?;
+                let y = if decode {
+                    q.forward_decode(x)?
+                } else {
+                    q.forward(x)?
+                };
                 match &bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -525,8 +557,12 @@ impl Transformer {
 
     /// Token embeddings of `ids` (any shape) as `[ids.elem_count(), H]`.
     pub(crate) fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        self.p("model.embed_tokens.weight")?
-            .embedding(&ids.flatten_all()?)
+        match self.quantized.get(EMBED) {
+            Some(q) => q
+                .rows(&ids.flatten_all()?.to_vec1::<u32>()?, &self.device)?
+                .to_dtype(self.dtype),
+            None => self.p(EMBED)?.embedding(&ids.flatten_all()?),
+        }
     }
 
     /// Decoder layer `l` of one forward pass.
@@ -647,25 +683,31 @@ impl Transformer {
         ))
     }
 
-    /// The output projection: `lm_head`, or the embedding when tied.
-    fn lm_head(&self) -> candle_core::Result<Tensor> {
+    /// The output projection's name: `lm_head`, or the embedding when tied.
+    fn head_name(&self) -> &'static str {
         if self.cfg.tie_word_embeddings {
-            self.p("model.embed_tokens.weight")
+            EMBED
         } else {
-            self.p("lm_head.weight")
+            HEAD
         }
     }
 
     /// Vocabulary logits of hidden states `[..., H]`.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(hidden, &self.lm_head()?, None)
+        match self.quantized.get(self.head_name()) {
+            Some(q) => q.forward(hidden),
+            None => ops::linear(hidden, &self.p(self.head_name())?, None),
+        }
     }
 
     /// Logits of one decoding step's hidden states `[B, H]`: the vocabulary product is
     /// the largest of the step, so it takes [`ops::linear_decode`] (which keeps gemm for
     /// anything that records a gradient).
     pub fn decode_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear_decode(hidden, &self.lm_head()?, None)
+        match self.quantized.get(self.head_name()) {
+            Some(q) => q.forward_decode(hidden),
+            None => ops::linear_decode(hidden, &self.p(self.head_name())?, None),
+        }
     }
 
     /// Full inference forward: logits `[B, T, V]` of a right- or left-padded batch.

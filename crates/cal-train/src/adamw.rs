@@ -111,6 +111,31 @@ impl AdamW {
         vec![None; self.vars.len()]
     }
 
+    /// Data parallel: sums `acc` over the ranks, in place. A gradient some ranks lack
+    /// counts as zeros there (candle prunes a branch multiplied by zero, which is what a
+    /// rank's loss with nothing to learn from is); one that no rank has stays absent,
+    /// as in one process.
+    pub fn all_reduce(
+        &self,
+        c: &dyn crate::collective::Collective,
+        acc: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        if c.world() == 1 {
+            return Ok(());
+        }
+        let mut present: Vec<f64> = acc
+            .iter()
+            .map(|g| f64::from(u8::from(g.is_some())))
+            .collect();
+        c.all_reduce_sum_f64(&mut present)?;
+        for ((slot, (_, var)), n) in acc.iter_mut().zip(&self.vars).zip(&present) {
+            if slot.is_none() && *n > 0.0 {
+                *slot = Some(var.as_tensor().zeros_like()?);
+            }
+        }
+        crate::collective::reduce_gradients(c, acc)
+    }
+
     /// Adds the gradients of one micro-batch to `acc`.
     pub fn accumulate(&self, acc: &mut [Option<Tensor>], grads: &GradStore) -> Result<()> {
         for (slot, (_, var)) in acc.iter_mut().zip(&self.vars) {

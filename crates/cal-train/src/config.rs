@@ -141,9 +141,10 @@ pub struct ModelSection {
     pub name: String,
     pub device: DeviceSpec,
     pub dtype: DTypeSpec,
-    /// QLoRA: the decoder layers' linear weights held quantized under the LoRA
-    /// adapters (`none`: the base in the model's dtype; `keep`: a .gguf file's own
-    /// blocks, never dequantized).
+    /// QLoRA: the frozen base held quantized under the LoRA adapters: the decoder
+    /// layers' linear weights in this format, the embedding and head in Q8_0 (`none`:
+    /// the base in the model's dtype; `keep`: a .gguf file's own blocks, never
+    /// dequantized).
     pub quantize_base: QuantizeBase,
     pub lora: LoraSection,
     pub tiny: TinySection,

@@ -12,9 +12,7 @@
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::checkpoint::DataOrder;
-use crate::collective::{
-    any_rank, check_weights, divides_over, reduce_gradients, share, Collective, SingleProcess,
-};
+use crate::collective::{any_rank, check_weights, divides_over, share, Collective, SingleProcess};
 use crate::config::RunConfig;
 use crate::log::{Progress, RunLogs};
 use crate::metrics::Metrics;
@@ -454,7 +452,7 @@ impl DpoLoop {
         let mut rewards = reward_metrics(&chosen_r, &rejected_r);
         let w = ranks.world();
         if w > 1 {
-            reduce_gradients(ranks.as_ref(), &mut acc)?;
+            self.opt.all_reduce(ranks.as_ref(), &mut acc)?;
             // sums of the ranks' parts; the reward metrics are means over equal shares
             let mut v = [loss, logps_c, logps_r];
             ranks.all_reduce_sum_f64(&mut v)?;

@@ -97,6 +97,7 @@ fn merge_rule(key: &str) -> Merge {
         "perf/padded_tokens",
         "perf/tokens_per_second",
         "dpo/pairs",
+        "dpo/groups_",
     ];
     if key == "oracle/latency_ms" {
         Merge::Mean
@@ -129,6 +130,17 @@ pub fn merge_metrics(parts: &[Metrics]) -> Metrics {
             Merge::Mean => vals.iter().sum::<f64>() / vals.len() as f64,
         };
         out.insert(k.clone(), v);
+    }
+    // online DPO's per-pair means (`rewards/*`, `logps/*`): weighted by each rank's pairs
+    let weighted = |k: &str| k.starts_with("rewards/") || k.starts_with("logps/");
+    for (k, v) in out.iter_mut().filter(|(k, _)| weighted(k)) {
+        let (sum, n) = parts
+            .iter()
+            .filter_map(|m| Some((m.get(k)?, m.get("dpo/pairs")?)))
+            .fold((0.0, 0.0), |(s, n), (x, w)| (s + x * w, n + w));
+        if n > 0.0 {
+            *v = sum / n;
+        }
     }
     // the spread of the rewards over the whole step (equal shares): the mean over the
     // ranks of each one's second moment, less the square of the whole mean
@@ -206,5 +218,14 @@ mod merge_tests {
         let b = m(&[("reward/mean", 1.0), ("reward/std", 0.0)]);
         let got = merge_metrics(&[a, b]);
         assert!((got["reward/std"] - 3f64.sqrt() / 4.0).abs() < 1e-12);
+        // online DPO: 3 pairs with margin 1 on one rank, 1 pair with margin 5 on the
+        // other: the step's mean margin is 2, its pair count 4
+        let a = m(&[("dpo/pairs", 3.0), ("rewards/margins", 1.0)]);
+        let b = m(&[("dpo/pairs", 1.0), ("rewards/margins", 5.0)]);
+        let c = m(&[("dpo/pairs", 0.0), ("dpo/groups_all_wrong", 2.0)]);
+        let got = merge_metrics(&[a, b, c]);
+        assert_eq!(got["rewards/margins"], 2.0);
+        assert_eq!(got["dpo/pairs"], 4.0);
+        assert_eq!(got["dpo/groups_all_wrong"], 2.0);
     }
 }

@@ -7,7 +7,7 @@
 //! full-batch gradient, so `micro_batch` changes memory, not the update.
 
 use crate::adamw::AdamW;
-use crate::collective::{any_rank, reduce_gradients, Collective};
+use crate::collective::{any_rank, Collective};
 use crate::config::RunConfig;
 use crate::loss::{micro_batch_weight, policy_loss, LossConfig, LossOutput};
 use crate::policy::Policy;
@@ -561,7 +561,7 @@ pub fn update(
             break;
         }
         // the reduce point: the global gradient, before its norm is taken and clipped
-        reduce_gradients(collective, &mut acc)?;
+        opt.all_reduce(collective, &mut acc)?;
         if collective.world() > 1 {
             let mut sums = [loss, kl, clip, ent];
             collective.all_reduce_sum_f64(&mut sums)?;

@@ -3,9 +3,7 @@
 
 use crate::adamw::{lr_at, AdamW, OptimConfig};
 use crate::checkpoint::DataOrder;
-use crate::collective::{
-    any_rank, check_weights, divides_over, reduce_gradients, share, Collective, SingleProcess,
-};
+use crate::collective::{any_rank, check_weights, divides_over, share, Collective, SingleProcess};
 use crate::config::RunConfig;
 use crate::evaluate::{evaluate, held_out_metrics, EvalConfig};
 use crate::log::{Progress, RunLogs};
@@ -258,7 +256,7 @@ impl SftLoop {
             }
         }
         if c.world() > 1 {
-            reduce_gradients(c.as_ref(), &mut acc)?;
+            self.opt.all_reduce(c.as_ref(), &mut acc)?;
             // the loss and the objective's metrics are each rank's part of the
             // batch's: summed (every rank logs the same keys)
             let mut v: Vec<f64> = std::iter::once(lv)

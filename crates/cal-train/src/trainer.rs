@@ -116,16 +116,6 @@ impl Trainer {
         if world > 1 {
             // each rank takes an equal share of whole groups
             divides_over("--prompts-per-step", cfg.rollout.prompts_per_step, world)?;
-            use crate::config::AlgorithmKind;
-            if matches!(
-                cfg.run.algorithm,
-                AlgorithmKind::Dpo | AlgorithmKind::OnPolicyDistill
-            ) {
-                bail!(
-                    "--algorithm {} does not run data parallel yet (grpo and ppo do)",
-                    cfg.run.algorithm.name()
-                );
-            }
             if cfg.rollout.engine != crate::config::RolloutEngine::Local {
                 bail!(
                     "data parallel training samples locally on each rank (rollout.engine = local)"

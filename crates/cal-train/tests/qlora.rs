@@ -1,6 +1,6 @@
 //! QLoRA: LoRA over a base held quantized. The adapters' gradients through the
-//! quantized base equal those through the same base dequantized to f32, within the
-//! forward's 8-bit activation rounding; a quantized run resumes to the same bits.
+//! quantized base equal those through the same base dequantized to f32 (the training
+//! forward multiplies by dequantized tiles); a quantized run resumes to the same bits.
 
 mod common;
 
@@ -70,9 +70,13 @@ fn adapter_gradients_through_a_quantized_base_match_the_dequantized_base() {
                 .model
                 .params
                 .keys()
-                .all(|k| !k.ends_with("_proj.weight")),
+                .all(|k| !k.ends_with("_proj.weight") && k != "model.embed_tokens.weight"),
             "{q:?}: an f32 copy of the base is still held"
         );
+        assert!(quantized
+            .model
+            .quantized
+            .contains_key("model.embed_tokens.weight"));
         cfg.model.quantize_base = QuantizeBase::None;
         let gf = adapter_grads(&mut plain, &cfg);
         assert_eq!(gq.len(), gf.len());
@@ -88,9 +92,10 @@ fn adapter_gradients_through_a_quantized_base_match_the_dequantized_base() {
                     .unwrap()
             };
             let rel = norm(&(a - b).unwrap()) / norm(b).max(1e-12);
-            // Q8_0 activations in the product: about 1% of a gradient's norm
+            // the training forward multiplies by the dequantized tiles in f32: equal
+            // but for the order of the sums
             assert!(
-                rel < 0.05,
+                rel < 1e-4,
                 "{q:?} {name}: gradients differ by {rel:.4} (relative)"
             );
         }
@@ -193,7 +198,8 @@ fn a_random_base_drawn_quantized_is_the_random_base_quantized() {
     after.quantize_base(q).unwrap();
     let keys = |m: &cal_model::Transformer| m.quantized.keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&drawn), keys(&after));
-    assert_eq!(drawn.quantized.len(), 2 * 7);
+    // every layer's seven projections, the embedding and the untied head
+    assert_eq!(drawn.quantized.len(), 2 * 7 + 2);
     for (name, ql) in &drawn.quantized {
         let (a, b) = (
             ql.dequantize().unwrap(),

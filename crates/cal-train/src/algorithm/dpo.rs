@@ -70,8 +70,10 @@ pub fn pair_rows(
 pub struct Dpo {
     loss: PrefLoss,
     beta: f64,
-    /// The current step's pairs and how many there are in all (the loss's mean).
+    /// The current step's pairs (this rank's share).
     pairs: Vec<RowPair>,
+    /// The step's pairs and their chosen tokens over all ranks: the loss's means.
+    totals: [f64; 2],
     stats: Stats,
 }
 
@@ -89,6 +91,7 @@ impl Dpo {
             loss: cfg.dpo.loss,
             beta: cfg.dpo.beta,
             pairs: Vec::new(),
+            totals: [0.0; 2],
             stats: Stats::default(),
         }
     }
@@ -158,8 +161,7 @@ impl Loss for Dpo {
             .to_dtype(DType::F64)?
             .clamp(1.0, f64::INFINITY)?;
         let (nc, nr) = split(&counts)?;
-        let pairs_total = self.pairs.len() as f64;
-        let chosen_tokens: f64 = self.pairs.iter().map(|p| p.chosen_span.len() as f64).sum();
+        let [pairs_total, chosen_tokens] = self.totals;
         let out = preference_loss(
             self.loss,
             self.beta,
@@ -203,6 +205,15 @@ impl Algorithm for Dpo {
         let (pairs, all_wrong, all_right) =
             pair_rows(&s.graded.correct, &lens, r.group, &s.spans.spans);
         self.pairs = pairs;
+        // on several ranks each holds some of the step's groups: the loss averages
+        // over all of their pairs
+        self.totals = [
+            self.pairs.len() as f64,
+            self.pairs.iter().map(|p| p.chosen_span.len() as f64).sum(),
+        ];
+        if s.collective.world() > 1 {
+            s.collective.all_reduce_sum_f64(&mut self.totals)?;
+        }
         self.stats = Stats {
             all_wrong,
             all_right,
