@@ -4,7 +4,7 @@
 # 3 SFT steps of 4 problems, LoRA rank 16 on q,k,v,o; each run's peak resident memory
 # (/usr/bin/time, load and export included) and its step times. STEP=grpo times GRPO
 # steps instead: 2 steps of 1 prompt x 8 generations of up to 96 new tokens (generation,
-# the reference pass and the update all on the base as held), no evaluation.
+# the reference pass and the update all on the base as held), one held-out problem.
 #
 #   bash bench/qlora_mem.sh [ROUNDS=2] [DATASET=runs/real-model-study/data/sft.jsonl]
 #   STEP=grpo bash bench/qlora_mem.sh 2 runs/real-model-study/data/rl.jsonl
@@ -20,7 +20,7 @@ for r in $(seq 1 "$rounds"); do
     dir=$(mktemp -d /tmp/qlora-mem.XXXX)
     if [ "${STEP:-sft}" = grpo ]; then
       step=(train --steps 2 --prompts-per-step 1 --num-generations 8 --max-new-tokens 96
-        --eval-samples 0)
+        --eval-samples 1)
     else
       step=(sft --steps 3 --batch-size 4)
     fi

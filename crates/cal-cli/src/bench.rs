@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// (`on`), or prefill every row (`off`).
     #[arg(long, value_enum, default_value = "off")]
     pub shared_prefix: cal_train::config::Switch,
+    /// `qmatmul`: only the products whose name contains this (e.g. `decode`, `7B`).
+    #[arg(long, default_value = "")]
+    pub only: String,
     #[command(flatten)]
     pub placement: crate::config::PlacementFlags,
 }
@@ -71,7 +74,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         "kernels" => bench_kernels(repeats),
         "gemm" => bench_gemm(repeats),
-        "qmatmul" => bench_qmatmul(repeats),
+        "qmatmul" => bench_qmatmul(repeats, &args.only),
         "step" => {
             let m = model.first().map_or("tiny", String::as_str);
             bench_step(m, placement, repeats, args.seq)
@@ -120,11 +123,11 @@ fn bench_kernels(rounds: usize) -> Result<()> {
     Ok(())
 }
 
-fn bench_qmatmul(rounds: usize) -> Result<()> {
+fn bench_qmatmul(rounds: usize, only: &str) -> Result<()> {
     use candle_core::quantized::GgmlDType;
     let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let formats = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
-    let rows = cal_model::bench::bench_qmatmul(rounds, &formats)?;
+    let rows = cal_model::bench::bench_qmatmul(rounds, &formats, only)?;
     print!("{}", cal_model::bench::qmatmul_table(&rows));
     println!(
         "medians of {rounds} alternating rounds (3 calls each); {} threads; load average before: {}, after: {}",

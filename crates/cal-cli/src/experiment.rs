@@ -121,6 +121,7 @@ pub fn run(args: &ExperimentArgs, ranks: Arc<dyn Collective>) -> Result<()> {
     }
     // rollouts on vLLM without a URL: one server of our own for every arm (each arm's
     // adapters have names of their own), stopped when the experiment ends
+    server::refuse_own_server_on_ranks(&cfg, ranks.world())?;
     let server = match server::wanted(&cfg) {
         true => server::serve_if_needed(&mut cfg, &source.fresh()?, &out.join("vllm"))?,
         false => None,

@@ -70,6 +70,7 @@ pub fn run(args: &TrainArgs, ranks: Arc<dyn Collective>) -> Result<()> {
         source.fresh()?
     };
     // rollouts on vLLM without a URL: a server of our own, stopped when this returns
+    cal_train::engine::server::refuse_own_server_on_ranks(&cfg, ranks.world())?;
     let server = serve_if_needed(&mut cfg, &policy, &out.with_extension("vllm"))?;
     let mut trainer = Trainer::new_on(cfg, policy, train, args.start(), ranks)?
         .with_held_out(test.clone(), eval.clone());

@@ -447,3 +447,120 @@ fn experiment_arms_share_one_managed_server() {
     assert!(exp.join("summary.md").exists());
     assert!(processes_with(&exp.join("vllm/base")).is_empty());
 }
+
+/// Data parallel on shared servers: `mpirun -np 2 cal-grpo train` with LoRA rollouts on
+/// one vLLM server against one process on the same server. Rank 0 alone loads each
+/// step's adapter; both ranks' requests name it, and every rank's check of the served
+/// weights passes. With per-group request seeds the first step's samples are the same
+/// as one process's (both from the same start), and the runs end close.
+#[cfg(feature = "mpi")]
+#[test]
+#[ignore = "needs vLLM (bash scripts/install-vllm.sh) and mpirun"]
+fn two_ranks_share_vllm_servers_and_match_one_process() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let python = vllm_python();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let base_run = dir.path().join("base");
+    let out = bin()
+        .env("CAL_GRPO_CACHE", &cache)
+        .arg("train")
+        .args(QUICK)
+        .args(["--steps", "0", "--eval-samples", "2", "--output-dir"])
+        .arg(&base_run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base = base_run.join("model");
+    let [port, _] = free_ports();
+    let mut server = Server::start(&python, &base, port, dir.path().join("server.log"));
+    server.wait_ready(Duration::from_secs(600));
+    let run = |np: usize| -> PathBuf {
+        let out_dir = dir.path().join(format!("np{np}"));
+        let mut cmd = if np == 1 {
+            bin()
+        } else {
+            let mut c = Command::new("mpirun");
+            c.args(["-np", &np.to_string(), "--oversubscribe"])
+                .args(["--mca", "btl", "self,vader,tcp"])
+                .arg(env!("CARGO_BIN_EXE_cal-grpo"));
+            c
+        };
+        let o = cmd
+            .env("CAL_GRPO_CACHE", &cache)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+            .args(["train", "--model"])
+            .arg(&base)
+            .args(["--lora-rank", "4", "--learning-rate", "1e-3"])
+            .args(["--rollout-engine", "vllm", "--rollout-url", &server.url()])
+            .args([
+                "--rollout-seeds",
+                "group",
+                "--steps",
+                "2",
+                "--save-every",
+                "1",
+            ])
+            .args(SMALL)
+            .args(["--weight-check-every", "1", "--output-dir"])
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{np} rank(s): {err}");
+        if np > 1 {
+            assert!(
+                err.contains("data parallel: 2 ranks, 2 prompts each"),
+                "{err}"
+            );
+        }
+        out_dir
+    };
+    let (one, two) = (run(1), run(2));
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    assert_eq!((m1.len(), m2.len()), (2, 2));
+    // step 1: the same start and the same per-group seeds, so the same samples
+    for k in ["reward/accuracy", "completion/mean_length"] {
+        assert_eq!(m1[0][k], m2[0][k], "step 1: {k}");
+    }
+    for (a, b) in m1.iter().zip(&m2) {
+        // every step's sync was checked on every rank against the trainer's log-probs
+        let d = b["rollout/sync_logprob_diff"].as_f64().unwrap();
+        assert!(d < 1e-3, "2 ranks, served vs trainer after a sync: {d}");
+        let (x, y) = (
+            a["loss/total"].as_f64().unwrap(),
+            b["loss/total"].as_f64().unwrap(),
+        );
+        if a["step"] == 1 {
+            assert!(
+                (x - y).abs() <= 1e-3 * x.abs().max(1e-3),
+                "step 1 loss {x} vs {y}"
+            );
+        }
+    }
+    assert!(server.models().unwrap().contains("-step-2\""));
+    // one server of the user's: each rank starting its own is refused, naming the flag
+    let o = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe"])
+        .arg(env!("CARGO_BIN_EXE_cal-grpo"))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("CAL_GRPO_CACHE", &cache)
+        .args(["train", "--model"])
+        .arg(&base)
+        .args(["--rollout-engine", "vllm", "--steps", "1", "--output-dir"])
+        .arg(dir.path().join("refused"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--rollout-url"),
+        "{err}"
+    );
+}

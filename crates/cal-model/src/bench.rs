@@ -219,10 +219,10 @@ pub fn gemm_table(rows: &[GemmRow]) -> String {
     s + &format!("\nbest rate seen (the normaliser): {best:.0} GFLOP/s\n")
 }
 
-/// One row of `cal-grpo bench qmatmul`: a training-shape product through the f32 weight
-/// and through the same weight held quantized ([`crate::qlinear::QLinear`]), both ways
-/// it computes: dequantized tile by tile into an f32 GEMM (`forward`, whole sequences)
-/// and candle's quantized matmul (`forward_decode`, decoding steps).
+/// One row of `cal-grpo bench qmatmul`: a product through the f32 weight and through
+/// the same weight held quantized ([`crate::qlinear::QLinear`]), both ways it computes:
+/// dequantized tile by tile into an f32 GEMM (`forward`, whole sequences) and the row
+/// kernel (`forward_decode`, decoding steps; forward only).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QMatmulRow {
     pub shape: String,
@@ -233,20 +233,22 @@ pub struct QMatmulRow {
     pub pass: &'static str,
     pub f32_ms: f64,
     pub tiles_ms: f64,
-    pub qmatmul_ms: f64,
+    /// The row kernel; NaN for `fwd+bwd`.
+    pub rows_ms: f64,
     pub f32_gflops: f64,
     pub tiles_gflops: f64,
-    pub qmatmul_gflops: f64,
+    pub rows_gflops: f64,
 }
 
 /// QLoRA's base products against f32: for each shape (SmolLM2-135M's and Qwen2.5-7B's
-/// layer products, and SmolLM2's vocabulary head) and format, the f32 product
+/// layer products, SmolLM2's vocabulary head, and two decoding steps of 8 rows) and format, the f32 product
 /// (`ops::linear`, with the backward to the input alone, as for a frozen weight) and
 /// the quantized layer's two forwards (with the tile-by-tile dequantizing backward)
 /// take turns within each of `rounds` rounds (median of 3 calls per round).
 pub fn bench_qmatmul(
     rounds: usize,
     formats: &[candle_core::quantized::GgmlDType],
+    only: &str,
 ) -> Result<Vec<QMatmulRow>> {
     use crate::qlinear::QLinear;
     let dev = Device::Cpu;
@@ -258,22 +260,37 @@ pub fn bench_qmatmul(
         ("SmolLM2 head", 512, 576, 49152),
         ("Qwen2.5-7B gate/up", 128, 3584, 18944),
         ("Qwen2.5-7B down", 128, 18944, 3584),
+        // decoding steps: a row per sequence, forward only (f32 through `linear_decode`)
+        ("decode: SmolLM2 gate/up", 8, 576, 1536),
+        ("decode: SmolLM2 head", 8, 576, 49152),
     ];
     let mut rows = Vec::new();
-    for (name, m, k, n) in shapes {
+    for (name, m, k, n) in shapes.into_iter().filter(|s| s.0.contains(only)) {
+        let decode = name.starts_with("decode");
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev)?)?;
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let up = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
         for &fmt in formats {
             let q = QLinear::quantize(&w, fmt, 256)?;
-            for pass in ["forward", "fwd+bwd"] {
+            let passes: &[&'static str] = if decode {
+                &["forward"]
+            } else {
+                &["forward", "fwd+bwd"]
+            };
+            for &pass in passes {
                 // 0: f32, 1: dequantized tiles, 2: quantized matmul
                 let run = |side: usize| -> Result<()> {
                     let y = match side {
+                        0 if decode => {
+                            crate::ops::linear_decode(&x.as_tensor().detach(), &w, None)?
+                        }
                         0 => crate::ops::linear(x.as_tensor(), &w, None)?,
                         1 => q.forward(x.as_tensor())?,
-                        _ => q.forward_decode(x.as_tensor())?,
+                        _ => q.forward_decode(&x.as_tensor().detach())?,
                     };
+                    if side == 2 {
+                        return Ok(()); // the row kernel: forward only (decoding)
+                    }
                     if pass == "fwd+bwd" {
                         let g = (y * &up)?.sum_all()?.backward()?;
                         anyhow::ensure!(g.get(&x).is_some());
@@ -283,10 +300,14 @@ pub fn bench_qmatmul(
                     Ok(())
                 };
                 let mut t = [Vec::new(), Vec::new(), Vec::new()];
+                let sides = if pass == "forward" { 3 } else { 2 };
                 for _ in 0..rounds.max(1) {
-                    for (side, v) in t.iter_mut().enumerate() {
+                    for (side, v) in t.iter_mut().enumerate().take(sides) {
                         v.push(time(&|| run(side))?);
                     }
+                }
+                if sides == 2 {
+                    t[2].push(f64::NAN);
                 }
                 let products = if pass == "forward" { 1.0 } else { 2.0 };
                 let flops = products * 2.0 * (m * k * n) as f64;
@@ -297,10 +318,10 @@ pub fn bench_qmatmul(
                     pass,
                     f32_ms: a * 1e3,
                     tiles_ms: b * 1e3,
-                    qmatmul_ms: c * 1e3,
+                    rows_ms: c * 1e3,
                     f32_gflops: flops / a / 1e9,
                     tiles_gflops: flops / b / 1e9,
-                    qmatmul_gflops: flops / c / 1e9,
+                    rows_gflops: flops / c / 1e9,
                 });
             }
         }
@@ -310,20 +331,28 @@ pub fn bench_qmatmul(
 
 pub fn qmatmul_table(rows: &[QMatmulRow]) -> String {
     let mut s = String::from(
-        "| product | format | pass | f32 ms | tiles ms | qmatmul ms | f32 GFLOP/s | tiles / f32 rate | qmatmul / f32 rate |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| product | format | pass | f32 ms | tiles ms | row kernel ms | f32 GFLOP/s | tiles / f32 rate | row kernel / f32 rate |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
+        let (rows_ms, rows_rate) = if r.rows_ms.is_nan() {
+            ("–".to_string(), "–".to_string())
+        } else {
+            (
+                format!("{:.1}", r.rows_ms),
+                format!("{:.0}%", 100.0 * r.rows_gflops / r.f32_gflops),
+            )
+        };
         s += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.0}% |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {:.0} | {:.0}% | {} |\n",
             r.shape,
             r.format,
             r.pass,
             r.f32_ms,
             r.tiles_ms,
-            r.qmatmul_ms,
+            rows_ms,
             r.f32_gflops,
             100.0 * r.tiles_gflops / r.f32_gflops,
-            100.0 * r.qmatmul_gflops / r.f32_gflops
+            rows_rate
         );
     }
     s

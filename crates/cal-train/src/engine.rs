@@ -176,7 +176,8 @@ impl RolloutBackend for Local {
 /// The engine `cfg.rollout.engine` names, started for `policy` at `step` (a served one
 /// gets the weights and is checked; `probe_example` gives its fixed completion). `tag`
 /// names this run's weights on a shared server; `out_dir` holds its sync folder unless
-/// `rollout.sync-dir` says otherwise.
+/// `rollout.sync-dir` says otherwise. Data-parallel `ranks` share the servers: rank 0
+/// syncs them.
 pub fn build(
     cfg: &RolloutConfig,
     policy: &Policy,
@@ -185,6 +186,7 @@ pub fn build(
     tag: &str,
     out_dir: &Path,
     rt: &tokio::runtime::Runtime,
+    ranks: std::sync::Arc<dyn crate::collective::Collective>,
 ) -> Result<Box<dyn RolloutBackend>> {
     Ok(match cfg.engine {
         RolloutEngine::Local => Box::new(Local),
@@ -199,6 +201,7 @@ pub fn build(
                 probe,
                 step,
                 rt.handle().clone(),
+                ranks,
             )?)
         }
     })

@@ -116,11 +116,7 @@ impl Trainer {
         if world > 1 {
             // each rank takes an equal share of whole groups
             divides_over("--prompts-per-step", cfg.rollout.prompts_per_step, world)?;
-            if cfg.rollout.engine != crate::config::RolloutEngine::Local {
-                bail!(
-                    "data parallel training samples locally on each rank (rollout.engine = local)"
-                );
-            }
+            crate::engine::server::refuse_own_server_on_ranks(&cfg, world)?;
             if cfg.rollout.seeds == SampleSeeds::Step {
                 // the samples of a group must not depend on which rank draws them
                 cfg.rollout.seeds = SampleSeeds::Group;
@@ -185,7 +181,16 @@ impl Trainer {
         };
         // a served engine starts from the trainer's weights (a resumed run's included)
         let tag = format!("{}-seed{}", cfg.kind(), cfg.run.seed);
-        let engine = engine::build(&cfg.rollout, &policy, &data[0], step, &tag, &out_dir, &rt)?;
+        let engine = engine::build(
+            &cfg.rollout,
+            &policy,
+            &data[0],
+            step,
+            &tag,
+            &out_dir,
+            &rt,
+            collective.clone(),
+        )?;
         Ok(Self {
             total_steps: cfg.steps(data.len()),
             cfg,

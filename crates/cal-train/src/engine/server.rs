@@ -241,6 +241,19 @@ pub fn wanted(cfg: &RunConfig) -> bool {
     cfg.rollout.engine == RolloutEngine::Vllm && cfg.rollout.urls.is_empty()
 }
 
+/// Data parallel: the ranks share servers they are given, never one of their own each
+/// (N copies of the model, each synced by one rank alone).
+pub fn refuse_own_server_on_ranks(cfg: &RunConfig, world: usize) -> anyhow::Result<()> {
+    if world > 1 && wanted(cfg) {
+        anyhow::bail!(
+            "data-parallel rollouts on vLLM share servers started beforehand: start them and \
+             pass --rollout-url (each of the {world} ranks starting its own would load {world} \
+             copies of the model)"
+        );
+    }
+    Ok(())
+}
+
 /// With `rollout.engine = "vllm"` and no URLs: exports `policy` (the run's start,
 /// before any adapter) to `dir/base`, starts a server on it (log `dir/server.log`)
 /// and points `cfg` at it. `None` when the run uses local generation or given servers.

@@ -24,6 +24,7 @@
 
 use super::pool::{post_with_failover, ServerPool};
 use super::{judge_served, EngineSampling, RolloutBackend, Samples, StepSeeds, SyncProbe};
+use crate::collective::Collective;
 use crate::config::RolloutConfig;
 use crate::policy::Policy;
 use anyhow::{anyhow, bail, Context, Result};
@@ -32,6 +33,7 @@ use cal_model::tokenizer::TokenizerBundle;
 use cal_model::Transformer;
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The OpenAI-compatible completions route.
@@ -299,6 +301,17 @@ impl VllmEngine {
         Ok(worst)
     }
 
+    /// What [`VllmEngine::sync`] leaves behind, without sending anything: another
+    /// data-parallel rank synced the shared servers to step `step`, and this one's
+    /// requests name the same weights.
+    pub fn follow(&mut self, lora: bool, step: usize) {
+        let name = format!("{}-step-{step}", self.tag);
+        self.synced = Some(name.clone());
+        if lora {
+            self.adapter = Some(name);
+        }
+    }
+
     /// Writes `model`'s adapters for step `step` and hot-loads them on every server;
     /// the previous adapter is unloaded once the new one is everywhere.
     async fn sync_lora(&mut self, model: &Transformer, step: usize) -> Result<()> {
@@ -402,11 +415,16 @@ pub struct Vllm {
     probe: SyncProbe,
     rt: tokio::runtime::Handle,
     tol: f64,
+    /// Data parallel: the ranks share the servers. Rank 0 sends the weights; the others
+    /// wait for it and name the same ones.
+    ranks: Arc<dyn Collective>,
 }
 
 impl Vllm {
     /// Connects to `cfg.urls`, sends them the policy's weights (a resumed run's
-    /// included, as of `step`) and checks that they serve them.
+    /// included, as of `step`; rank 0 alone when `ranks` share them) and checks that
+    /// they serve them.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         cfg: &RolloutConfig,
         sync_dir: PathBuf,
@@ -415,6 +433,7 @@ impl Vllm {
         probe: SyncProbe,
         step: usize,
         rt: tokio::runtime::Handle,
+        ranks: Arc<dyn Collective>,
     ) -> Result<Self> {
         let timeout = Duration::from_secs(600);
         let engine = rt.block_on(VllmEngine::connect(&cfg.urls, sync_dir, tag, timeout))?;
@@ -423,10 +442,13 @@ impl Vllm {
             probe,
             rt,
             tol: cfg.sync_check_tol,
+            ranks,
         };
         v.sync(policy, step)?;
         let (diff, _) = v.check_served(policy)?;
-        eprintln!("rollout servers serve the trainer's weights (mean |Δlogp| {diff:.2e} on a fixed completion)");
+        if v.ranks.is_main() {
+            eprintln!("rollout servers serve the trainer's weights (mean |Δlogp| {diff:.2e} on a fixed completion)");
+        }
         Ok(v)
     }
 }
@@ -464,9 +486,20 @@ impl RolloutBackend for Vllm {
         true
     }
 
+    /// Rank 0 sends the weights; every rank then checks what the servers serve
+    /// ([`RolloutBackend::check_served`]), so a rank naming stale weights is caught too.
     fn sync(&mut self, policy: &Policy, step: usize) -> Result<()> {
         let p = policy;
-        self.rt.block_on(self.engine.sync(&p.model, &p.tok, step))
+        if self.ranks.is_main() {
+            self.rt.block_on(self.engine.sync(&p.model, &p.tok, step))?;
+        }
+        if self.ranks.world() > 1 {
+            self.ranks.barrier()?;
+            if !self.ranks.is_main() {
+                self.engine.follow(p.model.lora.is_some(), step);
+            }
+        }
+        Ok(())
     }
 
     fn check_served(&mut self, policy: &Policy) -> Result<(f64, f64)> {
