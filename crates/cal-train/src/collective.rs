@@ -118,29 +118,60 @@ pub fn from_launch() -> Result<std::sync::Arc<dyn Collective>> {
     }
 }
 
-/// The reduce point of a step: accumulated gradients summed over the ranks, in place
-/// (one flat f32 buffer, so one collective call per step). Each rank's gradient is
-/// already weighted by its share of the global batch, so the sum is the global
-/// gradient. With one rank nothing is touched.
+/// Elements of f32 gradient per all-reduce call (16 MB): the flat copy a reduce needs
+/// stays this size, not the model's, and a large model's gradient goes in several calls.
+pub const BUCKET: usize = 1 << 22;
+
+/// The reduce point of a step: accumulated gradients summed over the ranks, in place,
+/// in buckets of about [`BUCKET`] elements (whole tensors; one larger than a bucket
+/// goes alone). Each rank's gradient is already weighted by its share of the global
+/// batch, so the sum is the global gradient. With one rank nothing is touched.
 pub fn reduce_gradients(c: &dyn Collective, grads: &mut [Option<Tensor>]) -> Result<()> {
+    reduce_gradients_in(c, grads, BUCKET)
+}
+
+/// [`reduce_gradients`] with buckets of `bucket` elements. Every rank must hold the
+/// same gradients (see `AdamW::all_reduce`), so the buckets agree.
+pub fn reduce_gradients_in(
+    c: &dyn Collective,
+    grads: &mut [Option<Tensor>],
+    bucket: usize,
+) -> Result<()> {
     if c.world() == 1 {
         return Ok(());
     }
-    let mut flat: Vec<f32> = Vec::new();
-    for g in grads.iter().flatten() {
-        flat.extend(
-            g.flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1::<f32>()?,
-        );
-    }
-    c.all_reduce_sum(&mut flat)?;
-    let mut at = 0;
-    for g in grads.iter_mut().flatten() {
-        let n = g.elem_count();
-        let summed = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?;
-        *g = summed.to_dtype(g.dtype())?;
-        at += n;
+    let present: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+    let mut start = 0;
+    while start < present.len() {
+        // the next tensors up to a bucket's worth (at least one)
+        let (mut end, mut n) = (start, 0);
+        while end < present.len() {
+            let len = grads[present[end]].as_ref().map_or(0, Tensor::elem_count);
+            if end > start && n + len > bucket {
+                break;
+            }
+            n += len;
+            end += 1;
+        }
+        let mut flat: Vec<f32> = Vec::with_capacity(n);
+        for &i in &present[start..end] {
+            let g = grads[i].as_ref().expect("present");
+            flat.extend(
+                g.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        c.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for &i in &present[start..end] {
+            let g = grads[i].as_mut().expect("present");
+            let len = g.elem_count();
+            let summed = Tensor::from_slice(&flat[at..at + len], g.shape(), g.device())?;
+            *g = summed.to_dtype(g.dtype())?;
+            at += len;
+        }
+        start = end;
     }
     Ok(())
 }
@@ -264,6 +295,11 @@ mod tests {
             self.gate.wait();
             data.copy_from_slice(&self.sum.lock().unwrap());
             self.gate.wait();
+            // emptied for the next call once every rank has read it
+            if self.rank == 0 {
+                self.sum.lock().unwrap().clear();
+            }
+            self.gate.wait();
             Ok(())
         }
         fn all_reduce_sum_f64(&self, _data: &mut [f64]) -> Result<()> {
@@ -313,7 +349,17 @@ mod tests {
                             None,
                             Some(Tensor::new(&[10.0 * k], &dev).unwrap()),
                         ];
+                        // buckets of 4 elements: the first tensor alone, then the rest
+                        let mut twice = grads.clone();
                         reduce_gradients(&c, &mut grads).unwrap();
+                        reduce_gradients_in(&c, &mut twice, 4).unwrap();
+                        for (a, b) in grads.iter().zip(&twice) {
+                            let v = |t: &Option<Tensor>| {
+                                t.as_ref()
+                                    .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                            };
+                            assert_eq!(v(a), v(b));
+                        }
                         grads
                             .iter()
                             .flatten()

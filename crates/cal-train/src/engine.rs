@@ -178,6 +178,7 @@ impl RolloutBackend for Local {
 /// names this run's weights on a shared server; `out_dir` holds its sync folder unless
 /// `rollout.sync-dir` says otherwise. Data-parallel `ranks` share the servers: rank 0
 /// syncs them.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     cfg: &RolloutConfig,
     policy: &Policy,
