@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # LoRA against QLoRA after the same SFT recipe on SmolLM2-135M-Instruct: the f32 base
-# (the GGUF dequantized) and the GGUF's own blocks held quantized (`keep`), each trained
-# on the real-model study's SFT problems and evaluated on the first 200 of its held-out
-# problems (greedy), with each run's median step time and peak resident memory.
+# (the GGUF dequantized), the GGUF's own blocks held quantized (`keep`: the same weights,
+# so only f32 summation order differs), and the dequantized GGUF quantized again to
+# q4_0 (a second rounding), each trained on the real-model study's SFT problems and
+# evaluated on the first 200 of its held-out problems (greedy), with each run's median
+# step time and peak resident memory.
 #
 #   bash bench/qlora_sft_accuracy.sh      # resumes: finished runs are skipped
 #
@@ -15,7 +17,7 @@ data=${DATA:-runs/real-model-study/data}
 gguf=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$data/sft.jsonl" ] || { echo "no $data/sft.jsonl: run STAGES=data bash bench/real_model_study.sh" >&2; exit 1; }
 mkdir -p "$out"
-for base in ${BASES:-none keep}; do
+for base in ${BASES:-none keep q4_0}; do
     dir=$out/$base
     [ -f "$dir/adapter/adapter_config.json" ] && continue
     resume=()
@@ -35,7 +37,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("| base | held-out accuracy (200) | arithmetic steps right | median step (s) | peak RSS (GB) |")
 print("|---|---|---|---|---|")
-for base in ["none", "keep"]:
+for base in ["none", "keep", "q4_0"]:
     m = out / base / "metrics.jsonl"
     if not m.exists():
         continue
@@ -46,6 +48,6 @@ for base in ["none", "keep"]:
     rss = f"{int(peak.read_text()) / 1e6:.2f}" if peak.exists() else "–"
     acc = f"{100 * ev[-1]['eval/accuracy']:.1f}%" if ev else "–"
     st = f"{100 * ev[-1]['eval/step_accuracy']:.1f}%" if ev and "eval/step_accuracy" in ev[-1] else "–"
-    name = {"none": "f32 (LoRA)", "keep": "keep, Q4_1 (QLoRA)"}[base]
+    name = {"none": "f32 (LoRA)", "keep": "keep, Q4_1 (QLoRA)", "q4_0": "q4_0 (QLoRA)"}[base]
     print(f"| {name} | {acc} | {st} | {statistics.median(steps):.1f} | {rss} |")
 PY
