@@ -167,19 +167,11 @@ pub fn run(args: &DistillArgs, ranks: std::sync::Arc<dyn Collective>) -> Result<
     let placement = cfg.model.placement();
     let load = |name: &str, flag: &str| {
         // rank 0 first: a `tiny` it makes is in the cache when the others load it
-        let fresh = || {
+        cal_train::collective::main_first(ranks.as_ref(), || {
             Source::new(name, placement)
                 .fresh()
                 .with_context(|| format!("{flag} {name}: cannot load it"))
-        };
-        if ranks.is_main() {
-            let p = fresh()?;
-            ranks.barrier()?;
-            Ok(p)
-        } else {
-            ranks.barrier()?;
-            fresh()
-        }
+        })
     };
     let teacher = load(&d.teacher, "--teacher")?;
     let (student_name, mut student) = match &kept {

@@ -61,14 +61,7 @@ pub fn run(args: &TrainArgs, ranks: Arc<dyn Collective>) -> Result<()> {
     let name = cfg.kind();
     let config = serde_json::to_value(&cfg)?;
     let eval = EvalConfig::of_run(&cfg);
-    let policy = if main {
-        let p = source.fresh()?;
-        ranks.barrier()?;
-        p
-    } else {
-        ranks.barrier()?; // rank 0's warm start is in the cache now
-        source.fresh()?
-    };
+    let policy = cal_train::collective::main_first(ranks.as_ref(), || source.fresh())?;
     // rollouts on vLLM without a URL: a server of our own, stopped when this returns
     cal_train::engine::server::refuse_own_server_on_ranks(&cfg, ranks.world())?;
     let server = serve_if_needed(&mut cfg, &policy, &out.with_extension("vllm"))?;

@@ -132,6 +132,26 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 /// One vLLM test at a time.
+/// The base the servers load: a quickly warmed tiny policy, exported as a Hugging Face
+/// folder (`DIR/base/model`).
+fn warm_base(dir: &Path, cache: &Path) -> PathBuf {
+    let base_run = dir.join("base");
+    let out = bin()
+        .env("CAL_GRPO_CACHE", cache)
+        .arg("train")
+        .args(QUICK)
+        .args(["--steps", "0", "--eval-samples", "2", "--output-dir"])
+        .arg(&base_run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    base_run.join("model")
+}
+
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The tiny policy, warmed quickly: what every run here starts from.
@@ -178,22 +198,7 @@ fn lora_rollouts_on_two_vllm_servers_sync_every_step_and_fail_over() {
     let python = vllm_python();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    // the base: a quickly warmed tiny policy, exported as a Hugging Face folder
-    let base_run = dir.path().join("base");
-    let out = bin()
-        .env("CAL_GRPO_CACHE", &cache)
-        .arg("train")
-        .args(QUICK)
-        .args(["--steps", "0", "--eval-samples", "2", "--output-dir"])
-        .arg(&base_run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let base = base_run.join("model");
+    let base = warm_base(dir.path(), &cache);
     let [pa, pb] = free_ports();
     let mut a = Server::start(&python, &base, pa, dir.path().join("a.log"));
     let mut b = Server::start(&python, &base, pb, dir.path().join("b.log"));
@@ -461,21 +466,7 @@ fn two_ranks_share_vllm_servers_and_match_one_process() {
     let python = vllm_python();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let base_run = dir.path().join("base");
-    let out = bin()
-        .env("CAL_GRPO_CACHE", &cache)
-        .arg("train")
-        .args(QUICK)
-        .args(["--steps", "0", "--eval-samples", "2", "--output-dir"])
-        .arg(&base_run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let base = base_run.join("model");
+    let base = warm_base(dir.path(), &cache);
     let [port, _] = free_ports();
     let mut server = Server::start(&python, &base, port, dir.path().join("server.log"));
     server.wait_ready(Duration::from_secs(600));

@@ -40,6 +40,16 @@ pub fn quantizable(name: &str) -> bool {
         || name == HEAD
 }
 
+/// The format QLoRA quantizes base weight `name` to: `layers` for a decoder layer's,
+/// [`VOCAB_FORMAT`] for a vocabulary matrix.
+fn base_format(name: &str, layers: GgmlDType) -> GgmlDType {
+    if name.starts_with("model.layers.") {
+        layers
+    } else {
+        VOCAB_FORMAT
+    }
+}
+
 /// LoRA settings. Adapter tensors are `<module>.lora_A` `[r, in]` and
 /// `<module>.lora_B` `[out, r]`; `B` starts at zero so a fresh adapter is a no-op.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -225,13 +235,8 @@ impl Transformer {
                 Tensor::from_vec(normal_vec(&mut rng, n, 0.02), shape.as_slice(), device)?
             };
             if let (Some(q), true) = (q, quantizable(&name)) {
-                let q = if name.starts_with("model.layers.") {
-                    q
-                } else {
-                    VOCAB_FORMAT
-                };
-                let ql =
-                    QLinear::quantize(&t, q, 256).with_context(|| format!("quantizing {name}"))?;
+                let ql = QLinear::quantize(&t, base_format(&name, q), 256)
+                    .with_context(|| format!("quantizing {name}"))?;
                 quantized.insert(name, ql);
             } else {
                 params.insert(name, t.to_dtype(crate::device::loss_dtype(dtype))?);
@@ -326,12 +331,8 @@ impl Transformer {
         let mut bytes = 0;
         for name in names {
             let w = self.params.remove(&name).expect("listed above");
-            let q = if name.starts_with("model.layers.") {
-                dtype
-            } else {
-                VOCAB_FORMAT
-            };
-            let q = QLinear::quantize(&w, q, 256).with_context(|| format!("quantizing {name}"))?;
+            let q = QLinear::quantize(&w, base_format(&name, dtype), 256)
+                .with_context(|| format!("quantizing {name}"))?;
             bytes += q.storage_bytes();
             self.quantized.insert(name, q);
         }

@@ -194,6 +194,19 @@ pub fn divides_over(flag: &str, n: usize, world: usize) -> Result<()> {
     Ok(())
 }
 
+/// `f` on rank 0 first, then on the others once it has returned: what rank 0 makes on
+/// the way (a `tiny` warm start, a downloaded asset) is in the cache when they look.
+pub fn main_first<T>(c: &dyn Collective, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if c.is_main() {
+        let out = f()?;
+        c.barrier()?;
+        Ok(out)
+    } else {
+        c.barrier()?;
+        f()
+    }
+}
+
 /// Whether any rank says yes (a non-finite loss on one rank skips the step on all, so
 /// that none waits in a reduce the others never reach).
 pub fn any_rank(c: &dyn Collective, yes: bool) -> Result<bool> {
