@@ -237,6 +237,13 @@ pub fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&Vec<u32>>, Vec<u32>) {
     (distinct, rows)
 }
 
+/// `CAL_GRPO_KEEP_STOPPED_ROWS` set: rows that stop stay in the decoding batch to its
+/// end, as before they left it (for A/B runs; the tokens are the same either way).
+fn keep_stopped_rows() -> bool {
+    static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEP.get_or_init(|| std::env::var_os("CAL_GRPO_KEEP_STOPPED_ROWS").is_some())
+}
+
 /// Where a batch's sampling randomness comes from.
 enum Draws<'a, R: Rng> {
     /// One stream for the batch, drawn in row order: a seeded run repeats with the
@@ -362,6 +369,11 @@ fn generate_with<R: Rng>(
         .collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut finish: Vec<Option<FinishReason>> = vec![None; b];
+    // `live[i]`: the prompt that row i of the cache (and of `hidden`) continues. Rows
+    // that have stopped are dropped from the batch once a quarter of it has: a decoding
+    // step then costs what its live rows need, and the cache is copied a bounded number
+    // of times. Every row's arithmetic is its own, so the tokens do not change.
+    let mut live: Vec<usize> = (0..b).collect();
     for step in 0..cfg.max_new_tokens {
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         let logits = model
@@ -380,11 +392,10 @@ fn generate_with<R: Rng>(
                 // Uniforms drawn in row order (one per live row, none when greedy),
                 // then the rows sampled in parallel: the same tokens as a sequential
                 // loop.
-                let u: Vec<Option<f64>> = finish
+                let u: Vec<Option<f64>> = live
                     .iter()
-                    .enumerate()
-                    .map(|(r, f)| {
-                        f.is_none().then(|| {
+                    .map(|&r| {
+                        finish[r].is_none().then(|| {
                             if is_greedy(cfg) {
                                 0.0
                             } else {
@@ -400,8 +411,8 @@ fn generate_with<R: Rng>(
                     .collect()
             }
         };
-        let mut next = Vec::with_capacity(b);
-        for (r, &t) in picked.iter().enumerate() {
+        let mut next = Vec::with_capacity(live.len());
+        for (&r, &t) in live.iter().zip(&picked) {
             if finish[r].is_some() {
                 next.push(tok.pad_id);
                 continue;
@@ -417,16 +428,25 @@ fn generate_with<R: Rng>(
             }
             next.push(t);
         }
-        if finish.iter().all(Option::is_some) || step + 1 == cfg.max_new_tokens {
+        let going: Vec<u32> = (0..live.len() as u32)
+            .filter(|&i| finish[live[i as usize]].is_none())
+            .collect();
+        if going.is_empty() || step + 1 == cfg.max_new_tokens {
             break;
         }
+        if 4 * going.len() <= 3 * live.len() && !keep_stopped_rows() {
+            cache.select_rows(&going)?;
+            live = going.iter().map(|&i| live[i as usize]).collect();
+            next = going.iter().map(|&i| next[i as usize]).collect();
+        }
+        let n = live.len();
         let pos: Vec<u32> = cache.last_pos.iter().map(|p| (*p + 1) as u32).collect();
-        let input = Tensor::from_vec(next, (b, 1), dev)?;
-        let positions = Tensor::from_vec(pos, (b, 1), dev)?;
+        let input = Tensor::from_vec(next, (n, 1), dev)?;
+        let positions = Tensor::from_vec(pos, (n, 1), dev)?;
         hidden = model.forward_hidden(
             &input,
             &positions,
-            &vec![vec![1u8]; b],
+            &vec![vec![1u8]; n],
             Some(&mut cache),
             Forward::INFERENCE,
         )?;

@@ -112,6 +112,57 @@ fn batched_left_padded_generation_equals_one_by_one() {
     }
 }
 
+/// Rows that stop early leave the decoding batch (once a quarter of it has stopped):
+/// every row still samples exactly what it samples alone, from its own stream.
+#[test]
+fn rows_that_stop_early_leave_the_batch_without_changing_any_row() {
+    use cal_model::generate::{generate_per_row, FinishReason};
+    use rand::SeedableRng;
+    let l = load::load(&fixtures().join("qwen2-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let fixture = json("qwen2-tiny.json");
+    let base: Vec<Vec<u32>> = fixture["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ids(&r["ids"]))
+        .collect();
+    let prompts: Vec<Vec<u32>> = base.iter().cycle().take(12).cloned().collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 24,
+        greedy: false,
+        temperature: 1.0,
+        // about one token in eight stops a row: lengths spread over the batch
+        stop_tokens: (0..40).collect(),
+        ..SamplingConfig::default()
+    };
+    let rngs = |rows: std::ops::Range<u64>| -> Vec<rand_chacha::ChaCha8Rng> {
+        rows.map(rand_chacha::ChaCha8Rng::seed_from_u64).collect()
+    };
+    let batched =
+        generate_per_row(&l.model, &l.tokenizer, &prompts, &cfg, &mut rngs(0..12)).unwrap();
+    let lens: Vec<usize> = batched.iter().map(|g| g.ids.len()).collect();
+    let longest = *lens.iter().max().unwrap();
+    let early = lens.iter().filter(|&&n| n < longest).count();
+    assert!(
+        early >= 3 && batched.iter().any(|g| g.finish == FinishReason::Stop),
+        "too few rows stop early to shrink the batch: {lens:?}"
+    );
+    for (i, (p, b)) in prompts.iter().zip(&batched).enumerate() {
+        let i = i as u64;
+        let alone = generate_per_row(
+            &l.model,
+            &l.tokenizer,
+            std::slice::from_ref(p),
+            &cfg,
+            &mut rngs(i..i + 1),
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(b.ids, alone.ids, "row {i}");
+        assert_eq!(b.finish, alone.finish, "row {i}");
+    }
+}
+
 #[test]
 #[ignore = "needs assets: bash scripts/fetch-assets.sh --with-model"]
 fn smollm2_gguf_matches_transformers() {
