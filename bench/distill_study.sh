@@ -7,6 +7,14 @@
 # Held-out KL to the teacher and greedy accuracy on the study's held-out problems (the
 # first 200), step time and peak memory (/usr/bin/time), one row per run.
 #
+# Then on-policy against off-policy distillation from the same warm start (the logit
+# student above), $CONT_STEPS (50) more steps each: off-policy logit distillation on the
+# SFT solutions (8 a step) against `train --algorithm on-policy-distill` (the student
+# samples 4 answers to each of 2 questions a step, every token rewarded by
+# log π_T − log π_S; no outcome reward, no KL to a reference). Both train on about the
+# same number of student tokens a step; the table puts held-out accuracy against the
+# tokens trained on so far (`tokens/trained`).
+#
 # Every run resumes: rerun after a kill. Needs hours on 2 cores; run it in the background:
 #
 #   nohup bash bench/distill_study.sh > runs/distill-study.log 2>&1 &
@@ -40,6 +48,32 @@ run attention --student-layers "$kept" --strategy attention
 run feature --student-layers "$kept" --strategy feature
 run random-logit --student random:bench/distill/student-30m.json --strategy logit
 
+# on-policy against off-policy from the logit student
+cont=${CONT_STEPS:-50}
+warm=$out/logit
+contd=(--eval-dataset "$data/test.jsonl" --eval-samples 200 --eval-every "$((cont / 2))"
+    --max-new-tokens 160 --steps "$cont" --save-every 10)
+if [ ! -f "$out/off-policy/model.safetensors" ]; then
+    dir=$out/off-policy
+    echo "== off-policy: logit distillation from $warm ($(date +%H:%M:%S))"
+    resume=()
+    [ -d "$dir/checkpoints" ] && resume=(--resume)
+    [ -d "$dir" ] && [ ${#resume[@]} -eq 0 ] && resume=(--overwrite)
+    "$bin" distill --teacher "$teacher" --student "$warm" --strategy logit --dataset "$data/sft.jsonl" \
+        --batch-size 8 "${contd[@]}" --output-dir "$dir" "${resume[@]}" </dev/null
+fi
+if [ ! -f "$out/on-policy/eval_results.json" ]; then
+    dir=$out/on-policy
+    echo "== on-policy: distillation from $warm's own samples ($(date +%H:%M:%S))"
+    resume=()
+    [ -d "$dir/checkpoints" ] && resume=(--resume)
+    [ -d "$dir" ] && [ ${#resume[@]} -eq 0 ] && resume=(--overwrite)
+    "$bin" train --model "$warm" --algorithm on-policy-distill --teacher "$teacher" \
+        --dataset "$data/rl.jsonl" --reward correctness=0 --beta 0 --learning-rate 1e-4 \
+        --prompts-per-step 2 --num-generations 4 --temperature 1.0 "${contd[@]}" \
+        --output-dir "$dir" "${resume[@]}" </dev/null
+fi
+
 python3 - "$out" <<'PY'
 import json, statistics, sys
 from pathlib import Path
@@ -58,4 +92,21 @@ for name in ["sft", "logit", "attention", "feature", "random-logit"]:
     kl = f"{ev[0]['eval/distill/kl']:.3f} → {ev[-1]['eval/distill/kl']:.3f}"
     acc = f"{100 * ev[0]['eval/accuracy']:.1f}% → {100 * ev[-1]['eval/accuracy']:.1f}%"
     print(f"| {name} | {kl} | {acc} | {statistics.median(steps):.1f} | {rss} |")
+PY
+
+python3 - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print("\n| run | step | student tokens trained on | held-out accuracy |")
+print("|---|---|---|---|")
+for name in ["off-policy", "on-policy"]:
+    m = out / name / "metrics.jsonl"
+    if not m.exists():
+        continue
+    seen = 0
+    for r in (json.loads(l) for l in m.read_text().splitlines() if l.strip()):
+        seen += r.get("tokens/trained", 0)
+        if "eval/accuracy" in r:
+            print(f"| {name} | {r['step']} | {int(seen)} | {100 * r['eval/accuracy']:.1f}% |")
 PY

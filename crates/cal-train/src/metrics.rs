@@ -96,6 +96,7 @@ fn merge_rule(key: &str) -> Merge {
         "perf/micro_batches",
         "perf/padded_tokens",
         "perf/tokens_per_second",
+        "tokens/trained",
         "dpo/pairs",
         "dpo/groups_",
     ];

@@ -274,6 +274,9 @@ impl SftLoop {
         if plan.len() > 1 || c.world() > 1 {
             self.opt.step_accumulated(&acc, lr)?;
         }
+        // the batch's target tokens over all ranks: what runs that sample (on-policy
+        // distillation, GRPO) are compared against per token trained on
+        metrics.insert("tokens/trained".into(), sums[0]);
         self.step += 1;
         Ok((lv, metrics))
     }

@@ -439,6 +439,7 @@ impl Trainer {
             "perf/tokens_per_second".into(),
             n_tokens as f64 / t_gen.max(1e-9),
         );
+        m.insert("tokens/trained".into(), n_tokens as f64);
         let every = self.cfg.run.weight_check_every;
         if c.world() > 1 && every > 0 && self.step.is_multiple_of(every) {
             check_weights(c.as_ref(), &self.trainable(), self.step)?;
