@@ -31,16 +31,18 @@ mkdir -p "$out"
 common=(--teacher "$teacher" --dataset "$data/sft.jsonl" --eval-dataset "$data/test.jsonl"
     --eval-samples 200 --eval-every "$((steps / 2))" --max-new-tokens 160 --steps "$steps"
     --batch-size 8 --save-every 10)
+# a run with checkpoints continues from them; one killed before its first starts over
+resume_if() { # DIR
+    if [ -d "$1/checkpoints" ]; then echo --resume; elif [ -d "$1" ]; then echo --overwrite; fi
+}
 run() { # NAME FLAGS...
     local name=$1 dir=$out/$1
     shift
     [ -f "$dir/model.safetensors" ] && return
     echo "== $name: $* ($(date +%H:%M:%S))"
-    local resume=()
-    [ -d "$dir/checkpoints" ] && resume=(--resume)
-    [ -d "$dir" ] && [ ${#resume[@]} -eq 0 ] && resume=(--overwrite)
+    # shellcheck disable=SC2046
     /usr/bin/time -f "%M" -o "$dir.peak-kib" "$bin" distill "${common[@]}" "$@" \
-        --output-dir "$dir" "${resume[@]}" </dev/null
+        --output-dir "$dir" $(resume_if "$dir") </dev/null
 }
 run sft --student-layers "$kept" --distill-alpha 0
 run logit --student-layers "$kept" --strategy logit
@@ -56,22 +58,18 @@ contd=(--eval-dataset "$data/test.jsonl" --eval-samples 200 --eval-every "$((con
 if [ ! -f "$out/off-policy/model.safetensors" ]; then
     dir=$out/off-policy
     echo "== off-policy: logit distillation from $warm ($(date +%H:%M:%S))"
-    resume=()
-    [ -d "$dir/checkpoints" ] && resume=(--resume)
-    [ -d "$dir" ] && [ ${#resume[@]} -eq 0 ] && resume=(--overwrite)
+    # shellcheck disable=SC2046
     "$bin" distill --teacher "$teacher" --student "$warm" --strategy logit --dataset "$data/sft.jsonl" \
-        --batch-size 8 "${contd[@]}" --output-dir "$dir" "${resume[@]}" </dev/null
+        --batch-size 8 "${contd[@]}" --output-dir "$dir" $(resume_if "$dir") </dev/null
 fi
 if [ ! -f "$out/on-policy/eval_results.json" ]; then
     dir=$out/on-policy
     echo "== on-policy: distillation from $warm's own samples ($(date +%H:%M:%S))"
-    resume=()
-    [ -d "$dir/checkpoints" ] && resume=(--resume)
-    [ -d "$dir" ] && [ ${#resume[@]} -eq 0 ] && resume=(--overwrite)
+    # shellcheck disable=SC2046
     "$bin" train --model "$warm" --algorithm on-policy-distill --teacher "$teacher" \
         --dataset "$data/rl.jsonl" --reward correctness=0 --beta 0 --learning-rate 1e-4 \
         --prompts-per-step 2 --num-generations 4 --temperature 1.0 "${contd[@]}" \
-        --output-dir "$dir" "${resume[@]}" </dev/null
+        --output-dir "$dir" $(resume_if "$dir") </dev/null
 fi
 
 python3 - "$out" <<'PY'
