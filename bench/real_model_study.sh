@@ -77,8 +77,16 @@ fi
 
 # RL: the same prompt, data and held-out curve for every arm
 rl=(--model "$sft" --dataset "$data/rl.jsonl" "${heldout[@]}" "${curve[@]}"
-    --lora-rank 16 --lora-targets "${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj}" \
-    --max-new-tokens 128 --prompts-per-step "${PROMPTS:-2}" "${extra[@]}")
+    --lora-targets "${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj}" \
+    --max-new-tokens 128 "${extra[@]}")
+# FLAGS plus the defaults it does not set itself (a sweep point may set the LoRA rank,
+# 0 = full fine-tuning, or the prompts per step)
+with_defaults() { # FLAGS
+    local out=$1
+    [[ " $1 " == *" --lora-rank "* ]] || out+=" --lora-rank 16"
+    [[ " $1 " == *" --prompts-per-step "* ]] || out+=" --prompts-per-step ${PROMPTS:-2}"
+    echo "$out"
+}
 
 # the sweep: GRPO alone (`train`; `experiment` always runs CAL beside it) on one seed,
 # one point per line of the sweep file (name, then its flags)
@@ -89,7 +97,7 @@ if want sweep; then
         [ -f "$dir/eval_results.json" ] && continue
         stamp "sweep $name: $flags"
         # shellcheck disable=SC2046,SC2086
-        "$bin" train "${rl[@]}" --steps "${SWEEP_STEPS:-40}" $flags --output-dir "$dir" \
+        "$bin" train "${rl[@]}" --steps "${SWEEP_STEPS:-40}" $(with_defaults "$flags") --output-dir "$dir" \
             $(resume_if "$dir") </dev/null
     done <"${SWEEP:-bench/real_model/sweep.txt}"
 fi
@@ -116,7 +124,7 @@ for line in Path(sys.argv[2]).read_text().splitlines():
 print(best[1])
 PY
 fi
-chosen=${CHOSEN:-$(cat "$out/chosen.txt" 2>/dev/null || true)}
+chosen=$(with_defaults "${CHOSEN:-$(cat "$out/chosen.txt" 2>/dev/null || true)}")
 if want main; then
     stamp "GRPO and CAL (calculator), 3 seeds: $chosen"
     # shellcheck disable=SC2086
@@ -134,11 +142,15 @@ if want final; then
     # each arm's last checkpoint (its LoRA adapter merged into the start) on the whole
     # held-out set and on the transfer sets; the merged copy is removed afterwards
     for arm in "$out"/calculator/seed-*/* "$out"/reference/seed-*/cal; do
-        [ -f "$arm/adapter/adapter_config.json" ] || continue
+        [ -f "$arm/adapter/adapter_config.json" ] || [ -f "$arm/model/config.json" ] || continue
         seed=$(basename "$(dirname "$arm")")
         name=$(basename "$(dirname "$(dirname "$arm")")")-$seed-$(basename "$arm")
         [ -f "$out/final/$name/asdiv/eval_results.json" ] && continue
         stamp "final evaluation of $name"
+        if [ -f "$arm/model/config.json" ]; then # full fine-tuning: the model itself
+            evaluate "$arm/model" "$out/final/$name"
+            continue
+        fi
         rm -rf "$out/final/$name/model"
         "$bin" export --model "$sft" --adapter "$arm/adapter" --output-dir "$out/final/$name/model" >/dev/null
         evaluate "$out/final/$name/model" "$out/final/$name"
