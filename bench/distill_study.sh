@@ -31,10 +31,7 @@ mkdir -p "$out"
 common=(--teacher "$teacher" --dataset "$data/sft.jsonl" --eval-dataset "$data/test.jsonl"
     --eval-samples 200 --eval-every "$((steps / 2))" --max-new-tokens 160 --steps "$steps"
     --batch-size 8 --save-every 10)
-# a run with checkpoints continues from them; one killed before its first starts over
-resume_if() { # DIR
-    if [ -d "$1/checkpoints" ]; then echo --resume; elif [ -d "$1" ]; then echo --overwrite; fi
-}
+source bench/resume_if.sh
 run() { # NAME FLAGS...
     local name=$1 dir=$out/$1
     shift

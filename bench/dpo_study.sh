@@ -19,6 +19,7 @@ steps=${STEPS:-60}
 stamp() { echo "== $* ($(date +%H:%M:%S))"; }
 [ -f "$gguf" ] || bash scripts/fetch-assets.sh --with-model >&2
 mkdir -p "$out"
+source bench/resume_if.sh
 
 if [ ! -f "$out/pairs.jsonl" ]; then
     stamp "pairs -> $out/pairs.jsonl"
@@ -45,12 +46,10 @@ for credit in full first-error; do
     dir=$out/$credit
     if [ ! -f "$dir/model.safetensors" ]; then
         stamp "dpo, $credit credit, $steps steps"
-        resume=()
-        [ -d "$dir/checkpoints" ] && resume=(--resume)
-        [ -d "$dir" ] && [ ${#resume[@]} -eq 0 ] && resume=(--overwrite)
+        # shellcheck disable=SC2046
         "$bin" dpo --model "$gguf" --dataset "$out/pairs.jsonl" --lora-rank 16 \
             --pair-credit "$credit" --steps "$steps" --eval-every 20 --save-every 10 \
-            --output-dir "$dir" "${resume[@]}" </dev/null
+            --output-dir "$dir" $(resume_if "$dir") </dev/null
     fi
     stamp "after dpo, $credit"
     evaluate "$dir" "$dir/after"

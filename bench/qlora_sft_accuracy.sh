@@ -17,19 +17,19 @@ data=${DATA:-runs/real-model-study/data}
 gguf=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$data/sft.jsonl" ] || { echo "no $data/sft.jsonl: run STAGES=data bash bench/real_model_study.sh" >&2; exit 1; }
 mkdir -p "$out"
+source bench/resume_if.sh
 for base in ${BASES:-none keep q4_0}; do
     dir=$out/$base
     [ -f "$dir/adapter/adapter_config.json" ] && continue
-    resume=()
-    [ -d "$dir/checkpoints" ] && resume=(--resume)
-    [ -d "$dir" ] && [ ${#resume[@]} -eq 0 ] && resume=(--overwrite)
+    resume=$(resume_if "$dir")
     echo "== $base ($(date +%H:%M:%S))"
+    # shellcheck disable=SC2086
     /usr/bin/time -f "%M" -o "$dir.peak-kib" "$bin" sft --model "$gguf" --dataset "$data/sft.jsonl" \
         --eval-dataset "$data/test.jsonl" --eval-samples 200 --eval-every "${STEPS:-40}" \
         --skip-start-eval --steps "${STEPS:-40}" --batch-size 4 --learning-rate 2e-4 \
         --lora-rank 16 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
         --quantize-base "$base" --max-new-tokens 160 --save-every 10 --no-export \
-        --output-dir "$dir" "${resume[@]}" </dev/null
+        --output-dir "$dir" $resume </dev/null
 done
 python3 - "$out" <<'PY'
 import json, statistics, sys

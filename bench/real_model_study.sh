@@ -32,10 +32,8 @@ heldout=(--eval-dataset "$data/test.jsonl")
 # use all of it
 curve=(--eval-samples "${CURVE_SAMPLES:-200}" --eval-every "${EVAL_EVERY:-50}")
 # a stage killed after a checkpoint continues from it; one killed before its first is
-# started over (the partial folder moved aside, not deleted)
-resume_if() {
-    if [ -d "$1/checkpoints" ]; then echo --resume; elif [ -d "$1" ]; then echo --overwrite; fi
-}
+# started over
+source bench/resume_if.sh
 
 if want data && [ ! -f "$data/test.jsonl" ]; then
     stamp "problems -> $data"
